@@ -132,3 +132,33 @@ def convert_to_bitnet(model: nn.Module, *, skip: tuple[str, ...] = ("lm_head",))
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
     return model
+
+
+# A tiny byte-level tokenizer for the tiny random models: 256 byte tokens + 3 specials, with a
+# chat template, so the tiny configs run the same data path (prompt/response masking) as real ones.
+TINY_SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>")
+_TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eos|>{% endfor %}"
+    "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (vocab 259: pad=0, bos=1, eos=2, then the 256 bytes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL_TOKENS)}
+    vocab.update({c: i + len(TINY_SPECIAL_TOKENS) for i, c in enumerate(sorted(byte_chars))})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=TINY_SPECIAL_TOKENS[0],
+        bos_token=TINY_SPECIAL_TOKENS[1],
+        eos_token=TINY_SPECIAL_TOKENS[2],
+    )
+    tok.chat_template = _TINY_CHAT_TEMPLATE
+    return tok

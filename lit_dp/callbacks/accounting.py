@@ -1,0 +1,215 @@
+"""Privacy accounting: records (q_t, sigma_t) for every step taken, enforces the budget and
+writes ``<log_dir>/privacy_report.json``.
+
+Every epsilon this callback logs or reports comes from ``RDPAccountant`` (tested against
+dp-accounting and pinned values), composed over the steps actually taken.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from lit_dp.privacy.accountant import RDPAccountant, calibrate_noise_multiplier
+
+
+def default_delta(num_units: int) -> float:
+    """PAPER.md default: delta = 1 / N^1.1 (strictly below 1/N)."""
+    return 1.0 / num_units**1.1
+
+
+def check_delta(delta: float, num_units: int) -> None:
+    """delta must lie in (0, 1/N): a larger delta allows releasing one unit in the clear."""
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"privacy.delta={delta} must be in (0, 1)")
+    if delta >= 1.0 / num_units:
+        raise ValueError(
+            f"privacy.delta={delta:g} must be below 1/N = {1.0 / num_units:g} for N={num_units} "
+            f"privacy units; leave it unset for the default 1/N^1.1 = {default_delta(num_units):.3g}"
+        )
+
+
+class PrivacyAccounting(L.Callback):
+    """Composes the privacy loss of every step and enforces ``target_epsilon``.
+
+    Args:
+        target_epsilon: privacy budget. With ``model.noise_multiplier: auto`` the noise multiplier
+            is calibrated before training so that the planned ``trainer.max_steps`` end at this
+            epsilon; with a fixed noise multiplier, training stops before the first step that would
+            exceed it. ``null`` = no budget (epsilon is still reported).
+        delta: target delta; ``null`` = 1/N^1.1 for N privacy units. Must be below 1/N.
+        log_epsilon_every_n_steps: how often privacy/epsilon is logged to the logger.
+        report_name: file name of the JSON report written into the trainer's log_dir.
+    """
+
+    def __init__(
+        self,
+        target_epsilon: float | None = 8.0,
+        delta: float | None = None,
+        log_epsilon_every_n_steps: int = 1,
+        report_name: str = "privacy_report.json",
+    ) -> None:
+        if target_epsilon is not None and not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+            raise ValueError(f"privacy.target_epsilon={target_epsilon} must be a positive number or null")
+        if delta is not None and not 0.0 < delta < 1.0:
+            raise ValueError(f"privacy.delta={delta} must be in (0, 1) or null for 1/N^1.1")
+        if log_epsilon_every_n_steps < 1:
+            raise ValueError("privacy.log_epsilon_every_n_steps must be >= 1")
+        self.target_epsilon = target_epsilon
+        self.delta_arg = delta
+        self.delta: float | None = delta
+        self.log_every = log_epsilon_every_n_steps
+        self.report_name = report_name
+        self.accountant = RDPAccountant()
+        self.stop_reason: str | None = None
+        self.calibrated_noise_multiplier: float | None = None
+        self.num_units: int | None = None
+
+    # --- planning, before any step -----------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "num_units"):
+            raise ValueError("lit_dp needs a lit_dp DataModule (it defines the privacy units)")
+        self.num_units = int(dm.num_units)
+        if self.num_units < 1:
+            raise ValueError("data: the training set is empty; add records or fix the path")
+        if not pl_module.private:
+            return
+        self.delta = self.delta_arg if self.delta_arg is not None else default_delta(self.num_units)
+        check_delta(self.delta, self.num_units)
+        steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        sigma = pl_module.noise_multiplier
+        if sigma == "auto":
+            if self.target_epsilon is None or steps is None:
+                raise ValueError(
+                    "model.noise_multiplier=auto needs privacy.target_epsilon and trainer.max_steps "
+                    "(the planned number of steps); set both or give a number"
+                )
+            rates = dm.schedule.rates(steps)
+            try:
+                sigma = calibrate_noise_multiplier(
+                    target_epsilon=self.target_epsilon, delta=self.delta, sample_rate=rates, steps=steps
+                )
+            except ValueError as err:
+                raise ValueError(f"privacy.target_epsilon is unreachable in {steps} steps: {err}") from err
+            self.calibrated_noise_multiplier = sigma
+            pl_module.set_noise_multiplier(sigma)
+            rank_zero_info(f"lit_dp: calibrated noise_multiplier={sigma:.4f} for epsilon={self.target_epsilon}")
+        elif self.target_epsilon is not None:
+            first = RDPAccountant().peek_epsilon(
+                delta=self.delta, noise_multiplier=float(sigma), sample_rate=dm.schedule.rate(0)
+            )
+            if first > self.target_epsilon:
+                raise ValueError(
+                    f"privacy.target_epsilon={self.target_epsilon} is unreachable: one step at "
+                    f"noise_multiplier={sigma} already costs epsilon={first:.3g}; raise "
+                    "model.noise_multiplier or use noise_multiplier: auto"
+                )
+
+    # --- per step ----------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not pl_module.private or self.target_epsilon is None:
+            return
+        eps_next = self.accountant.peek_epsilon(
+            delta=self.delta,
+            noise_multiplier=float(pl_module.noise_multiplier),
+            sample_rate=float(batch["sample_rate"]),
+        )
+        if eps_next > self.target_epsilon * (1 + 1e-9):
+            self.stop_reason = (
+                f"budget: step {trainer.global_step} would reach epsilon={eps_next:.4f} > "
+                f"target_epsilon={self.target_epsilon}"
+            )
+            pl_module.request_stop(self.stop_reason)
+            trainer.should_stop = True
+            self.write_report(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        record = getattr(pl_module, "last_record", None)
+        if record is None or not record.private:
+            return
+        # The accounted sigma (not the raised gradient multiplier of private quantile clipping).
+        self.accountant.step(noise_multiplier=record.noise_multiplier, sample_rate=record.sample_rate)
+        if (record.step + 1) % self.log_every == 0:
+            pl_module.log("privacy/epsilon", self.epsilon(), on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = f"completed: {trainer.global_step} steps (trainer limits reached)"
+        self.write_report(trainer, pl_module)
+
+    def epsilon(self) -> float:
+        if self.accountant.total_steps == 0:
+            return 0.0
+        return float(self.accountant.get_epsilon(self.delta))
+
+    # --- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "accountant": self.accountant.state_dict(),
+            "stop_reason": self.stop_reason,
+            "calibrated_noise_multiplier": self.calibrated_noise_multiplier,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.accountant.load_state_dict(state_dict["accountant"])
+        self.stop_reason = state_dict.get("stop_reason")
+        self.calibrated_noise_multiplier = state_dict.get("calibrated_noise_multiplier")
+
+    # --- report ------------------------------------------------------------------------------
+    def report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        dm = trainer.datamodule
+        data = dm.data_report() if dm is not None and hasattr(dm, "data_report") else {}
+        mech = pl_module.privacy_description()
+        private = bool(pl_module.private)
+        eps, order = (float("inf"), None)
+        if private and self.accountant.total_steps > 0:
+            eps, order = self.accountant.get_privacy_spent(delta=self.delta)
+        elif private:
+            eps = 0.0
+        history = [list(h) for h in self.accountant.history]
+        rates = sorted({h[1] for h in self.accountant.history})
+        sigmas = sorted({h[0] for h in self.accountant.history})
+        return {
+            "private": private,
+            "epsilon": eps if math.isfinite(eps) else None,
+            "epsilon_is_infinite": not math.isfinite(eps),
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+            "best_rdp_order": order,
+            "steps": int(self.accountant.total_steps) if private else int(trainer.global_step),
+            "noise_multiplier": sigmas[0] if len(sigmas) == 1 else sigmas,
+            "calibrated_noise_multiplier": self.calibrated_noise_multiplier,
+            "sample_rate": rates[0] if len(rates) == 1 else {"schedule": dm.schedule_description() if hasattr(dm, "schedule_description") else None, "distinct_rates": rates},
+            "ledger": history,
+            "num_units": self.num_units,
+            "privacy_unit": data.get("privacy_unit", "example"),
+            "accountant": "RDP of the Poisson-subsampled Gaussian mechanism (fractional and integer "
+            "orders, Mironov et al. 2019), composed per step over (sample_rate, noise_multiplier); "
+            "converted to (epsilon, delta) with Balle et al. 2020",
+            "clipping": mech["clipping"],
+            "mechanism": mech,
+            "covers": mech["covers"],
+            "not_covered": mech["not_covered"],
+            "data": data,
+            "stop_reason": self.stop_reason,
+        }
+
+    @rank_zero_only
+    def write_report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        path = log_dir / self.report_name
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.report(trainer, pl_module), indent=2, default=str))
+        os.replace(tmp, path)
+        self.report_path = path
+        return path

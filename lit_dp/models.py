@@ -1,16 +1,37 @@
 """Model loading and conversion: the only module that imports transformers and peft.
 
-Sections: tiny random models (tests, ``tiny.yaml``), BitNet b1.58 conversion (online ternary
-quantization-aware training through transformers' ``AutoBitLinear``).
+Sections: tiny random models (tests, ``tiny.yaml``); BitNet b1.58 conversion (online ternary
+quantization-aware training through transformers' ``AutoBitLinear``); the tiny tokenizer;
+loading by source name (:func:`resolve_source`, :func:`load_model`, :func:`load_tokenizer`);
+LoRA (:func:`apply_lora`, :func:`merge_lora`). Export and generation live in ``lit_dp.export``
+and are re-exported here (:func:`export_model`, :func:`generate`).
 """
 
 from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.integrations.bitnet import AutoBitLinear
+
+# Re-exported: callers use lit_dp.models as the one entry point ("x as x" marks a re-export).
+from lit_dp.export import export_model as export_model
+from lit_dp.export import generate as generate
+from lit_dp.sources import BITNET_QAT_FLAG as BITNET_QAT_FLAG
+from lit_dp.sources import EMBEDDED_GGUF, offline_error, publish_once, resolve_dtype
+from lit_dp.sources import EMBEDDED_SOURCE as EMBEDDED_SOURCE
+from lit_dp.sources import LORA_ADAPTER_DIR as LORA_ADAPTER_DIR
+from lit_dp.sources import TINY_SOURCES as TINY_SOURCES
+from lit_dp.sources import ModelSource as ModelSource
+from lit_dp.sources import default_cache_dir as default_cache_dir
+from lit_dp.sources import embedded_gguf_dir as embedded_gguf_dir
+from lit_dp.sources import resolve_source as resolve_source
 
 # Module types whose weight gradient is grad_out^T * (quantized input); see bitlinear_input.
 BITLINEAR_TYPES: tuple[type[nn.Module], ...] = (AutoBitLinear,)
@@ -36,7 +57,9 @@ def tiny_config(arch: str = "qwen2", **overrides: object) -> PretrainedConfig:
     if arch not in classes:
         raise ValueError(f"arch={arch!r} is not one of {sorted(classes)}")
     kwargs: dict[str, object] = dict(_TINY_SHAPES)
-    kwargs.update(tie_word_embeddings=arch == "qwen2", pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    kwargs.update(
+        tie_word_embeddings=arch == "qwen2", pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
     kwargs.update(overrides)
     return classes[arch](**kwargs)
 
@@ -99,9 +122,10 @@ def bitlinear_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if isinstance(module, BitLinearQAT):
         return module.quantized_input(x)
-    if module.rms_norm is not None:  # transformers' own AutoBitLinear
-        x = module.rms_norm(x)
-    return _int8_activations(x) if module.online_quant else x
+    layer: Any = module  # transformers' own AutoBitLinear
+    if layer.rms_norm is not None:
+        x = layer.rms_norm(x)
+    return _int8_activations(x) if layer.online_quant else x
 
 
 def convert_to_bitnet(model: nn.Module, *, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
@@ -162,3 +186,267 @@ def tiny_tokenizer():
     )
     tok.chat_template = _TINY_CHAT_TEMPLATE
     return tok
+
+
+def _from_gguf(directory: str, gguf_file: str, dtype: torch.dtype) -> Any:
+    """Load (dequantize) a GGUF checkpoint into a plain dense transformers model."""
+    kwargs: dict[str, object] = {}
+    with contextlib.suppress(ImportError):  # transformers >= 5: ask for a dense model explicitly
+        from transformers.utils.quantization_config import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=gguf_file, dtype=dtype, **kwargs
+    )
+    # The weights are dense now; the GGUF quantizer left on the model blocks save_pretrained.
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    elif getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    packed = [n for n, m in model.named_modules() if "gguf" in type(m).__name__.lower()]
+    if packed:
+        raise RuntimeError(f"GGUF layers were not dequantized: {packed[:3]}")
+    return model
+
+
+def _ensure_embedded_cache(cache_dir: str | None) -> Path:
+    """Convert the embedded GGUF once into a save_pretrained directory (model + tokenizer), shared
+    safely by concurrent processes (see :func:`lit_dp.sources.publish_once`)."""
+    from transformers import AutoTokenizer
+
+    gguf = embedded_gguf_dir() / EMBEDDED_GGUF
+
+    def write(tmp: Path) -> None:
+        _from_gguf(str(gguf.parent), gguf.name, torch.float32).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+
+    final = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return publish_once(final, {"gguf_file": gguf.name, "gguf_size": gguf.stat().st_size}, write)
+
+
+def _bitnet_config_without_quantizer(directory: str) -> PretrainedConfig | None:
+    """For a BitNet directory with ``quantization_config``: the config without it, after checking
+    that the weights are the bf16/fp32 latent (master) weights, not the packed 2-bit inference
+    checkpoint (uint8 weights + weight_scale), which cannot be trained."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory)
+    if config.model_type != "bitnet" or getattr(config, "quantization_config", None) is None:
+        return None
+    for file in Path(directory).glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                if key.endswith("weight_scale") or f.get_slice(key).get_dtype() in ("U8", "I8"):
+                    raise ValueError(
+                        f"{directory!r} holds packed ternary BitNet weights ({key}); QAT needs the "
+                        "latent master weights, e.g. microsoft/bitnet-b1.58-2B-4T-bf16"
+                    )
+    del config.quantization_config  # load plain nn.Linear layers holding the latent weights
+    return config
+
+
+def _hub_snapshot(source: str, src: ModelSource, cache_dir: str | None) -> ModelSource:
+    """The local Hugging Face cache snapshot of hub id ``src``, as a directory/gguf source.
+
+    Looked up without any network call (transformers' from_pretrained probes the hub for
+    adapter_config.json even with local_files_only=True, retrying for ~20 s when offline).
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    filename = src.gguf_file or "config.json"
+    path = try_to_load_from_cache(src.location, filename, cache_dir=cache_dir)
+    if not isinstance(path, str):  # None (never cached) or a "known missing" sentinel
+        raise offline_error(source, FileNotFoundError(f"{filename} of {src.location!r} not cached"))
+    return ModelSource(
+        "gguf" if src.gguf_file else "directory", str(Path(path).parent), src.gguf_file
+    )
+
+
+def load_model(
+    source: str,
+    *,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    bitnet: bool = False,
+    cache_dir: str | None = None,
+) -> nn.Module:
+    """Load a causal LM for DP training (``config.use_cache = False``).
+
+    Args:
+        source: a built-in name ("tiny-qwen2", "tiny-llama", "tiny-bitnet": random tiny models
+            with vocab 259 matching :func:`tiny_tokenizer`; "smollm2-135m-instruct": the embedded
+            default, converted once from its GGUF into ``cache_dir``), a save_pretrained
+            directory, a .gguf file, or a hub id present in the local Hugging Face cache (never
+            downloaded). See :func:`resolve_source`.
+        gguf_file: name of the .gguf file inside a directory or hub repo.
+        dtype: "auto" (float32 on CPU, bfloat16 on CUDA), "float32", "bfloat16", "float16".
+        device: where the model is moved.
+        bitnet: convert every Linear except lm_head to ternary QAT (:func:`convert_to_bitnet`).
+            Always done for the BitNet architecture (model_type "bitnet", e.g. the
+            BitNet-b1.58-2B bf16 master weights: their ``quantization_config`` is dropped, the
+            latent weights load into plain Linear layers, which then become BitLinearQAT with
+            online quantization) and for exports flagged ``lit_dp_bitnet_qat``.
+        cache_dir: for the embedded model, its conversion cache (default
+            :func:`default_cache_dir`); for a hub id, the Hugging Face hub cache to read
+            (default: HF's own, ``$HF_HUB_CACHE``).
+    """
+    src = resolve_source(source, gguf_file=gguf_file)
+    if src.kind == "hub":
+        src = _hub_snapshot(source, src, cache_dir)
+    device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    model: Any  # a transformers PreTrainedModel
+    if src.kind == "tiny":
+        vocab = len(tiny_tokenizer())
+        model = build_tiny_model(src.location, vocab_size=vocab).to(torch_dtype)
+    elif src.kind == "embedded":
+        directory = _ensure_embedded_cache(cache_dir)
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch_dtype)
+    elif src.kind == "gguf":
+        assert src.gguf_file is not None
+        model = _from_gguf(src.location, src.gguf_file, torch_dtype)
+    elif src.kind == "directory":
+        config = _bitnet_config_without_quantizer(src.location)
+        extra = {"config": config} if config is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=torch_dtype, **extra)
+    else:
+        raise AssertionError(src)
+    config = model.config
+    if bitnet or config.model_type == "bitnet" or getattr(config, BITNET_QAT_FLAG, False):
+        convert_to_bitnet(model)
+    eos = getattr(config, "eos_token_id", None)
+    if getattr(config, "pad_token_id", None) is None and eos is not None:
+        config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    config.use_cache = False  # training: no KV cache (generate() turns it on per call)
+    model = model.to(device)
+    if src.kind == "directory" and (Path(src.location) / LORA_ADAPTER_DIR).is_dir():
+        from peft import PeftModel  # an export whose LoRA could not be merged (BitNet QAT)
+
+        model = PeftModel.from_pretrained(model, str(Path(src.location) / LORA_ADAPTER_DIR))
+    return model
+
+
+def load_tokenizer(source: str, *, gguf_file: str | None = None, cache_dir: str | None = None):
+    """The tokenizer of ``source`` (same resolution as :func:`load_model`), with a pad token.
+
+    A missing pad token becomes eos (or bos/unk); pad positions are masked by attention_mask and
+    labels=-100, so any existing token works. Only without any of them is "<|pad|>" added (then
+    call ``model.resize_token_embeddings(len(tokenizer))``).
+    """
+    from transformers import AutoTokenizer
+
+    src = resolve_source(source, gguf_file=gguf_file)
+    if src.kind == "hub":
+        src = _hub_snapshot(source, src, cache_dir)
+    if src.kind == "tiny":
+        return tiny_tokenizer()
+    if src.kind == "embedded":
+        tok = AutoTokenizer.from_pretrained(str(_ensure_embedded_cache(cache_dir)))
+    else:  # "gguf" or "directory" (hub ids resolved to their local snapshot above)
+        tok = AutoTokenizer.from_pretrained(src.location, gguf_file=src.gguf_file)
+    if tok.pad_token is None:
+        existing = tok.eos_token or tok.bos_token or tok.unk_token
+        if existing is not None:
+            tok.pad_token = existing
+        else:
+            tok.add_special_tokens({"pad_token": "<|pad|>"})
+    return tok
+
+
+# --- LoRA -------------------------------------------------------------------------------------
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def apply_lora(
+    model: nn.Module,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    target_modules: list[str] | str | None = None,
+) -> nn.Module:
+    """Wrap ``model`` in a peft LoRA model; only adapter weights stay trainable.
+
+    Call it after the model is on its device (adapters are created beside the wrapped weights).
+    ``target_modules``: None = attention and MLP projections (``DEFAULT_LORA_TARGETS``, those
+    present), "all-linear" (every Linear but lm_head), or a list of module-name suffixes.
+    BitLinearQAT layers can be targeted: the frozen base keeps its ternary forward and the
+    adapter adds a full-precision low-rank path.
+
+    ``dropout`` must be 0: a dropout mask is random per forward pass, so the per-example
+    gradients whose norms the clipping engines measure (vmap refuses randomness, the loop
+    reference and ghost clipping run their own passes) would not be the gradients that are
+    summed, and the per-example sensitivity bound max_grad_norm would not hold exactly.
+    """
+    if dropout != 0:
+        raise ValueError(
+            f"LoRA dropout={dropout} must be 0 under DP: random dropout masks differ between the "
+            "passes that measure and sum per-example gradients, breaking exact clipping"
+        )
+    if rank < 1:
+        raise ValueError(f"LoRA rank={rank} must be >= 1")
+    if is_lora(model):
+        raise ValueError("model already has LoRA adapters; apply_lora must run once")
+    from peft import LoraConfig, get_peft_model
+
+    if target_modules is None:
+        names = {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        target_modules = [t for t in DEFAULT_LORA_TARGETS if t in names]
+        if not target_modules:
+            raise ValueError(f"no module named like {DEFAULT_LORA_TARGETS}; pass target_modules")
+    options: dict[str, Any] = dict(lora_alpha=alpha, target_modules=target_modules)  # alpha: float
+    config = LoraConfig(r=rank, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", **options)
+    peft_model = get_peft_model(model, config)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    if not trainable or any("lora_" not in n for n in trainable):
+        raise RuntimeError(f"LoRA must leave only adapter weights trainable, got {trainable[:5]}")
+    return peft_model
+
+
+def is_lora(model: nn.Module) -> bool:
+    """Whether ``model`` carries peft LoRA adapters."""
+    if "peft" not in sys.modules:  # peft never imported: no adapters can exist
+        return False
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(model, PeftModel) or any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold the adapters into the base weights and return the plain transformers model.
+
+    Mutates ``model`` (export_model merges a copy). Not exact for BitLinearQAT bases: the merged
+    latent weight would be re-quantized to ternary, so this raises for them.
+    """
+    if not is_lora(model):
+        return model
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise TypeError("merge_lora needs the PeftModel returned by apply_lora")
+    if has_bitnet_qat(model):
+        raise ValueError(
+            "LoRA over BitLinearQAT cannot be merged exactly (ternary re-quantization); "
+            "export_model saves such adapters unmerged"
+        )
+    return model.merge_and_unload()
+
+
+def has_bitnet_qat(model: nn.Module) -> bool:
+    """Whether ``model`` has ternary (AutoBitLinear / BitLinearQAT) layers."""
+    return any(isinstance(m, BITLINEAR_TYPES) for m in model.modules())
+
+
+def parameter_summary(model: nn.Module) -> dict[str, int | float]:
+    """Parameter counts for logs (a tied weight counts once): total, trainable, fraction."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "total": total,
+        "trainable": trainable,
+        "trainable_fraction": trainable / total if total else 0.0,
+    }

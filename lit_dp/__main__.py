@@ -1,0 +1,5 @@
+"""``python -m lit_dp`` == ``lit-dp``."""
+
+from lit_dp.cli import main
+
+main()

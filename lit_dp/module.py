@@ -123,6 +123,7 @@ class DPCausalLM(L.LightningModule):
         self.max_physical_batch_size = max_physical_batch_size
         self.diagnostics = diagnostics
         self.model = models.load_model(model, dtype=dtype, bitnet=bitnet)
+        self.model.train()  # from_pretrained returns eval mode; our models have no dropout
         if lora_rank > 0:
             self.model = models.apply_lora(
                 self.model, rank=lora_rank, alpha=lora_alpha, target_modules=lora_target_modules
@@ -198,6 +199,13 @@ class DPCausalLM(L.LightningModule):
                 "to calibrate it; give a number or run through the lit-dp CLI"
             )
         self.model.config.use_cache = False
+        if stage == "fit" and self.private and dm is not None and getattr(dm, "schedule", None):
+            # Fail before the first step if the mechanism cannot be built (e.g. private
+            # quantile clipping with too small an expected batch for its count noise).
+            self.clip.grad_noise_multiplier(
+                noise_multiplier=float(self.noise_multiplier),
+                expected_batch_size=dm.schedule.rate(0) * self._num_units,
+            )
 
     def _generator(self) -> torch.Generator:
         if self._noise_generator is None:

@@ -106,9 +106,15 @@ class PoissonDataLoader(DataLoader):
     def __init__(self, dataset: _UnitBatches, sampler: PoissonBatchSampler, step_source, **kw) -> None:
         super().__init__(dataset, sampler=sampler, batch_size=None, collate_fn=_identity, **kw)
         self.poisson_sampler, self.step_source = sampler, step_source
+        self._resume_step: int | None = None
 
     def __iter__(self):
-        self.poisson_sampler.next_step = self.step_source()
+        # Lightning restores loader state before its loops, so the first iteration after a
+        # resume starts at the checkpointed step; later epochs start at the trainer's step.
+        if self._resume_step is not None:
+            self.poisson_sampler.next_step, self._resume_step = self._resume_step, None
+        else:
+            self.poisson_sampler.next_step = self.step_source()
         return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
@@ -116,6 +122,7 @@ class PoissonDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.poisson_sampler.seed = int(state["seed"])
+        self._resume_step = int(state["next_step"])
 
 
 class DPDataModule(L.LightningDataModule):

@@ -1,0 +1,205 @@
+"""DPCausalLM: the DP step against independent references, empty batches, budget stop,
+checkpoint -> resume equality, and the measured noise std."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lit_dp.callbacks.accounting import PrivacyAccounting
+from lit_dp.callbacks.clip_lr import ClipDrivenLR
+from lit_dp.callbacks.ema import EMAWeights
+from lit_dp.data import SyntheticDataModule
+from lit_dp.models import tiny_tokenizer
+from lit_dp.module import DPCausalLM, split_micro_batches
+from lit_dp.privacy.per_sample import per_example_losses
+
+
+def make_dm(num_train=32, expected=8.0, seed=1, **kw):
+    return SyntheticDataModule(
+        tokenizer=tiny_tokenizer(), num_train=num_train, num_val=4, num_test=4,
+        max_length=512, expected_batch_size=expected, sampling_seed=seed, **kw
+    )
+
+
+def make_module(**kw):
+    args = dict(model="tiny-qwen2", noise_multiplier=1.0, clipping="fixed", max_grad_norm=1.0,
+                noise_seed=123, eval_before_fit=False, export_dir=None, lr=1e-2,
+                max_physical_batch_size=4)
+    args.update(kw)
+    return DPCausalLM(**args)
+
+
+def make_trainer(tmp_path, max_steps, callbacks=(), target_epsilon=None, **kw):
+    cbs = [EMAWeights(decay=0.9), ClipDrivenLR(), PrivacyAccounting(target_epsilon=target_epsilon), *callbacks]
+    return L.Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
+        limit_val_batches=0, default_root_dir=tmp_path, callbacks=cbs,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), **kw,
+    )
+
+
+def trainable(module):
+    return {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+
+
+def test_sigma0_step_equals_adamw_on_summed_gradient_over_expected_batch(tmp_path):
+    """sigma=0, C=inf: the DP step is AdamW on sum_i grad(loss_i) / (q N) (checklist 3)."""
+    torch.manual_seed(0)
+    dm = make_dm(num_train=16, expected=6.0)
+    module = make_module(noise_multiplier=0.0, max_grad_norm=1e9, weight_decay=0.0)
+    ref_model = make_module(noise_multiplier=0.0).model
+    ref_model.load_state_dict(module.model.state_dict())
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["step"] == 0
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(module, datamodule=dm)
+
+    logits = ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    losses = per_example_losses(logits, batch["labels"])
+    losses = torch.where(torch.isfinite(losses), losses, 0.0)
+    (losses.sum() / (batch["sample_rate"] * 16)).backward()
+    opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.0)
+    opt.step()
+    got = trainable(module)
+    for n, p in ref_model.named_parameters():
+        torch.testing.assert_close(got[n], p.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_noise_std_is_sigma_c_over_expected_batch(tmp_path):
+    """With no label tokens every clipped sum is 0, so p.grad is pure noise: std = sigma C / (qN)."""
+    module = make_module(noise_multiplier=2.0, max_grad_norm=0.5)
+    dm = make_dm(num_train=16, expected=4.0)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    batch["labels"][:] = -100
+    seen = {}
+
+    class Capture(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen["g"] = torch.cat([p.grad.flatten() for p in pl_module.model.parameters()])
+
+    trainer = make_trainer(tmp_path, max_steps=1, callbacks=[Capture()])
+    trainer.fit(module, datamodule=_FixedBatchDM(dm, batch))
+    expected_std = 2.0 * 0.5 / (batch["sample_rate"] * 16)
+    assert seen["g"].std().item() == pytest.approx(expected_std, rel=0.02)
+    assert seen["g"].mean().abs().item() < 5 * expected_std / seen["g"].numel() ** 0.5
+
+
+class _FixedBatchDM(L.LightningDataModule):
+    """Serves one prepared batch (same privacy metadata as the wrapped DataModule)."""
+
+    def __init__(self, dm, batch):
+        super().__init__()
+        self.dm, self.batch = dm, batch
+        self.num_units, self.schedule = dm.num_units, dm.schedule
+
+    def train_dataloader(self):
+        return DataLoader([self.batch], batch_size=None, collate_fn=lambda b: b)
+
+    def data_report(self):
+        return self.dm.data_report()
+
+
+def test_empty_batches_are_noise_only_steps_that_are_accounted(tmp_path):
+    dm = make_dm(num_train=64, expected=0.5)  # q = 1/128: most batches are empty
+    module = make_module()
+    trainer = make_trainer(tmp_path, max_steps=6)
+    before = trainable(module)
+    trainer.fit(module, datamodule=dm)
+    acct = next(c for c in trainer.callbacks if isinstance(c, PrivacyAccounting))
+    assert acct.accountant.total_steps == 6
+    assert trainer.global_step == 6
+    moved = any(not torch.equal(before[n], p) for n, p in trainable(module).items())
+    assert moved  # noise moved the weights even with empty batches
+
+
+def test_budget_stop_before_exceeding_target(tmp_path):
+    dm = make_dm(num_train=32, expected=8.0)
+    module = make_module(noise_multiplier=1.0)
+    trainer = make_trainer(tmp_path, max_steps=50, target_epsilon=3.0)
+    trainer.fit(module, datamodule=dm)
+    acct = next(c for c in trainer.callbacks if isinstance(c, PrivacyAccounting))
+    eps = acct.epsilon()
+    assert 0 < eps <= 3.0
+    assert trainer.global_step < 50
+    # one more step would have exceeded the budget
+    assert acct.accountant.peek_epsilon(delta=acct.delta, noise_multiplier=1.0, sample_rate=0.25) > 3.0
+    report = json.loads((tmp_path / "privacy_report.json").read_text())
+    assert report["stop_reason"].startswith("budget")
+    assert report["epsilon"] == pytest.approx(eps)
+
+
+def test_auto_noise_is_calibrated_to_target(tmp_path):
+    dm = make_dm(num_train=32, expected=8.0)
+    module = make_module(noise_multiplier="auto", clipping="private_quantile")
+    trainer = make_trainer(tmp_path, max_steps=4, target_epsilon=5.0)
+    trainer.fit(module, datamodule=dm)
+    report = json.loads((tmp_path / "privacy_report.json").read_text())
+    assert 0.99 * 5.0 <= report["epsilon"] <= 5.0
+    assert report["steps"] == 4
+    assert report["clipping"]["name"] == "private_quantile"
+    for key in ("epsilon", "delta", "steps", "noise_multiplier", "sample_rate", "privacy_unit",
+                "accountant", "clipping", "covers", "not_covered", "stop_reason"):
+        assert key in report
+
+
+def _run(tmp_path, max_steps, ckpt_path=None, every=None):
+    torch.manual_seed(0)
+    dm = make_dm(num_train=48, expected=16.0, seed=7)
+    module = make_module(clipping="private_quantile", noise_multiplier=1.0, noise_correction=True)
+    cbs = [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1)] if every else []
+    trainer = make_trainer(tmp_path, max_steps=max_steps, callbacks=cbs)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    acct = next(c for c in trainer.callbacks if isinstance(c, PrivacyAccounting))
+    ema = next(c for c in trainer.callbacks if isinstance(c, EMAWeights))
+    lr = next(c for c in trainer.callbacks if isinstance(c, ClipDrivenLR))
+    return module, acct, ema, lr
+
+
+def test_crash_resume_equals_uninterrupted(tmp_path):
+    full, acct_full, ema_full, lr_full = _run(tmp_path / "a", 6)
+    _run(tmp_path / "b", 3, every=3)  # "crash" after the step-3 checkpoint
+    ckpt = next((tmp_path / "b" / "ckpt").glob("*step=3*.ckpt"))
+    resumed, acct_res, ema_res, lr_res = _run(tmp_path / "c", 6, ckpt_path=str(ckpt))
+    a, b = trainable(full), trainable(resumed)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=1e-6)
+    assert acct_res.accountant.total_steps == 6
+    assert acct_res.epsilon() == pytest.approx(acct_full.epsilon(), rel=1e-12)
+    assert resumed.clip.max_grad_norm == pytest.approx(full.clip.max_grad_norm, rel=1e-9)
+    assert lr_res.gamma == pytest.approx(lr_full.gamma)
+    for n in ema_full.shadow:
+        torch.testing.assert_close(ema_full.shadow[n], ema_res.shadow[n], rtol=0, atol=1e-6)
+
+
+def test_nonprivate_runs_same_loop_without_noise(tmp_path):
+    dm = make_dm()
+    module = make_module(private=False)
+    trainer = make_trainer(tmp_path, max_steps=3)
+    trainer.fit(module, datamodule=dm)
+    report = json.loads((tmp_path / "privacy_report.json").read_text())
+    assert report["private"] is False and report["epsilon"] is None
+    assert "nothing" in report["covers"]
+
+
+def test_micro_batches_never_split_a_unit():
+    ids = torch.tensor([0, 0, 0, 1, 2, 2, 3])
+    batch = {"input_ids": torch.zeros(7, 3), "attention_mask": torch.zeros(7, 3),
+             "labels": torch.zeros(7, 3), "unit_ids": ids}
+    parts = split_micro_batches(batch, 3)
+    seen = [p["unit_ids"].tolist() for p in parts]
+    assert sum(len(s) for s in seen) == 7
+    for s in seen:
+        assert len(s) <= 3 or len(set(s)) == 1
+    flat = [set(s) for s in seen]
+    for i in range(len(flat)):
+        for j in range(i + 1, len(flat)):
+            assert not flat[i] & flat[j]

@@ -81,16 +81,16 @@ class LitDPCLI(LightningCLI):
         check_trainer_config(cfg["trainer"])
 
     def after_fit(self) -> None:
-        if self.trainer.global_rank != 0:
-            return
-        print(run_summary(self.trainer, self.model))
+        log_dir = Path(self.trainer.log_dir or ".")  # a collective under DDP: all ranks ask
+        if self.trainer.global_rank == 0:
+            print(run_summary(self.trainer, self.model, log_dir))
 
 
-def run_summary(trainer, model: DPCausalLM) -> str:
+def run_summary(trainer, model: DPCausalLM, log_dir: Path) -> str:
     """The lines a person reads at the end of a run: epsilon, losses before/after, files."""
     acct = next((cb for cb in trainer.callbacks if isinstance(cb, PrivacyAccounting)), None)
     lines = ["", "=" * 72, "lit_dp run summary"]
-    report_path = Path(trainer.log_dir or ".") / (acct.report_name if acct else "privacy_report.json")
+    report_path = log_dir / (acct.report_name if acct else "privacy_report.json")
     if report_path.exists():
         report = json.loads(report_path.read_text())
         if report["private"]:

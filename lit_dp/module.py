@@ -408,13 +408,14 @@ class DPCausalLM(L.LightningModule):
 
     # --- end of fit: export the EMA model ----------------------------------------------------
     def on_fit_end(self) -> None:
-        if self.hparams.export_dir is None or self.trainer.global_rank != 0:
-            return
         from pathlib import Path
 
-        out = Path(self.trainer.log_dir or ".") / "export" if self.hparams.export_dir == "auto" else Path(self.hparams.export_dir)
+        log_dir = Path(self.trainer.log_dir or ".")  # a collective under DDP: all ranks ask
+        if self.hparams.export_dir is None or self.trainer.global_rank != 0:
+            return
+        out = log_dir / "export" if self.hparams.export_dir == "auto" else Path(self.hparams.export_dir)
         report = None
-        report_path = Path(self.trainer.log_dir or ".") / "privacy_report.json"
+        report_path = log_dir / "privacy_report.json"
         if report_path.exists():
             import json
 

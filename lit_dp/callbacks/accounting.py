@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_dp.privacy.accountant import RDPAccountant, calibrate_noise_multiplier
 
@@ -203,11 +203,14 @@ class PrivacyAccounting(L.Callback):
             "stop_reason": self.stop_reason,
         }
 
-    @rank_zero_only
     def write_report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        # trainer.log_dir is a collective under DDP: every rank asks, rank 0 writes.
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
         path = log_dir / self.report_name
+        self.report_path = path
+        if trainer.global_rank != 0:
+            return path
+        log_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.report(trainer, pl_module), indent=2, default=str))
         os.replace(tmp, path)

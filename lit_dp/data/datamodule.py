@@ -263,7 +263,7 @@ class DPDataModule(L.LightningDataModule):
         return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self._trainer if hasattr(self, "_trainer") else None
+        trainer = getattr(self, "trainer", None)
         rank = trainer.global_rank if trainer is not None else 0
         world = trainer.world_size if trainer is not None else 1
         sampler = PoissonBatchSampler(self.num_units, self.schedule, seed=self.sampling_seed,

@@ -1,0 +1,55 @@
+"""DDP on 2 CPU processes (checklist 1): clipped sums are all-reduced, raw gradients never are,
+and the noise is one draw shared by every rank."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).parents[1]
+
+
+def _fit(tmp: Path, *extra: str) -> None:
+    tmp.mkdir(parents=True, exist_ok=True)
+    args = [
+        sys.executable, "-m", "lit_dp", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
+        "--model.clipping", "fixed", "--trainer.max_steps", "2", "--model.eval_before_fit", "false",
+        "--data.init_args.sampling_seed", "5", "--model.noise_seed", "1", "--model.export_dir", "null",
+        "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+        "--trainer.callbacks+=ddp_grad_dump.GradDump", f"--trainer.callbacks.dirpath={tmp}", *extra,
+    ]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(args, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_ddp_matches_single_process_and_adds_noise_once(tmp_path):
+    quiet = ["--model.noise_multiplier", "0", "--privacy.target_epsilon", "null"]
+    _fit(tmp_path / "single", *quiet)
+    _fit(tmp_path / "ddp", *quiet, "--trainer.strategy", "ddp", "--trainer.devices", "2")
+    single = torch.load(tmp_path / "single" / "grads_rank0.pt")
+    r0 = torch.load(tmp_path / "ddp" / "grads_rank0.pt")
+    r1 = torch.load(tmp_path / "ddp" / "grads_rank1.pt")
+    assert len(single) == len(r0) == 2
+    # Step 0 starts from identical weights: the all-reduced clipped sum equals the single run's.
+    scale = single[0].abs().max()
+    torch.testing.assert_close(r0[0], single[0], rtol=0, atol=1e-5 * float(scale))
+    for a, b in zip(r0, r1, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # identical on both ranks
+
+    # With noise: both ranks hold the same noisy gradient (one shared draw, not two).
+    _fit(tmp_path / "noisy", "--model.noise_multiplier", "1.0", "--privacy.target_epsilon", "null",
+         "--trainer.strategy", "ddp", "--trainer.devices", "2")
+    n0 = torch.load(tmp_path / "noisy" / "grads_rank0.pt")
+    n1 = torch.load(tmp_path / "noisy" / "grads_rank1.pt")
+    for a, b in zip(n0, n1, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # ... and its spread is the single draw's: std(noisy - clean) = sigma C / (q N).
+    expected_std = 1.0 * 1.0 / 32.0  # tiny.yaml: C = 1, expected batch q N = 32
+    assert (n0[0] - r0[0]).std().item() == pytest.approx(expected_std, rel=0.05)

@@ -6,6 +6,7 @@ The DP step (DESIGN.md) is written once, in ``_dp_step``, as numbered steps. Cal
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Literal
 
@@ -32,17 +33,17 @@ def split_micro_batches(batch: dict[str, Any], max_rows: int) -> list[dict[str, 
     rows = batch["input_ids"].shape[0]
     unit_ids = batch.get("unit_ids")
     if unit_ids is None:
-        bounds = list(range(0, rows, max_rows)) + [rows]
+        bounds = [*list(range(0, rows, max_rows)), rows]
     else:
         starts = [0] + [i for i in range(1, rows) if unit_ids[i] != unit_ids[i - 1]] + [rows]
         bounds = [0]
-        for unit_start, unit_end in zip(starts[:-1], starts[1:], strict=True):
+        for unit_start, unit_end in itertools.pairwise(starts):
             # Close the current micro-batch before a unit that would overflow it.
             if unit_end - bounds[-1] > max_rows and unit_start > bounds[-1]:
                 bounds.append(unit_start)
         bounds.append(rows)
     keys = [*_MODEL_KEYS, "unit_ids"] if unit_ids is not None else list(_MODEL_KEYS)
-    return [{k: batch[k][a:b] for k in keys} for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [{k: batch[k][a:b] for k in keys} for a, b in itertools.pairwise(bounds)]
 
 
 class DPCausalLM(L.LightningModule):

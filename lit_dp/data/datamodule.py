@@ -7,6 +7,7 @@ each rank keeps its shard of the same global draw.
 
 from __future__ import annotations
 
+import json
 import secrets
 from typing import Any, Literal
 
@@ -239,7 +240,10 @@ class DPDataModule(L.LightningDataModule):
             for i, rec in enumerate(train):
                 if self.group_key not in rec:
                     raise ValueError(f"data: train record {i} has no group_key field {self.group_key!r}")
-                groups.setdefault(rec[self.group_key], []).append(i)
+                key = rec[self.group_key]
+                if isinstance(key, (list, dict)):  # JSON arrays/objects are not hashable
+                    key = json.dumps(key, sort_keys=True)
+                groups.setdefault(key, []).append(i)
             self._units = list(groups.values())
         else:
             self._units = [[i] for i in range(len(train))]

@@ -101,11 +101,14 @@ class JSONLDataModule(DPDataModule):
             val = read(self.val_path)
         else:
             # Hold out whole units, so no unit's records land in both splits.
-            rng = random.Random(self.split_seed)
-            idx = list(range(len(train)))
-            rng.shuffle(idx)
-            n_val = int(len(train) * self.val_fraction)
-            held = set(idx[:n_val])
+            units: dict[Any, list[int]] = {}
+            for i, rec in enumerate(train):
+                unit = json.dumps(rec[key], sort_keys=True) if key is not None else i
+                units.setdefault(unit, []).append(i)
+            order = list(units.values())
+            random.Random(self.split_seed).shuffle(order)
+            n_val = int(len(order) * self.val_fraction)
+            held = {i for unit_rows in order[:n_val] for i in unit_rows}
             val = [train[i] for i in sorted(held)]
             train = [train[i] for i in range(len(train)) if i not in held]
         test = read(self.test_path) if self.test_path is not None else []

@@ -34,9 +34,9 @@ class SampleRateSchedule:
             raise ValueError(f"sample_rate={self.sample_rate} must be in (0, 1]; lower expected_batch_size")
         if self.kind == "linear":
             if self.end_rate is None or not 0.0 < self.end_rate <= 1.0:
-                raise ValueError(f"end sample rate={self.end_rate} must be in (0, 1] for a linear schedule")
+                raise ValueError(f"end_rate={self.end_rate} must be in (0, 1] for a linear schedule")
             if self.ramp_steps < 1:
-                raise ValueError("ramp_steps must be >= 1 for a linear schedule")
+                raise ValueError(f"ramp_steps={self.ramp_steps} must be >= 1 for a linear schedule")
 
     def rate(self, step: int) -> float:
         if self.kind == "constant" or step >= self.ramp_steps:

@@ -123,6 +123,14 @@ def run_summary(trainer, model: DPCausalLM, log_dir: Path) -> str:
 
 
 def main(args: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["generate"]:
+        from lit_dp.generate import main as generate_main
+
+        generate_main(argv[1:])
+        return
     LitDPCLI(args=args)
 
 

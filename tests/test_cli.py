@@ -101,3 +101,22 @@ def test_ddp_is_mapped_to_the_dp_strategy():
     cfg = {"strategy": "ddp"}
     check_trainer_config(cfg)
     assert cfg["strategy"] == "dp_ddp"
+
+
+def test_generate_subcommand_writes_responses(tmp_path, monkeypatch):
+    from lit_dp.cli import main
+    from lit_dp.models import export_model, load_model, load_tokenizer
+
+    export = export_model(load_model("tiny-qwen2"), load_tokenizer("tiny-qwen2"), tmp_path / "export")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hello", "id": 1}\n{"prompt": "Bye", "id": 2}\n')
+    out = tmp_path / "out.jsonl"
+    main(["generate", "--model", str(export), "--prompts", str(prompts), "--out", str(out),
+          "--max-new-tokens", "4"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [1, 2]
+    assert all(isinstance(r["response"], str) for r in rows)
+    with pytest.raises(ValueError, match="prompt"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"text": "x"}\n')
+        main(["generate", "--model", str(export), "--prompts", str(bad), "--out", str(out)])

@@ -8,6 +8,7 @@ each rank keeps its shard of the same global draw.
 from __future__ import annotations
 
 import json
+import functools
 import secrets
 from typing import Any, Literal
 
@@ -281,9 +282,9 @@ class DPDataModule(L.LightningDataModule):
         rows = self.encoded.get(split)
         if not rows:
             return None
-        pad = self._pad_id()
+        collate = functools.partial(collate_rows, pad_id=self._pad_id())  # picklable for workers
         return DataLoader(rows, batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=lambda b: collate_rows(b, pad), num_workers=self.num_workers)
+                          collate_fn=collate, num_workers=self.num_workers)
 
     def val_dataloader(self):
         return self._eval_loader("validation") or []

@@ -1,327 +1,373 @@
-"""LightningDataModules for DP fine-tuning: synthetic data and the user's own JSONL.
+"""LightningDataModules for DP fine-tuning: the common base and the synthetic datasets.
 
-Training batches are Poisson-sampled (``PoissonBatchSampler``), one per optimizer step, and
-carry their step's global sample rate. Lightning's DistributedSampler is never used: under DDP
-each rank keeps its shard of the same global draw.
+Training batches are Poisson-sampled (``PoissonBatchSampler``), one per optimizer step, under
+the sampler's resume contract (lit_dp.privacy.sampling): the batch of step t is a function of
+(sampling seed, t) and each epoch starts at the trainer's global step. Lightning's
+DistributedSampler is never used: under DDP each rank keeps its shard of the same global draw.
+
+A training batch is a dict: ``input_ids``, ``attention_mask``, ``labels`` (B, T) int64, right
+padded (labels -100 on padding and, with ``loss_on="response"``, on prompt tokens);
+``sample_rate`` (float, the global q_t) and ``step`` (int); with group units also ``unit_ids``
+(B,) int64 (rows of one unit are contiguous and share an id). An empty batch has B = 0, T = 1.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import functools
+import os
 import secrets
+from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from lit_dp.privacy.sampling import PoissonBatch, PoissonBatchSampler, SampleRateSchedule
+from lit_dp.data.encoding import (
+    PoissonCollate,
+    Row,
+    UnitDataset,
+    collate_rows,
+    encode_records,
+    tokenizer_fingerprint,
+)
+from lit_dp.privacy.sampling import PoissonBatchSampler, SampleRateSchedule
 
-
-def encode_record(tokenizer, record: dict[str, str], *, loss_on: str) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one record (labels -100 where no loss is taken).
-
-    prompt/response records use the tokenizer's chat template when it has one (user = prompt,
-    assistant = response; the loss covers exactly the assistant part), else
-    ``prompt + "\\n" + response + eos``. ``text`` records take the loss on every token.
-    """
-    if "text" in record:
-        ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            ids = [*ids, tokenizer.eos_token_id]
-        return ids, list(ids)
-    prompt, response = record["prompt"], record["response"]
-    if getattr(tokenizer, "chat_template", None):
-        user = [{"role": "user", "content": prompt}]
-        prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(
-            [*user, {"role": "assistant", "content": response}], tokenize=False
-        )
-        if not full_text.startswith(prompt_text):  # template reorders: fall back to plain text
-            prompt_text, full_text = prompt + "\n", prompt + "\n" + response
-    else:
-        prompt_text, full_text = prompt + "\n", prompt + "\n" + response
-    ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    n_prompt = len(prompt_ids) if ids[: len(prompt_ids)] == prompt_ids else _common_prefix(ids, prompt_ids)
-    if not getattr(tokenizer, "chat_template", None) and tokenizer.eos_token_id is not None:
-        ids = [*ids, tokenizer.eos_token_id]
-    labels = list(ids) if loss_on == "all" else [-100] * n_prompt + ids[n_prompt:]
-    return ids, labels
+_CACHE_VERSION = 1
+DEFAULT_EXPECTED_BATCH_SIZE = 16.0
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def collate_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows into input_ids / attention_mask / labels (B, T); B = 0 gives (0, 1)."""
-    length = max((len(ids) for ids, _ in rows), default=1)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
-class _UnitBatches(Dataset):
-    """Maps a PoissonBatch of unit indices to one collated batch (all rows of each unit)."""
-
-    def __init__(self, encoded, units: list[list[int]], pad_id: int, grouped: bool) -> None:
-        self.encoded, self.units, self.pad_id, self.grouped = encoded, units, pad_id, grouped
-
-    def __len__(self) -> int:
-        return len(self.units)
-
-    def __getitem__(self, batch: PoissonBatch) -> dict[str, Any]:
-        rows, unit_ids = [], []
-        for u in batch:
-            for r in self.units[u]:
-                rows.append(self.encoded[r])
-                unit_ids.append(u)
-        out: dict[str, Any] = collate_rows(rows, self.pad_id)
-        if self.grouped:
-            out["unit_ids"] = torch.tensor(unit_ids, dtype=torch.long)
-        out["sample_rate"] = float(batch.sample_rate)
-        out["step"] = int(batch.step)
-        return out
-
-
-def _identity(x):
-    return x
-
-
-class PoissonDataLoader(DataLoader):
-    """DataLoader over Poisson batches, resumable by Lightning (state = step of the next batch).
-
-    The batch for optimizer step t is a pure function of (sampling seed, t); each epoch's
-    iteration starts at the trainer's global step, so prefetching cannot shift a resumed run.
-    """
-
-    def __init__(self, dataset: _UnitBatches, sampler: PoissonBatchSampler, step_source, **kw) -> None:
-        super().__init__(dataset, sampler=sampler, batch_size=None, collate_fn=_identity, **kw)
-        self.poisson_sampler, self.step_source = sampler, step_source
-        self._resume_step: int | None = None
-
-    def __iter__(self):
-        # Lightning restores loader state before its loops, so the first iteration after a
-        # resume starts at the checkpointed step; later epochs start at the trainer's step.
-        if self._resume_step is not None:
-            self.poisson_sampler.next_step, self._resume_step = self._resume_step, None
-        else:
-            self.poisson_sampler.next_step = self.step_source()
-        return super().__iter__()
-
-    def state_dict(self) -> dict[str, int]:
-        return {"next_step": self.step_source(), "seed": self.poisson_sampler.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.poisson_sampler.seed = int(state["seed"])
-        self._resume_step = int(state["next_step"])
+def _positive(name: str, value: Any, *, allow_none: bool = True, integer: bool = False,
+              minimum: float = 0.0, strict: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    bad = value is None or isinstance(value, bool) or not isinstance(value, int | float)
+    bad = bad or (integer and not isinstance(value, int))
+    if bad or not (value > minimum if strict else value >= minimum) or value != value:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"data.{name}={value!r} must be {kind} {'>' if strict else '>='} {minimum:g}")
 
 
 class DPDataModule(L.LightningDataModule):
-    """Common base: tokenization, Poisson training batches, privacy units.
+    """Common base: tokenization, Poisson training batches, privacy units, reports, state.
+
+    Subclasses implement ``load_records() -> {"train", "validation", "test"}`` (lists of
+    {prompt, response} or {text} dicts, plus the group key for group units).
 
     Args:
-        tokenizer: a tokenizer object or a model source string (the CLI links it to model.model).
-        max_length: longest record in tokens.
-        expected_batch_size: expected Poisson batch size q * N (exactly one of this and
-            sample_rate).
-        sample_rate: q, each unit's inclusion probability per step.
-        schedule: "constant" or "linear" (q ramps to the final rate over ramp_steps).
-        final_expected_batch_size: expected batch size at the end of a linear ramp.
-        ramp_steps: steps of the linear ramp.
-        sampling_seed: Poisson sampling seed; null draws one from OS entropy (checkpointed).
-        privacy_unit: "example" (one record) or "group" (all records sharing group_key).
-        group_key: record field naming the group (user) for privacy_unit: group.
-        eval_batch_size: validation/test batch size.
-        loss_on: "response" (prompt tokens masked) or "all".
-        truncate: truncate records longer than max_length (counted in the report) instead of
-            raising.
-        num_workers: DataLoader workers.
+        tokenizer: a tokenizer object, or a model source string loaded with
+            ``lit_dp.models.load_tokenizer`` at setup (the CLI links it to model.model).
+        max_length: longest training/eval record in tokens (prompt + response + special tokens).
+        expected_batch_size: expected Poisson batch size q * N, in privacy units; the sample
+            rate is q = expected_batch_size / N after setup. Set this or sample_rate, not both;
+            with both unset it is 16.
+        sample_rate: q, each unit's inclusion probability per step, in (0, 1].
+        schedule: "constant" (q every step) or "linear" (q ramps linearly from the value above to
+            the final one over ramp_steps steps, then stays there).
+        final_expected_batch_size: expected batch size at the end of a linear ramp (with
+            expected_batch_size).
+        final_sample_rate: sample rate at the end of a linear ramp (with sample_rate).
+        ramp_steps: steps of the linear ramp (>= 1 for schedule: linear).
+        steps_per_epoch: batches per epoch; null = one expected pass over the data
+            (ceil(1 / q) for a constant q). Only the epoch length: privacy counts steps.
+        sampling_seed: Poisson sampling seed; null draws one from OS entropy (rank 0's under
+            DDP). Checkpointed with the next step, so a resumed run draws the same batches.
+        privacy_unit: "example" (one record per unit) or "group" (all records sharing
+            group_key: user-level DP; the sampler draws groups and a batch holds all their
+            records).
+        group_key: record field naming the group, required for privacy_unit: group.
+        eval_batch_size: validation/test batch size (sequential batches, no sampling).
+        loss_on: "response" (prompt tokens masked with -100) or "all".
+        truncate: cut records longer than max_length (counted in data_report) instead of
+            raising an error.
+        cache_dir: directory for a tokenization cache keyed by a hash of the records, the
+            tokenizer, max_length, loss_on and truncate; null keeps it in memory only.
+        num_workers: DataLoader worker processes.
     """
 
     def __init__(
         self,
         tokenizer: Any = "smollm2-135m-instruct",
         max_length: int = 256,
-        expected_batch_size: float | None = 16.0,
+        expected_batch_size: float | None = None,
         sample_rate: float | None = None,
         schedule: Literal["constant", "linear"] = "constant",
         final_expected_batch_size: float | None = None,
+        final_sample_rate: float | None = None,
         ramp_steps: int = 0,
+        steps_per_epoch: int | None = None,
         sampling_seed: int | None = None,
         privacy_unit: Literal["example", "group"] = "example",
-        group_key: str = "user",
+        group_key: str | None = None,
         eval_batch_size: int = 16,
         loss_on: Literal["response", "all"] = "response",
         truncate: bool = False,
+        cache_dir: str | None = None,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if (expected_batch_size is None) == (sample_rate is None):
-            raise ValueError("data: set exactly one of expected_batch_size and sample_rate")
-        if expected_batch_size is not None and expected_batch_size <= 0:
-            raise ValueError(f"data.expected_batch_size={expected_batch_size} must be > 0")
-        if sample_rate is not None and not 0 < sample_rate <= 1:
-            raise ValueError(f"data.sample_rate={sample_rate} must be in (0, 1]")
-        if max_length < 2:
-            raise ValueError(f"data.max_length={max_length} must be >= 2")
+        if isinstance(tokenizer, str) and not tokenizer.strip():
+            raise ValueError("data.tokenizer is empty; give a model source or a tokenizer object")
+        if tokenizer is None or (not isinstance(tokenizer, str) and not callable(tokenizer)):
+            raise ValueError(f"data.tokenizer={tokenizer!r} must be a tokenizer or a model source string")
+        _positive("max_length", max_length, allow_none=False, integer=True, minimum=2, strict=False)
+        if expected_batch_size is not None and sample_rate is not None:
+            raise ValueError(
+                f"data.expected_batch_size={expected_batch_size} and data.sample_rate={sample_rate} "
+                "are both set; set exactly one (the other null)"
+            )
+        if expected_batch_size is None and sample_rate is None:
+            expected_batch_size = DEFAULT_EXPECTED_BATCH_SIZE
+        _positive("expected_batch_size", expected_batch_size)
+        if sample_rate is not None and (isinstance(sample_rate, bool) or not 0 < sample_rate <= 1):
+            raise ValueError(f"data.sample_rate={sample_rate!r} must be in (0, 1]")
+        if schedule not in ("constant", "linear"):
+            raise ValueError(f"data.schedule={schedule!r} must be 'constant' or 'linear'")
+        _positive("ramp_steps", ramp_steps, allow_none=False, integer=True, strict=False)
+        _positive("final_expected_batch_size", final_expected_batch_size)
+        if final_sample_rate is not None and (isinstance(final_sample_rate, bool) or not 0 < final_sample_rate <= 1):
+            raise ValueError(f"data.final_sample_rate={final_sample_rate!r} must be in (0, 1]")
+        # A linear ramp ends at a value of the same kind as its start.
+        finals = {"final_expected_batch_size": final_expected_batch_size, "final_sample_rate": final_sample_rate}
+        need = "final_sample_rate" if sample_rate is not None else "final_expected_batch_size"
+        other = "final_expected_batch_size" if sample_rate is not None else "final_sample_rate"
+        final = finals[need]
+        if schedule == "linear":
+            if finals[other] is not None:
+                raise ValueError(f"data.{other} does not match the start value; use data.{need}")
+            if final is None or ramp_steps < 1:
+                raise ValueError(f"data.schedule=linear needs data.{need} and data.ramp_steps >= 1")
+        elif final is not None or finals[other] is not None or ramp_steps:
+            raise ValueError("data.final_expected_batch_size/final_sample_rate/ramp_steps are only "
+                             "used with data.schedule: linear; set it or remove them")
+        _positive("steps_per_epoch", steps_per_epoch, integer=True, minimum=1, strict=False)
+        if sampling_seed is not None and (isinstance(sampling_seed, bool) or not isinstance(sampling_seed, int)):
+            raise ValueError(f"data.sampling_seed={sampling_seed!r} must be an integer or null")
         if privacy_unit not in ("example", "group"):
             raise ValueError(f"data.privacy_unit={privacy_unit!r} must be 'example' or 'group'")
-        if schedule == "linear" and (final_expected_batch_size is None or ramp_steps < 1):
-            raise ValueError("data.schedule=linear needs final_expected_batch_size and ramp_steps >= 1")
-        if eval_batch_size < 1:
-            raise ValueError("data.eval_batch_size must be >= 1")
+        if privacy_unit == "group" and not group_key:
+            raise ValueError("data.privacy_unit=group needs data.group_key (the record field "
+                             "naming the user/group, e.g. group_key: user)")
+        _positive("eval_batch_size", eval_batch_size, allow_none=False, integer=True, minimum=1, strict=False)
+        if loss_on not in ("response", "all"):
+            raise ValueError(f"data.loss_on={loss_on!r} must be 'response' or 'all'")
+        if not isinstance(truncate, bool):
+            raise ValueError(f"data.truncate={truncate!r} must be true or false")
+        _positive("num_workers", num_workers, allow_none=False, integer=True, strict=False)
         self._tokenizer_arg = tokenizer
         self.tokenizer = None if isinstance(tokenizer, str) else tokenizer
         self.max_length, self.truncate, self.loss_on = max_length, truncate, loss_on
         self.expected_batch_size, self.sample_rate_arg = expected_batch_size, sample_rate
-        self.schedule_kind, self.final_expected_batch_size, self.ramp_steps = schedule, final_expected_batch_size, ramp_steps
+        self.schedule_kind, self.final_value, self.ramp_steps = schedule, final, ramp_steps
+        self.steps_per_epoch = steps_per_epoch
         self.sampling_seed = sampling_seed if sampling_seed is not None else secrets.randbits(62)
         self.privacy_unit, self.group_key = privacy_unit, group_key
-        self.eval_batch_size, self.num_workers = eval_batch_size, num_workers
-        self.splits: dict[str, list[dict]] = {}
-        self.encoded: dict[str, list[tuple[list[int], list[int]]]] = {}
+        self.eval_batch_size, self.cache_dir, self.num_workers = eval_batch_size, cache_dir, num_workers
+        self.splits: dict[str, list[dict[str, Any]]] = {}
+        self.encoded: dict[str, list[Row]] = {}
         self.num_truncated = 0
         self.num_units = 0
         self.schedule: SampleRateSchedule | None = None
         self._units: list[list[int]] = []
+        self._next_step = 0  # restored by load_state_dict before the sampler exists
+        self._sampler: PoissonBatchSampler | None = None
+        self._seed_synced = False
 
-    # --- subclasses provide records ----------------------------------------------------------
-    def load_records(self) -> dict[str, list[dict]]:
+    # --- subclasses provide records --------------------------------------------------------
+    def load_records(self) -> dict[str, list[dict[str, Any]]]:
         raise NotImplementedError
 
     def dataset_name(self) -> str:
         return type(self).__name__
 
-    # --- setup -------------------------------------------------------------------------------
-    def _get_tokenizer(self):
+    # --- setup -----------------------------------------------------------------------------
+    def _get_tokenizer(self) -> Any:
         if self.tokenizer is None:
             from lit_dp.models import load_tokenizer
 
             self.tokenizer = load_tokenizer(self._tokenizer_arg)
         return self.tokenizer
 
-    def _encode_split(self, name: str, records: list[dict]) -> list[tuple[list[int], list[int]]]:
+    def _attached_trainer(self) -> Any:
+        return getattr(self, "trainer", None)
+
+    def _encode_all(self, splits: dict[str, list[dict[str, Any]]]) -> dict[str, list[Row]]:
+        """Tokenized splits, from the disk cache when ``cache_dir`` holds them."""
         tok = self._get_tokenizer()
-        out = []
-        for i, rec in enumerate(records):
-            ids, labels = encode_record(tok, rec, loss_on=self.loss_on)
+        path = None
+        if self.cache_dir is not None:
+            key = json.dumps([_CACHE_VERSION, splits, tokenizer_fingerprint(tok), self.max_length,
+                              self.loss_on, self.truncate], sort_keys=True, default=str)
+            path = Path(self.cache_dir).expanduser() / f"tokens-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+            if path.is_file():
+                cached = json.loads(path.read_text())
+                self.num_truncated = cached["truncated"]
+                return {k: [(ids, lab) for ids, lab in v] for k, v in cached["encoded"].items()}
+        self.num_truncated = 0
+        encoded = {name: self._encode_split(name, recs, tok) for name, recs in splits.items()}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # atomic: ranks may write at once
+            tmp.write_text(json.dumps({"truncated": self.num_truncated, "encoded": encoded}))
+            os.replace(tmp, path)
+        return encoded
+
+    def _encode_split(self, name: str, records: list[dict[str, Any]], tok: Any) -> list[Row]:
+        rows = encode_records(tok, records, loss_on=self.loss_on)
+        for i, (ids, labels) in enumerate(rows):
             if len(ids) > self.max_length:
                 if not self.truncate:
                     raise ValueError(
                         f"data: {name} record {i} has {len(ids)} tokens > data.max_length="
                         f"{self.max_length}; raise max_length or set data.truncate: true"
                     )
-                ids, labels = ids[: self.max_length], labels[: self.max_length]
+                rows[i] = (ids[: self.max_length], labels[: self.max_length])
                 self.num_truncated += 1
-            out.append((ids, labels))
-        return out
+        return rows
 
     def setup(self, stage: str | None = None) -> None:
+        self._sync_seed()
         if self.encoded:
             return
-        self.splits = self.load_records()
-        if not self.splits.get("train"):
+        splits = self.load_records()
+        if not splits.get("train"):
             raise ValueError("data: the training set is empty; add records or fix the path")
-        self.num_truncated = 0
-        self.encoded = {k: self._encode_split(k, v) for k, v in self.splits.items()}
-        train = self.splits["train"]
-        if self.privacy_unit == "group":
-            groups: dict[Any, list[int]] = {}
-            for i, rec in enumerate(train):
-                if self.group_key not in rec:
-                    raise ValueError(f"data: train record {i} has no group_key field {self.group_key!r}")
-                key = rec[self.group_key]
-                if isinstance(key, (list, dict)):  # JSON arrays/objects are not hashable
-                    key = json.dumps(key, sort_keys=True)
-                groups.setdefault(key, []).append(i)
-            self._units = list(groups.values())
-        else:
-            self._units = [[i] for i in range(len(train))]
-        self.num_units = len(self._units)
-        n = self.num_units
+        self.encoded = self._encode_all(splits)
+        self.splits = splits
+        self._units = self._make_units(splits["train"])
+        self.num_units = n = len(self._units)
         if self.sample_rate_arg is not None:
-            q0 = self.sample_rate_arg
+            q0, q_end = self.sample_rate_arg, self.final_value
         else:
-            q0 = float(self.expected_batch_size) / n
-        if q0 > 1:
-            raise ValueError(
-                f"data.expected_batch_size={self.expected_batch_size} exceeds the {n} privacy units; "
-                "lower it (sample rate q = expected_batch_size / N must be <= 1)"
-            )
-        end = None if self.final_expected_batch_size is None else min(1.0, self.final_expected_batch_size / n)
-        self.schedule = SampleRateSchedule(self.schedule_kind, q0, end, self.ramp_steps)
+            for name, ebs in (("expected_batch_size", self.expected_batch_size),
+                              ("final_expected_batch_size", self.final_value)):
+                if ebs is not None and ebs > n:
+                    raise ValueError(
+                        f"data.{name}={ebs} exceeds the {n} privacy units ({self.privacy_unit} "
+                        "level); lower it (q = expected batch size / N must be <= 1)"
+                    )
+            q0 = float(self.expected_batch_size) / n  # type: ignore[arg-type]
+            q_end = None if self.final_value is None else float(self.final_value) / n
+        if self.schedule_kind == "linear":
+            self.schedule = SampleRateSchedule.linear(start_rate=q0, end_rate=float(q_end),  # type: ignore[arg-type]
+                                                      ramp_steps=self.ramp_steps)
+        else:
+            self.schedule = SampleRateSchedule.constant(q0)
 
-    # --- loaders -----------------------------------------------------------------------------
+    def _make_units(self, train: list[dict[str, Any]]) -> list[list[int]]:
+        if self.privacy_unit != "group":
+            return [[i] for i in range(len(train))]
+        groups: dict[Any, list[int]] = {}
+        for i, rec in enumerate(train):
+            if self.group_key not in rec:
+                raise ValueError(f"data: train record {i} has no group_key field {self.group_key!r} "
+                                 f"(fields present: {sorted(rec)})")
+            key = rec[self.group_key]
+            if isinstance(key, list | dict):  # JSON arrays/objects are not hashable
+                key = json.dumps(key, sort_keys=True)
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
+
+    def _sync_seed(self) -> None:
+        # A seed drawn from OS entropy differs per process: every rank takes rank 0's, so all
+        # ranks draw the same global Poisson batch.
+        trainer = self._attached_trainer()
+        if self._seed_synced or trainer is None or trainer.world_size <= 1:
+            return
+        self.sampling_seed = int(trainer.strategy.broadcast(self.sampling_seed, src=0))
+        self._seed_synced = True
+
+    # --- loaders ---------------------------------------------------------------------------
     def _pad_id(self) -> int:
         tok = self._get_tokenizer()
-        return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if pad is None:
+            raise ValueError("data.tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        return int(pad)
 
     def train_dataloader(self) -> DataLoader:
-        trainer = getattr(self, "trainer", None)
-        rank = trainer.global_rank if trainer is not None else 0
-        world = trainer.world_size if trainer is not None else 1
-        sampler = PoissonBatchSampler(self.num_units, self.schedule, seed=self.sampling_seed,
-                                      rank=rank, world_size=world)
-        dataset = _UnitBatches(self.encoded["train"], self._units, self._pad_id(),
-                               grouped=self.privacy_unit == "group")
-        step_source = (lambda: trainer.global_step) if trainer is not None else (lambda: sampler.next_step)
-        return PoissonDataLoader(dataset, sampler, step_source, num_workers=self.num_workers)
+        if self.schedule is None:
+            raise RuntimeError("call setup('fit') before train_dataloader()")
+        trainer = self._attached_trainer()
+        rank, world, step_source = 0, 1, None
+        if trainer is not None:
+            step_source = partial(getattr, trainer, "global_step")  # optimizer steps taken
+            if trainer.world_size > 1:
+                if trainer._accelerator_connector.use_distributed_sampler:
+                    raise ValueError("Trainer(use_distributed_sampler=True) would replace the Poisson "
+                                     "sampler; set use_distributed_sampler=False (the lit-dp CLI does)")
+                rank, world = trainer.global_rank, trainer.world_size
+        self._sampler = PoissonBatchSampler(
+            self.num_units, self.schedule, seed=self.sampling_seed, steps_per_epoch=self.steps_per_epoch,
+            rank=rank, world_size=world, step_source=step_source,
+        )
+        self._sampler.next_step = self._next_step
+        return DataLoader(
+            UnitDataset(self.encoded["train"], self._units), batch_sampler=self._sampler,
+            collate_fn=PoissonCollate(self._pad_id(), self.privacy_unit == "group"),
+            num_workers=self.num_workers,
+        )
 
-    def _eval_loader(self, split: str) -> DataLoader | None:
+    def _eval_loader(self, split: str) -> DataLoader | list:
         rows = self.encoded.get(split)
         if not rows:
-            return None
-        collate = functools.partial(collate_rows, pad_id=self._pad_id())  # picklable for workers
-        return DataLoader(rows, batch_size=self.eval_batch_size, shuffle=False,
-                          collate_fn=collate, num_workers=self.num_workers)
+            return []
+        return DataLoader(rows, batch_size=self.eval_batch_size, shuffle=False,  # type: ignore[arg-type]
+                          collate_fn=partial(collate_rows, pad_id=self._pad_id()),
+                          num_workers=self.num_workers)
 
-    def val_dataloader(self):
-        return self._eval_loader("validation") or []
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("validation")
 
-    def test_dataloader(self):
-        return self._eval_loader("test") or []
+    def test_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("test")
 
-    # --- reporting and state -----------------------------------------------------------------
+    # --- reporting and state ---------------------------------------------------------------
     def data_report(self) -> dict[str, Any]:
+        train = self.encoded.get("train", [])
         return {
             "dataset": self.dataset_name(), "privacy_unit": self.privacy_unit,
             "group_key": self.group_key if self.privacy_unit == "group" else None,
-            "num_units": self.num_units, "num_records": len(self.splits.get("train", [])),
-            "truncated": self.num_truncated, "max_length": self.max_length,
+            "num_units": self.num_units, "num_records": len(train),
+            "num_validation": len(self.encoded.get("validation", [])),
+            "num_test": len(self.encoded.get("test", [])),
+            "truncated": self.num_truncated, "max_length": self.max_length, "loss_on": self.loss_on,
+            # Rows whose labels are all -100 (e.g. a prompt cut by truncation) give no gradient.
+            "records_without_labels": sum(all(x == -100 for x in lab) for _, lab in train),
         }
 
     def schedule_description(self) -> dict[str, Any]:
         return self.schedule.describe() if self.schedule else {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sampling_seed": self.sampling_seed}
+        step = self._sampler.state_dict()["next_step"] if self._sampler is not None else self._next_step
+        return {"sampling_seed": self.sampling_seed, "next_step": int(step)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.sampling_seed = int(state_dict["sampling_seed"])
+        self._next_step = int(state_dict.get("next_step", 0))
+        self._seed_synced = True  # every rank loads the same checkpointed seed
+        if self._sampler is not None:
+            self._sampler.load_state_dict({"seed": self.sampling_seed, "next_step": self._next_step})
 
 
 class SyntheticDataModule(DPDataModule):
     """The synthetic ``emails`` or ``records`` dataset (PAPER.md), optionally with canaries.
 
     Args:
-        dataset: "emails" (mailbox replies) or "records" (private registry Q&A).
-        num_train: training records (before canaries).
+        dataset: "emails" (reply in the mailbox owner's style) or "records" (private registry
+            Q&A, answered from memory).
+        num_train: training records before canaries.
         num_val: validation records.
         num_test: test records.
-        data_seed: seed of the generator (the data, not the sampling).
-        num_canaries: random secrets planted in the training split (exposure audits).
+        data_seed: seed of the generator and the canaries (the data, not the sampling).
+        num_users: mailbox owners (emails) or registry people (records); null = the
+            generator's default (about 8 emails per owner, 4 facts per person).
+        num_canaries: random secrets planted in the training split (exposure audits; see
+            ``canaries`` after setup).
         canary_repetitions: copies of each canary in the training split.
+        group_key: record field of the user (for privacy_unit: group).
         **kwargs: the common arguments of DPDataModule.
     """
 
@@ -332,32 +378,44 @@ class SyntheticDataModule(DPDataModule):
         num_val: int = 64,
         num_test: int = 64,
         data_seed: int = 0,
+        num_users: int | None = None,
         num_canaries: int = 0,
         canary_repetitions: int = 1,
+        group_key: str | None = "user",
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(group_key=group_key, **kwargs)
         if dataset not in ("emails", "records"):
             raise ValueError(f"data.dataset={dataset!r} must be 'emails' or 'records'")
-        if num_train < 1:
-            raise ValueError(f"data.num_train={num_train}: the training set is empty; use >= 1")
-        if num_val < 0 or num_test < 0:
-            raise ValueError("data.num_val and data.num_test must be >= 0")
+        if isinstance(num_train, bool) or not isinstance(num_train, int) or num_train < 1:
+            raise ValueError(f"data.num_train={num_train!r}: the training set is empty; use >= 1")
+        _positive("num_val", num_val, allow_none=False, integer=True, strict=False)
+        _positive("num_test", num_test, allow_none=False, integer=True, strict=False)
+        _positive("num_users", num_users, integer=True, minimum=1, strict=False)
+        _positive("num_canaries", num_canaries, allow_none=False, integer=True, strict=False)
+        _positive("canary_repetitions", canary_repetitions, allow_none=False, integer=True, minimum=1,
+                  strict=False)
         self.dataset, self.num_train, self.num_val, self.num_test = dataset, num_train, num_val, num_test
-        self.data_seed, self.num_canaries, self.canary_repetitions = data_seed, num_canaries, canary_repetitions
-        self.canaries: list[dict] = []
+        self.data_seed, self.num_users = data_seed, num_users
+        self.num_canaries, self.canary_repetitions = num_canaries, canary_repetitions
+        self.canaries: list[dict[str, Any]] = []
 
     def dataset_name(self) -> str:
         return f"synthetic:{self.dataset}"
 
-    def load_records(self) -> dict[str, list[dict]]:
+    def load_records(self) -> dict[str, list[dict[str, Any]]]:
         from lit_dp.data.synthetic import make_splits, plant_canaries
 
         splits = make_splits(self.dataset, num_train=self.num_train, num_val=self.num_val,
-                             num_test=self.num_test, seed=self.data_seed)
+                             num_test=self.num_test, seed=self.data_seed, num_users=self.num_users)
         if self.num_canaries:
             splits["train"], self.canaries = plant_canaries(
                 splits["train"], num_canaries=self.num_canaries,
                 repetitions=self.canary_repetitions, seed=self.data_seed,
             )
         return splits
+
+    def data_report(self) -> dict[str, Any]:
+        report = super().data_report()
+        report["canaries"] = {"num_canaries": self.num_canaries, "repetitions": self.canary_repetitions}
+        return report

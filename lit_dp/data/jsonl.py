@@ -10,15 +10,23 @@ from typing import Any
 from lit_dp.data.datamodule import DPDataModule
 
 
-def read_jsonl(path: str | Path, *, prompt_field: str, response_field: str, text_field: str,
-               group_key: str | None) -> list[dict[str, Any]]:
-    """Records of one JSONL file, normalized to {prompt, response} or {text} (+ group key).
-
-    Raises ValueError naming the file, line and field for anything that cannot be trained on.
-    """
+def _check_file(path: str | Path, field: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ValueError(f"data: file {str(p)!r} does not exist; check the path")
+        raise ValueError(f"data.{field}: file {str(p)!r} does not exist; check the path")
+    return p
+
+
+def read_jsonl(path: str | Path, *, prompt_field: str = "prompt", response_field: str = "response",
+               text_field: str = "text", group_key: str | None = None,
+               field: str = "train_path") -> list[dict[str, Any]]:
+    """Records of one JSONL file, normalized to {prompt, response} or {text} (+ group key).
+
+    A line with ``prompt_field`` or ``response_field`` must have both as strings; otherwise it
+    must have ``text_field``. Blank lines are skipped. Raises ValueError naming the file, line
+    and field (and the fields present) for anything that cannot be trained on.
+    """
+    p = _check_file(path, field)
     records = []
     with p.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -27,46 +35,50 @@ def read_jsonl(path: str | Path, *, prompt_field: str, response_field: str, text
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"data: {p}:{lineno} is not valid JSON ({err.msg})") from err
+                raise ValueError(f"data: {p}:{lineno} is not valid JSON ({err.msg}, column {err.colno})") from err
             if not isinstance(obj, dict):
-                raise ValueError(f"data: {p}:{lineno} must be a JSON object")
+                raise ValueError(f"data: {p}:{lineno} must be a JSON object, got {type(obj).__name__}")
+            where = f"data: {p}:{lineno}"
             if prompt_field in obj or response_field in obj:
-                for field in (prompt_field, response_field):
-                    if not isinstance(obj.get(field), str):
-                        raise ValueError(
-                            f"data: {p}:{lineno} is missing string field {field!r} "
-                            f"(fields present: {sorted(obj)})"
-                        )
+                for name in (prompt_field, response_field):
+                    if not isinstance(obj.get(name), str):
+                        what = "is missing" if name not in obj else "has a non-string"
+                        raise ValueError(f"{where} {what} string field {name!r} (fields present: "
+                                         f"{sorted(obj)}); set data.prompt_field/response_field")
                 rec: dict[str, Any] = {"prompt": obj[prompt_field], "response": obj[response_field]}
             elif isinstance(obj.get(text_field), str):
                 rec = {"text": obj[text_field]}
             else:
                 raise ValueError(
-                    f"data: {p}:{lineno} has neither {prompt_field!r}/{response_field!r} nor "
-                    f"{text_field!r} (fields present: {sorted(obj)})"
+                    f"{where} has neither {prompt_field!r}/{response_field!r} nor {text_field!r} "
+                    f"(fields present: {sorted(obj)}); set data.prompt_field/response_field/text_field"
                 )
             if group_key is not None:
                 if group_key not in obj:
-                    raise ValueError(f"data: {p}:{lineno} is missing group_key field {group_key!r}")
+                    raise ValueError(f"{where} is missing group_key field {group_key!r} "
+                                     f"(fields present: {sorted(obj)})")
                 rec[group_key] = obj[group_key]
             records.append(rec)
     if not records:
-        raise ValueError(f"data: file {str(p)!r} is empty; it needs at least one JSON record")
+        raise ValueError(f"data.{field}: file {str(p)!r} is empty; it needs at least one JSON record")
     return records
 
 
 class JSONLDataModule(DPDataModule):
-    """JSONL training data; one JSON object per line.
+    """JSONL training data; one JSON object per line: prompt/response (loss on the response)
+    or text (loss on all tokens).
 
     Args:
-        train_path: training records (``prompt``/``response`` or ``text`` per line).
-        val_path: validation records; null splits val_fraction off the training file.
+        train_path: training records.
+        val_path: validation records; null holds out val_fraction of the training file's
+            privacy units (whole groups with privacy_unit: group).
         test_path: test records (optional).
-        val_fraction: fraction of the training file held out when val_path is null.
+        val_fraction: fraction of the training units held out when val_path is null, in [0, 1).
         prompt_field: JSON field holding the prompt.
-        response_field: JSON field holding the response (the loss is taken on it).
-        text_field: JSON field of plain-text records (loss on all tokens).
-        split_seed: seed of the held-out split.
+        response_field: JSON field holding the response.
+        text_field: JSON field of plain-text records.
+        group_key: JSON field naming the user/group; required for privacy_unit: group.
+        split_seed: seed of the held-out validation split.
         **kwargs: the common arguments of DPDataModule.
     """
 
@@ -79,37 +91,49 @@ class JSONLDataModule(DPDataModule):
         prompt_field: str = "prompt",
         response_field: str = "response",
         text_field: str = "text",
+        group_key: str | None = None,
         split_seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+        super().__init__(group_key=group_key, **kwargs)
+        for name, path in (("train_path", train_path), ("val_path", val_path), ("test_path", test_path)):
+            if path is not None:
+                _check_file(path, name)  # fail before any model is loaded
+        if isinstance(val_fraction, bool) or not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={val_fraction!r} must be in [0, 1); 0 = no "
+                             "validation split, or give data.val_path")
+        names = {"prompt_field": prompt_field, "response_field": response_field, "text_field": text_field}
+        for name, value in names.items():
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"data.{name}={value!r} must be a non-empty JSON field name")
+        if len(set(names.values())) < 3:
+            raise ValueError(f"data.prompt_field, response_field and text_field must differ: {names}")
         self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
         self.val_fraction, self.split_seed = val_fraction, split_seed
-        self.fields = {"prompt_field": prompt_field, "response_field": response_field,
-                       "text_field": text_field}
+        self.fields = names
 
     def dataset_name(self) -> str:
         return f"jsonl:{self.train_path}"
 
-    def load_records(self) -> dict[str, list[dict]]:
+    def _read(self, path: str, field: str) -> list[dict[str, Any]]:
         key = self.group_key if self.privacy_unit == "group" else None
-        read = lambda path: read_jsonl(path, group_key=key, **self.fields)  # noqa: E731
-        train = read(self.train_path)
+        return read_jsonl(path, group_key=key, field=field, **self.fields)
+
+    def load_records(self) -> dict[str, list[dict[str, Any]]]:
+        train = self._read(self.train_path, "train_path")
         if self.val_path is not None:
-            val = read(self.val_path)
+            val = self._read(self.val_path, "val_path")
         else:
-            # Hold out whole units, so no unit's records land in both splits.
+            # Hold out whole units (groups), so no unit has records in both splits.
+            key = self.group_key if self.privacy_unit == "group" else None
             units: dict[Any, list[int]] = {}
             for i, rec in enumerate(train):
                 unit = json.dumps(rec[key], sort_keys=True) if key is not None else i
                 units.setdefault(unit, []).append(i)
             order = list(units.values())
             random.Random(self.split_seed).shuffle(order)
-            n_val = int(len(order) * self.val_fraction)
-            held = {i for unit_rows in order[:n_val] for i in unit_rows}
+            held = {i for rows in order[: int(len(order) * self.val_fraction)] for i in rows}
             val = [train[i] for i in sorted(held)]
             train = [train[i] for i in range(len(train)) if i not in held]
-        test = read(self.test_path) if self.test_path is not None else []
+        test = self._read(self.test_path, "test_path") if self.test_path is not None else []
         return {"train": train, "validation": val, "test": test}

@@ -203,3 +203,27 @@ def test_micro_batches_never_split_a_unit():
     for i in range(len(flat)):
         for j in range(i + 1, len(flat)):
             assert not flat[i] & flat[j]
+
+
+def test_configure_optimizers_twice_never_wraps_or_hooks_the_model():
+    """Checklist 18: Lightning may call configure_optimizers more than once."""
+    module = make_module()
+    model_type = type(module.model)
+    hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.model.modules())
+    first, second = module.configure_optimizers(), module.configure_optimizers()
+    assert type(module.model) is model_type
+    hooks_after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.model.modules())
+    assert hooks_after == hooks_before
+    ids = lambda opt: [id(p) for g in opt.param_groups for p in g["params"]]  # noqa: E731
+    assert ids(first) == ids(second) == [id(p) for p in module.model.parameters() if p.requires_grad]
+
+
+def test_history_percentile_is_reported_as_not_covered(tmp_path):
+    dm = make_dm(num_train=32, expected=8.0)
+    module = make_module(clipping="history_percentile")
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.fit(module, datamodule=dm)
+    report = json.loads((tmp_path / "privacy_report.json").read_text())
+    assert report["covers"].startswith("nothing")
+    assert any("raw" in item for item in report["not_covered"])
+    assert report["clipping"]["covered_by_dp"] is False

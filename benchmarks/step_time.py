@@ -16,9 +16,9 @@ cross-entropy), noise multiplier 1.0 and clip bound 1.0. A method that cannot ru
 with the exception in its ``note``.
 
 Peak memory (``--memory``): each (model, shape, method) runs in a fresh subprocess
-(``--single METHOD``) that builds the model, does warm-up + repeats and reports
-``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (whole-process peak RSS: Python, torch, the model
-and optimizer state are included, identically for every method).
+(``--single METHOD``) that builds the model, does warm-up + repeats and reports its peak RSS
+(VmHWM; see ``_peak_rss_mb`` for why not ru_maxrss). It is the whole process: Python, torch, the
+model and optimizer state are included, identically for every method.
 
 Usage:
     python benchmarks/step_time.py                       # quick default (< 5 min on 2 cores)
@@ -213,9 +213,11 @@ def time_methods(
                 fn()
                 times[m].append(time.perf_counter() - t0)
     ref = statistics.median(times["nonprivate"]) if times.get("nonprivate") else None
+    ref_min = min(times["nonprivate"]) if times.get("nonprivate") else None
     rows = []
     for m in methods:
         step_s = statistics.median(times[m]) if m in times else None
+        min_s = min(times[m]) if m in times else None
         rows.append(
             dict(
                 model=model_name,
@@ -225,12 +227,31 @@ def time_methods(
                 step_s=step_s,
                 tokens_per_s=(batch_size * seq_len / step_s) if step_s else None,
                 ratio_vs_nonprivate=(step_s / ref) if (step_s and ref) else None,
+                min_s=min_s,
+                min_ratio_vs_nonprivate=(min_s / ref_min) if (min_s and ref_min) else None,
                 peak_mem_mb=None,
                 mem_ratio_vs_nonprivate=None,
                 note=notes.get(m, ""),
             )
         )
     return rows
+
+
+def _peak_rss_mb() -> float:
+    """Peak RSS of this process in MiB.
+
+    VmHWM of /proc/self/status, not getrusage's ru_maxrss: Linux carries ru_maxrss across
+    fork + execve, so a child started by a big parent would report the parent's peak. VmHWM
+    belongs to the address space that execve created, so it starts fresh.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def single(model_name: str, batch_size: int, seq_len: int, method: str, warmup: int, repeats: int) -> None:
@@ -242,7 +263,7 @@ def single(model_name: str, batch_size: int, seq_len: int, method: str, warmup: 
         step_s, note = rows[0]["step_s"], rows[0]["note"]
     except Exception as exc:  # noqa: BLE001
         note = _why(exc)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    peak_mb = _peak_rss_mb()
     print("SINGLE " + json.dumps(dict(peak_mem_mb=peak_mb, step_s=step_s, note=note)), flush=True)
 
 
@@ -276,8 +297,9 @@ def _fmt(x: Any, spec: str) -> str:
 
 
 def print_table(rows: list[dict[str, Any]], memory: bool) -> None:
-    head = "| model | B x T | method | step s (median) | tokens/s | x non-private |"
-    sep = "|---|---|---|---:|---:|---:|"
+    head = ("| model | B x T | method | step s (median) | tokens/s | x non-private | "
+            "min s | x non-private (min) |")
+    sep = "|---|---|---|---:|---:|---:|---:|---:|"
     if memory:
         head += " peak RSS MB | mem x non-private |"
         sep += "---:|---:|"
@@ -289,7 +311,8 @@ def print_table(rows: list[dict[str, Any]], memory: bool) -> None:
         line = (
             f"| {r['model']} | {r['batch_size']}x{r['seq_len']} | {r['method']} | "
             f"{_fmt(r['step_s'], '.3f')} | {_fmt(r['tokens_per_s'], ',.0f')} | "
-            f"{_fmt(r['ratio_vs_nonprivate'], '.2f')} |"
+            f"{_fmt(r['ratio_vs_nonprivate'], '.2f')} | {_fmt(r['min_s'], '.3f')} | "
+            f"{_fmt(r['min_ratio_vs_nonprivate'], '.2f')} |"
         )
         if memory:
             line += f" {_fmt(r['peak_mem_mb'], ',.0f')} | {_fmt(r['mem_ratio_vs_nonprivate'], '.2f')} |"
@@ -305,14 +328,14 @@ def scaling(warmup: int, repeats: int, batches: list[int], seqs: list[int], fixe
     for b, t in grid:
         rows += time_methods("qwen2-5m", b, t, ["nonprivate", "fast"], warmup=warmup, repeats=repeats, base=base)
     print(f"### Scaling: fast vs non-private, qwen2-5m (batch sweep at T={fixed_t}, length sweep at B={fixed_b})\n")
-    print("| B x T | non-private s | fast s | fast x non-private | fast tokens/s |")
-    print("|---|---:|---:|---:|---:|")
+    print("| B x T | non-private s | fast s | fast x non-private | x (min) | fast tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|")
     for i in range(0, len(rows), 2):
         npv, fast = rows[i], rows[i + 1]
         print(
             f"| {npv['batch_size']}x{npv['seq_len']} | {_fmt(npv['step_s'], '.3f')} | "
             f"{_fmt(fast['step_s'], '.3f')} | {_fmt(fast['ratio_vs_nonprivate'], '.2f')} | "
-            f"{_fmt(fast['tokens_per_s'], ',.0f')} |"
+            f"{_fmt(fast['min_ratio_vs_nonprivate'], '.2f')} | {_fmt(fast['tokens_per_s'], ',.0f')} |"
         )
     print(flush=True)
     return rows
@@ -389,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         part = time_methods(m, b, t, methods, warmup=args.warmup, repeats=args.repeats)
         if args.memory and (not args.memory_models or m in args.memory_models.split(",")):
-            measure_memory(part, args.warmup, args.repeats)
+            measure_memory(part, warmup=1, repeats=2)  # the peak comes in the first steps
         rows += part
         print(f"# {m} {b}x{t} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         print_table(part, args.memory)
@@ -408,7 +431,8 @@ def main(argv: list[str] | None = None) -> None:
         profile_fast(m, *parse_shapes(s)[0], top=15)
     if args.json:
         keep = ("model", "seq_len", "batch_size", "method", "step_s", "peak_mem_mb",
-                "ratio_vs_nonprivate", "note", "tokens_per_s", "mem_ratio_vs_nonprivate")
+                "ratio_vs_nonprivate", "note", "tokens_per_s", "mem_ratio_vs_nonprivate",
+                "min_s", "min_ratio_vs_nonprivate")
         out = {"results": [{k: r[k] for k in keep} for r in rows]}
         if scale_rows:
             out["scaling"] = [{k: r[k] for k in keep} for r in scale_rows]

@@ -49,8 +49,9 @@ def trainable(module):
     return {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
 
 
-def test_sigma0_step_equals_adamw_on_summed_gradient_over_expected_batch(tmp_path):
-    """sigma=0, C=inf: the DP step is AdamW on sum_i grad(loss_i) / (q N) (checklist 3)."""
+def test_sigma0_gradient_is_summed_per_unit_gradient_over_expected_batch(tmp_path):
+    """sigma=0, C=inf: the privatized gradient is sum_i grad(loss_i) / (q N) (checklist 3),
+    compared with plain autograd on an independent copy of the model."""
     torch.manual_seed(0)
     dm = make_dm(num_train=16, expected=6.0)
     module = make_module(noise_multiplier=0.0, max_grad_norm=1e9, weight_decay=0.0)
@@ -58,19 +59,23 @@ def test_sigma0_step_equals_adamw_on_summed_gradient_over_expected_batch(tmp_pat
     ref_model.load_state_dict(module.model.state_dict())
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["step"] == 0
-    trainer = make_trainer(tmp_path, max_steps=1)
+    assert batch["step"] == 0 and batch["input_ids"].shape[0] > 0
+    seen = {}
+
+    class Capture(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.update({n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters()})
+
+    trainer = make_trainer(tmp_path, max_steps=1, callbacks=[Capture()])
     trainer.fit(module, datamodule=dm)
 
     logits = ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     losses = per_example_losses(logits, batch["labels"])
     losses = torch.where(torch.isfinite(losses), losses, 0.0)
     (losses.sum() / (batch["sample_rate"] * 16)).backward()
-    opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.0)
-    opt.step()
-    got = trainable(module)
     for n, p in ref_model.named_parameters():
-        torch.testing.assert_close(got[n], p.detach(), rtol=1e-4, atol=1e-5)
+        scale = float(p.grad.abs().max()) + 1e-12
+        torch.testing.assert_close(seen[n], p.grad, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_noise_std_is_sigma_c_over_expected_batch(tmp_path):

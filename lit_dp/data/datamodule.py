@@ -181,6 +181,10 @@ class DPDataModule(L.LightningDataModule):
     def dataset_name(self) -> str:
         return type(self).__name__
 
+    def record_location(self, split: str, index: int) -> str:
+        """How error messages name record ``index`` of ``split``."""
+        return f"{split} record {index}"
+
     # --- setup -----------------------------------------------------------------------------
     def _get_tokenizer(self) -> Any:
         if self.tokenizer is None:
@@ -219,7 +223,7 @@ class DPDataModule(L.LightningDataModule):
             if len(ids) > self.max_length:
                 if not self.truncate:
                     raise ValueError(
-                        f"data: {name} record {i} has {len(ids)} tokens > data.max_length="
+                        f"data: {self.record_location(name, i)} has {len(ids)} tokens > data.max_length="
                         f"{self.max_length}; raise max_length or set data.truncate: true"
                     )
                 rows[i] = (ids[: self.max_length], labels[: self.max_length])
@@ -305,7 +309,8 @@ class DPDataModule(L.LightningDataModule):
         self._sampler.next_step = self._next_step
         return DataLoader(
             UnitDataset(self.encoded["train"], self._units), batch_sampler=self._sampler,
-            collate_fn=PoissonCollate(self._pad_id(), self.privacy_unit == "group"),
+            # The fetcher hands the collate UnitDataset.__getitems__'s SampledRows, not a list.
+            collate_fn=PoissonCollate(self._pad_id(), self.privacy_unit == "group"),  # type: ignore[arg-type]
             num_workers=self.num_workers,
         )
 
@@ -332,7 +337,8 @@ class DPDataModule(L.LightningDataModule):
             "num_units": self.num_units, "num_records": len(train),
             "num_validation": len(self.encoded.get("validation", [])),
             "num_test": len(self.encoded.get("test", [])),
-            "truncated": self.num_truncated, "max_length": self.max_length, "loss_on": self.loss_on,
+            "truncated": self.num_truncated,  # records cut to max_length, all splits
+            "max_length": self.max_length, "loss_on": self.loss_on,
             # Rows whose labels are all -100 (e.g. a prompt cut by truncation) give no gradient.
             "records_without_labels": sum(all(x == -100 for x in lab) for _, lab in train),
         }

@@ -19,11 +19,12 @@ def _check_file(path: str | Path, field: str) -> Path:
 
 def read_jsonl(path: str | Path, *, prompt_field: str = "prompt", response_field: str = "response",
                text_field: str = "text", group_key: str | None = None,
-               field: str = "train_path") -> list[dict[str, Any]]:
+               field: str = "train_path", line_numbers: list[int] | None = None) -> list[dict[str, Any]]:
     """Records of one JSONL file, normalized to {prompt, response} or {text} (+ group key).
 
     A line with ``prompt_field`` or ``response_field`` must have both as strings; otherwise it
-    must have ``text_field``. Blank lines are skipped. Raises ValueError naming the file, line
+    must have ``text_field``. Blank lines are skipped; ``line_numbers``, if given, receives each
+    record's line number. Raises ValueError naming the file, line
     and field (and the fields present) for anything that cannot be trained on.
     """
     p = _check_file(path, field)
@@ -59,6 +60,8 @@ def read_jsonl(path: str | Path, *, prompt_field: str = "prompt", response_field
                                      f"(fields present: {sorted(obj)})")
                 rec[group_key] = obj[group_key]
             records.append(rec)
+            if line_numbers is not None:
+                line_numbers.append(lineno)
     if not records:
         raise ValueError(f"data.{field}: file {str(p)!r} is empty; it needs at least one JSON record")
     return records
@@ -111,18 +114,27 @@ class JSONLDataModule(DPDataModule):
         self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.fields = names
+        self._where: dict[str, list[str]] = {}  # split -> "file:line" of each record
+
+    def record_location(self, split: str, index: int) -> str:
+        where = self._where.get(split)
+        return f"{split} record {index} ({where[index]})" if where else super().record_location(split, index)
 
     def dataset_name(self) -> str:
         return f"jsonl:{self.train_path}"
 
-    def _read(self, path: str, field: str) -> list[dict[str, Any]]:
+    def _read(self, path: str, field: str) -> tuple[list[dict[str, Any]], list[str]]:
         key = self.group_key if self.privacy_unit == "group" else None
-        return read_jsonl(path, group_key=key, field=field, **self.fields)
+        lines: list[int] = []
+        records = read_jsonl(path, group_key=key, field=field, line_numbers=lines, **self.fields)
+        return records, [f"{Path(path).name}:{n}" for n in lines]
 
     def load_records(self) -> dict[str, list[dict[str, Any]]]:
-        train = self._read(self.train_path, "train_path")
+        train, train_at = self._read(self.train_path, "train_path")
+        val: list[dict[str, Any]] = []
+        val_at: list[str] = []
         if self.val_path is not None:
-            val = self._read(self.val_path, "val_path")
+            val, val_at = self._read(self.val_path, "val_path")
         else:
             # Hold out whole units (groups), so no unit has records in both splits.
             key = self.group_key if self.privacy_unit == "group" else None
@@ -133,7 +145,9 @@ class JSONLDataModule(DPDataModule):
             order = list(units.values())
             random.Random(self.split_seed).shuffle(order)
             held = {i for rows in order[: int(len(order) * self.val_fraction)] for i in rows}
-            val = [train[i] for i in sorted(held)]
-            train = [train[i] for i in range(len(train)) if i not in held]
-        test = self._read(self.test_path, "test_path") if self.test_path is not None else []
+            val, val_at = [train[i] for i in sorted(held)], [train_at[i] for i in sorted(held)]
+            kept = [i for i in range(len(train)) if i not in held]
+            train, train_at = [train[i] for i in kept], [train_at[i] for i in kept]
+        test, test_at = self._read(self.test_path, "test_path") if self.test_path is not None else ([], [])
+        self._where = {"train": train_at, "validation": val_at, "test": test_at}
         return {"train": train, "validation": val, "test": test}

@@ -21,6 +21,7 @@ the gradient hook. Other modules with trainable parameters raise ValueError (see
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ _BUILTIN: tuple[tuple[type | tuple[type, ...], str], ...] = (
 )
 _REGISTRY: list[tuple[type[nn.Module], str]] = []
 _FREED = torch.empty(0)  # replaces a norm layer's stored input once its gradient is taken
+_VERIFIED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # name-matched norms found exact
 
 
 def register_layer(module_type: type[nn.Module], kind: str) -> None:
@@ -65,12 +67,16 @@ def register_layer(module_type: type[nn.Module], kind: str) -> None:
     _REGISTRY.insert(0, (module_type, kind))
 
 
-def layer_kind(module: nn.Module) -> str | None:
+def layer_kind(module: nn.Module, *, declared_only: bool = False) -> str | None:
     """The fast-engine rule for ``module``, or None if it has none."""
     for cls, kind in (*_REGISTRY, *_BUILTIN):
         if isinstance(module, cls):
             return kind
-    weight = getattr(module, "weight", None)  # HF's Qwen2RMSNorm, LlamaRMSNorm, BitNetRMSNorm...
+    if declared_only:
+        return None
+    # HF's Qwen2RMSNorm, LlamaRMSNorm, BitNetRMSNorm... recognised by name and attributes; each
+    # of their calls is then checked to compute w * x/rms(x) (see _verify_rmsnorm).
+    weight = getattr(module, "weight", None)
     if (
         "rmsnorm" in type(module).__name__.lower()
         and isinstance(weight, Tensor)
@@ -106,50 +112,35 @@ def _ghost_is_cheaper(tokens: int, d_in: int, d_out: int) -> bool:
     return tokens * (d_in + d_out) <= d_in * d_out
 
 
-def _linear_sq(use: _Use, units: Units, grams: _GramCache) -> Tensor:
+def _linear_sq(use: _Use, units: Units, grams: dict) -> Tensor:
     """(U,) squared Frobenius norms of g_u^T a_u, a (U, T', d_in) and g (U, T', d_out) being
-    the use's rows laid out per unit."""
+    the use's rows laid out per unit. ``grams`` keeps the last unchunked a a^T: consecutive
+    layers reading one activation (q/k/v, gate/up) share it. It is keyed by the stored rows'
+    memory and keeps them alive, so the key cannot be reused by another tensor."""
     a, g = units.to_units(use.a), units.to_units(use.grad)
     num_units, tokens, d_in = a.shape
     d_out = g.shape[-1]
     out = torch.empty(num_units, dtype=torch.float32, device=a.device)
     if _ghost_is_cheaper(tokens, d_in, d_out):
+        key = use.a.data_ptr(), use.a.shape, use.a.stride(), use.a.dtype
         for sl in _chunks(num_units, tokens * tokens):
-            ga = grams.get(use.a, a, sl)
-            gg = _gram(g[sl])
-            out[sl] = (ga * gg).flatten(1).sum(1)
+            if sl.stop - sl.start < num_units:  # chunked: too large to keep
+                ga = _gram(a[sl])
+            elif key not in grams:
+                grams.clear()
+                ga = grams.setdefault(key, (use.a, _gram(a)))[1]
+            else:
+                ga = grams[key][1]
+            out[sl] = (ga * _gram(g[sl])).flatten(1).sum(1)
     else:
         for sl in _chunks(num_units, d_in * d_out):
             out[sl] = _bmm32(g[sl].transpose(1, 2), a[sl]).pow(2).flatten(1).sum(1)
     return out
 
 
-class _GramCache:
-    """Keeps the last a @ a^T: consecutive layers reading one activation (q/k/v, gate/up) share
-    it. Keyed by the stored row tensor's memory, which the cache keeps alive (no reuse)."""
-
-    def __init__(self) -> None:
-        self.source: Tensor | None = None
-        self.gram = torch.empty(0)
-
-    def get(self, source: Tensor, a: Tensor, sl: slice) -> Tensor:
-        """Gram matrices of a[sl] (a = source laid out per unit)."""
-        if sl.start != 0 or sl.stop != a.shape[0]:  # chunked: too large to keep
-            return _gram(a[sl])
-        if self.source is None or _layout(self.source) != _layout(source):
-            self.source, self.gram = source, _gram(a)
-        return self.gram
-
-
-def _layout(t: Tensor) -> tuple:
-    return t.data_ptr(), t.shape, t.stride(), t.dtype
-
-
 def _embedding_sq(ids: Tensor, g: Tensor, units: Units, vocab: int, pad: int | None) -> Tensor:
-    """Exact per-unit ||index_add(g at ids)||^2 via segment sums over (unit, token id) keys.
-
-    ids (B, T) long, g (B, T, d); tokens equal to padding_idx get no gradient (nn.Embedding).
-    """
+    """Exact per-unit ||index_add(g at ids)||^2 via segment sums over (unit, token id) keys;
+    ids (B, T) long, g (B, T, d); tokens equal to padding_idx get no gradient (nn.Embedding)."""
     d = g.shape[-1]
     keys = (units.row_unit[:, None] * vocab + ids).reshape(-1)
     rows = _f32(g).reshape(-1, d)
@@ -208,6 +199,7 @@ class _Layer:
     kind: str
     names: dict[str, str]  # attr ("weight"/"bias") -> trainable parameter name
     uses: list[_Use] = field(default_factory=list)
+    verify: bool = False  # an RMSNorm recognised by its name only: check each call's arithmetic
 
 
 class GhostRecorder:
@@ -238,14 +230,10 @@ class GhostRecorder:
                         f"({mod_name}.{attr} of {type(module).__name__}); use engine='vmap', "
                         "freeze it, or lit_dp.privacy.ghost.register_layer the module type"
                     )
-            if kind == "embedding" and (
-                module.max_norm or module.scale_grad_by_freq or module.sparse
-            ):
-                raise ValueError(
-                    f"engine='fast': {mod_name} uses max_norm/scale_grad_by_freq/sparse"
-                )
-            layer = _Layer(module, kind, local)
-            self.layers.append(layer)
+            if kind == "embedding" and (module.max_norm or module.scale_grad_by_freq):
+                raise ValueError(f"engine='fast': {mod_name} uses max_norm/scale_grad_by_freq")
+            verify = kind == "rmsnorm" and not layer_kind(module, declared_only=True)
+            self.layers.append(layer := _Layer(module, kind, local, verify=verify))
             for attr, pname in local.items():
                 owners[pname].append((layer, attr))
         for pname, uses in owners.items():  # an (a, g) weight cannot also be a per-row parameter
@@ -271,9 +259,8 @@ class GhostRecorder:
                 hook = self._make_forward_hook(layer)
                 self._handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
                 module = layer.module
-                if layer.kind == "bitlinear" and hasattr(module, "quantized_input"):
-                    if "quantized_input" not in module.__dict__:
-                        self._capture_quantized_input(module)
+                if layer.kind == "bitlinear" and "quantized_input" not in module.__dict__:
+                    self._capture_quantized_input(module)  # only BitLinearQAT has the method
             self._recording = True
             yield
         finally:
@@ -298,7 +285,7 @@ class GhostRecorder:
         """(U,) fp32 squared per-unit gradient norms over all trainable parameters."""
         sq = torch.zeros(units.num_units, dtype=torch.float32, device=units.row_unit.device)
         self._weights = _collect_weight_uses(self)
-        grams = _GramCache()
+        grams: dict = {}  # see _linear_sq
         for uses in self._weights.values():
             sq += _weight_sq(uses, units, grams)
         for value in self.per_row.values():
@@ -332,7 +319,9 @@ class GhostRecorder:
 
     def _capture_quantized_input(self, module: Any) -> None:
         """Keep what BitLinearQAT.forward computes anyway instead of quantizing x again."""
-        original = module.quantized_input
+        original = getattr(module, "quantized_input", None)
+        if original is None:  # transformers' own AutoBitLinear: _bitlinear_activation recomputes
+            return
 
         def capture(x: Tensor) -> Tensor:
             self._captured[id(module)] = out = original(x)
@@ -368,6 +357,8 @@ class GhostRecorder:
                     "embedding", x, padding_idx=module.padding_idx, vocab=module.num_embeddings
                 )
             else:  # norm layers: keep x until the gradient arrives, then keep (B, d) only
+                if layer.verify and module not in _VERIFIED:
+                    _verify_rmsnorm(module, len(args) + len(kwargs), x, output, name)
                 use = _Use(kind, x.detach(), version=x._version)
             layer.uses.append(use)
             forced = not output.requires_grad
@@ -416,18 +407,35 @@ def _check_version(t: Tensor, version: int, layer: _Layer) -> None:
 
 def _norm_weight_rows(module: Any, kind: str, gb: Tensor, x: Tensor) -> Tensor:
     """(B, *shape) fp32 per-row weight gradient sum_t g_t * xhat_t of a LayerNorm or an RMSNorm
-    (xhat = x / rms(x), in fp32: HF rounds it to x.dtype, a difference below bf16 precision)."""
-    xf = _f32(x).reshape(gb.shape)
+    (xhat in fp32: HF rounds it to x.dtype, a difference below bf16 precision)."""
+    x = x.reshape(gb.shape)  # (B, T, *shape)
     if kind == "layernorm":
-        return (gb * F.layer_norm(xf, module.normalized_shape, eps=module.eps)).sum(1)
-    eps = getattr(module, "variance_epsilon", None)
-    if eps is None:
-        eps = getattr(module, "eps", None)
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
-    d = xf.shape[-1]
-    inv_rms = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1).square() / d + eps)  # (B, T)
-    return torch.bmm(inv_rms.unsqueeze(1), gb * xf).squeeze(1)
+        return (gb * F.layer_norm(_f32(x), module.normalized_shape, eps=module.eps)).sum(1)
+    return (gb * _rms_normalized(module, x, gb.dim() - 2)).sum(1)
+
+
+def _rms_normalized(module: Any, x: Tensor, ndim: int) -> Tensor:
+    """fp32 x / sqrt(mean(x^2) + eps) over the last ``ndim`` dims (torch.nn.RMSNorm semantics:
+    eps=None is the input dtype's machine epsilon)."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    eps, xf = torch.finfo(x.dtype).eps if eps is None else eps, _f32(x)
+    return xf * torch.rsqrt(xf.square().mean(tuple(range(-ndim, 0)), keepdim=True) + eps)
+
+
+def _verify_rmsnorm(module: Any, num_args: int, x: Tensor, y: Tensor, name: str) -> None:
+    """Fail closed for a module taken for an RMSNorm by its name (a gated norm would get a wrong
+    per-example gradient): check y = w * x/rms(x) on one row of its first call (one sync)."""
+    if num_args == 1 and x.shape == y.shape:
+        with torch.no_grad():
+            xhat, y0 = _rms_normalized(module, x[:1], 1), _f32(y[:1])
+            tol = (1e-4 if y.dtype == torch.float32 else 3e-2) * float(y0.abs().max()) + 1e-12
+            if float((_f32(module.weight) * xhat - y0).abs().max()) <= tol:
+                return _VERIFIED.add(module)
+    raise ValueError(
+        f"engine='fast': {type(module).__name__} ({name}) does not compute w * x/rms(x); use "
+        "engine='vmap', or ghost.register_layer(cls, 'rmsnorm') if its weight gradient is "
+        "g * x/rms(x) (e.g. y = (1 + w) * x/rms(x))"
+    )
 
 
 def _collect_weight_uses(recorder: GhostRecorder) -> dict[str, list[_Use]]:
@@ -437,9 +445,8 @@ def _collect_weight_uses(recorder: GhostRecorder) -> dict[str, list[_Use]]:
         name = layer.names.get("weight")
         if name is None or layer.kind not in _AG_KINDS:
             continue
-        for use in layer.uses:
-            if use.kind == "linear":
-                _check_version(use.a, use.version, layer)
+        for use in (u for u in layer.uses if u.kind == "linear"):
+            _check_version(use.a, use.version, layer)
         out.setdefault(name, []).extend(u for u in layer.uses if u.g is not None)
         layer.uses = []
     for name, uses in out.items():
@@ -456,7 +463,7 @@ def _collect_weight_uses(recorder: GhostRecorder) -> dict[str, list[_Use]]:
     return out
 
 
-def _weight_sq(uses: list[_Use], units: Units, grams: _GramCache) -> Tensor:
+def _weight_sq(uses: list[_Use], units: Units, grams: dict) -> Tensor:
     """(U,) squared norm of one weight's per-unit gradient, summed over its uses."""
     lin = next((u for u in uses if u.kind == "linear"), None)
     emb = next((u for u in uses if u.kind == "embedding"), None)
@@ -486,9 +493,6 @@ def _clipped(use: _Use, c_row: Tensor, zero_rows: Tensor | None, shape: torch.Si
     if zero_rows is not None:
         a = torch.where(zero_rows.view(-1, 1, 1), 0.0, a)
     scale = c_row.view(-1, 1, 1)  # fp32: scale the narrower of the two
-    if g.shape[-1] <= a.shape[-1]:
-        g = _f32(g) * scale
-    else:
-        a = _f32(a) * scale
+    g, a = (_f32(g) * scale, a) if g.shape[-1] <= a.shape[-1] else (g, _f32(a) * scale)
     d_out, d_in = g.shape[-1], a.shape[-1]
     return torch.mm(_f32(g.reshape(-1, d_out)).t(), _f32(a.reshape(-1, d_in)))

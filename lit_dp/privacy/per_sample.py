@@ -204,8 +204,14 @@ def _unit_layout(unit_ids: Any, rows: int, device: torch.device) -> Units:
     return Units(row_unit, slot, int(uniq.numel()), int(counts.max()))
 
 
+def _extra_kwargs(model: nn.Module) -> dict[str, Any]:
+    """``use_cache=False`` for a Hugging Face model (no KV cache in training), else nothing."""
+    config = getattr(model, "config", None)
+    return {"use_cache": False} if hasattr(config, "use_cache") else {}
+
+
 def _logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **_extra_kwargs(model))
     return out.logits if hasattr(out, "logits") else out[0]
 
 
@@ -347,11 +353,10 @@ def _vmap_clip(job: _Job) -> ClippedBatch:
     unit_masks = _mask_4d(model, job.attention_mask)[index]  # (U, R, 1, T, T)
     unit_labels = torch.where(real[..., None], job.labels[index], -100)
     detached = {n: p.detach() for n, p in params.items()}
+    extra = _extra_kwargs(model)
 
     def unit_loss(p: dict[str, Tensor], ids: Tensor, mask: Tensor, lab: Tensor, n: Tensor):
-        out = functional_call(
-            model, p, (), {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-        )
+        out = functional_call(model, p, (), {"input_ids": ids, "attention_mask": mask, **extra})
         logits = out.logits if hasattr(out, "logits") else out[0]
         loss = _row_loss_sums(logits, lab)[0].sum() / n.clamp(min=1)
         return loss, loss.detach()

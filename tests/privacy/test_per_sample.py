@@ -14,13 +14,9 @@ from torch import nn
 
 from lit_dp.models import build_tiny_model
 from lit_dp.privacy import ghost, per_sample
-from lit_dp.privacy.per_sample import (
-    ENGINES,
-    clipped_grad_sum,
-    per_example_clip,
-    per_example_losses,
-)
+from lit_dp.privacy.per_sample import clipped_grad_sum, per_example_clip, per_example_losses
 
+ENGINES = per_sample.ENGINES
 FAST_ENGINES = ("fast", "vmap")
 NORM_RTOL = 1e-4
 GRAD_ATOL = 1e-5  # times the largest reference entry (scale-aware)
@@ -32,6 +28,15 @@ def _clip_between(model, batch) -> float:
     norms = per_example_clip(model, batch, max_grad_norm=math.inf, engine="loop").norms
     nz = norms[norms > 0]
     return float((nz.min() * nz.max()).sqrt())
+
+
+def _matches_loop(model, batch, engines=FAST_ENGINES):
+    """Each engine agrees with the loop reference at a clip bound between the unit norms."""
+    c = _clip_between(model, batch)
+    ref = per_example_clip(model, batch, max_grad_norm=c, engine="loop")
+    for engine in engines:
+        _assert_close(per_example_clip(model, batch, max_grad_norm=c, engine=engine), ref)
+    return ref
 
 
 def _assert_close(out, ref, *, norm_rtol=NORM_RTOL, grad_atol=GRAD_ATOL):
@@ -89,30 +94,20 @@ def test_fast_norm_routes_match_loop(tiny_model, route, monkeypatch):
     """Both exact per-layer routes (Gram matrices vs per-unit gradients), with units chunked."""
     monkeypatch.setattr(ghost, "_ghost_is_cheaper", lambda *a: route == "ghost")
     monkeypatch.setattr(ghost, "_TEMP_BUDGET", 200)  # 1-2 units per chunk (T^2 = 100)
-    batch = make_batch(batch_size=5, seq_len=10)
-    c = _clip_between(tiny_model, batch)
-    ref = per_example_clip(tiny_model, batch, max_grad_norm=c, engine="loop")
-    _assert_close(per_example_clip(tiny_model, batch, max_grad_norm=c, engine="fast"), ref)
+    _matches_loop(tiny_model, make_batch(batch_size=5, seq_len=10), ("fast",))
 
 
 def test_vmap_chunked_matches_loop(monkeypatch):
-    model = build_tiny_model("qwen2")
     monkeypatch.setattr(per_sample, "_VMAP_BUDGET", 1)  # one unit per chunk
-    batch = make_batch()
-    c = _clip_between(model, batch)
-    ref = per_example_clip(model, batch, max_grad_norm=c, engine="loop")
-    _assert_close(per_example_clip(model, batch, max_grad_norm=c, engine="vmap"), ref)
+    _matches_loop(build_tiny_model("qwen2"), make_batch(), ("vmap",))
 
 
 @pytest.mark.parametrize("engine", FAST_ENGINES)
 def test_left_padding(engine):
     # Left padding; the first real token of a row is predicted from a pad position, so outputs at
     # fully masked query positions and the padding_idx embedding row both matter.
-    model = build_tiny_model("llama")
     batch = {k: v.flip(1) for k, v in make_batch().items()}
-    c = _clip_between(model, batch)
-    ref = per_example_clip(model, batch, max_grad_norm=c, engine="loop")
-    _assert_close(per_example_clip(model, batch, max_grad_norm=c, engine=engine), ref)
+    _matches_loop(build_tiny_model("llama"), batch, (engine,))
 
 
 # --- the loop reference against plain autograd ---------------------------------------------
@@ -169,10 +164,7 @@ def test_loop_reference_groups_units():
 @pytest.mark.parametrize("engine", FAST_ENGINES)
 def test_grouped_units_match_loop(tiny_model, engine):
     batch, _ = _grouped_batch()
-    c = _clip_between(tiny_model, batch)
-    ref = per_example_clip(tiny_model, batch, max_grad_norm=c, engine="loop")
-    assert ref.norms.shape == (4,)
-    _assert_close(per_example_clip(tiny_model, batch, max_grad_norm=c, engine=engine), ref)
+    assert _matches_loop(tiny_model, batch, (engine,)).norms.shape == (4,)
 
 
 # --- trainable subsets ---------------------------------------------------------------------
@@ -200,30 +192,22 @@ def test_lora_matches_loop(arch, engine):
         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
     )
     _perturb_lora_b(model)
-    batch = make_batch()
-    c = _clip_between(model, batch)
-    ref = per_example_clip(model, batch, max_grad_norm=c, engine="loop")
-    out = per_example_clip(model, batch, max_grad_norm=c, engine=engine)
-    assert out.grads and all("lora_" in n for n in out.grads)
-    assert len(out.grads) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
-    _assert_close(out, ref)
+    ref = _matches_loop(model, make_batch(), (engine,))  # same keys, in the same order
+    assert all("lora_" in n for n in ref.grads)
+    assert len(ref.grads) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
 
 
 def test_weight_shared_by_two_linears():
     model = build_tiny_model("llama")
     layers = model.model.layers
     layers[1].mlp.up_proj.weight = layers[0].mlp.up_proj.weight  # one parameter, two modules
-    batch = make_batch()
-    c = _clip_between(model, batch)
-    ref = per_example_clip(model, batch, max_grad_norm=c, engine="loop")
-    assert "model.layers.1.mlp.up_proj.weight" not in ref.grads
-    for engine in FAST_ENGINES:
-        _assert_close(per_example_clip(model, batch, max_grad_norm=c, engine=engine), ref)
+    assert "model.layers.1.mlp.up_proj.weight" not in _matches_loop(model, make_batch()).grads
 
 
 class _ToyLM(nn.Module):
-    """Layer types the HF tiny models lack: nn.LayerNorm (with bias), torch.nn.RMSNorm, a biased
-    Linear called twice, an Embedding without padding_idx."""
+    """Layer types the HF tiny models lack: nn.LayerNorm (with bias), torch.nn.RMSNorm (also over
+    two dims), a biased Linear called twice, an Embedding without padding_idx. Not a Hugging Face
+    model: forward takes no ``use_cache``."""
 
     def __init__(self, vocab=32, dim=8):
         super().__init__()
@@ -231,29 +215,27 @@ class _ToyLM(nn.Module):
         self.embed = nn.Embedding(vocab, dim)
         self.ln = nn.LayerNorm(dim)
         self.rms = nn.RMSNorm(dim, eps=1e-6)
+        self.rms2d = nn.RMSNorm((2, dim // 2))
         self.mix = nn.Linear(dim, dim)
         self.head = nn.Linear(dim, vocab)
         with torch.no_grad():  # non-trivial affine parameters
-            self.ln.weight.normal_(1.0, 0.3)
+            for p in (self.ln.weight, self.rms.weight, self.rms2d.weight):
+                p.normal_(1.0, 0.3)
             self.ln.bias.normal_(0.0, 0.3)
-            self.rms.weight.normal_(1.0, 0.3)
 
-    def forward(self, input_ids, attention_mask=None, use_cache=None):
+    def forward(self, input_ids, attention_mask=None):
         h = self.embed(input_ids)
         h = torch.cumsum(h, dim=1) / torch.arange(1, h.shape[1] + 1)[:, None]  # causal mixing
         h = self.ln(h)
         h = h + torch.tanh(self.mix(h))
         h = self.rms(h + torch.tanh(self.mix(h)))  # mix runs twice: two uses of one weight
+        h = self.rms2d(h.unflatten(-1, (2, -1))).flatten(-2)
         return SimpleNamespace(logits=self.head(h))
 
 
 @pytest.mark.parametrize("engine", FAST_ENGINES)
 def test_layernorm_rmsnorm_and_reused_linear(engine):
-    model = _ToyLM()
-    batch = make_batch(vocab_size=32)
-    c = _clip_between(model, batch)
-    ref = per_example_clip(model, batch, max_grad_norm=c, engine="loop")
-    _assert_close(per_example_clip(model, batch, max_grad_norm=c, engine=engine), ref)
+    _matches_loop(_ToyLM(), make_batch(vocab_size=32), (engine,))
 
 
 @pytest.mark.parametrize(
@@ -262,42 +244,58 @@ def test_layernorm_rmsnorm_and_reused_linear(engine):
     ids=["bitnet-tied", "llama-eager"],
 )
 def test_more_model_variants_match_loop(arch, overrides):
-    model = build_tiny_model(arch, **overrides)
-    batch = make_batch()
-    c = _clip_between(model, batch)
-    ref = per_example_clip(model, batch, max_grad_norm=c, engine="loop")
-    for engine in FAST_ENGINES:
-        _assert_close(per_example_clip(model, batch, max_grad_norm=c, engine=engine), ref)
+    _matches_loop(build_tiny_model(arch, **overrides), make_batch())
 
 
-class _ScaleNorm(nn.Module):
-    """An RMSNorm whose class name does not say so: needs explicit registration."""
+class _OffsetRMSNorm(nn.Module):
+    """Gemma-style y = (1 + w) * x/rms(x): its weight gradient is that of w * x/rms(x)."""
 
     def __init__(self, dim):
         super().__init__()
-        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, dim))
-        self.eps = 1e-6
+        self.weight = nn.Parameter(torch.linspace(-0.5, 0.5, dim))
+        self.variance_epsilon = 1e-6
 
     def forward(self, x):
-        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-def test_register_layer_enables_a_custom_norm(monkeypatch):
+class _GatedRMSNorm(_OffsetRMSNorm):
+    """Named like an RMSNorm but gated: y = (1 + w) * x/rms(x) * silu(gate)."""
+
+    def forward(self, x, gate):
+        return super().forward(x) * F.silu(gate)
+
+
+class _NormLM(nn.Module):
+    def __init__(self, norm, vocab=32, dim=8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.norm, self.head = nn.Embedding(vocab, dim), norm, nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        h = self.norm(h, h) if isinstance(self.norm, _GatedRMSNorm) else self.norm(h)
+        return SimpleNamespace(logits=self.head(torch.cumsum(h, dim=1)))
+
+
+@pytest.mark.parametrize("norm_type", [_GatedRMSNorm, _OffsetRMSNorm])
+def test_fast_verifies_norms_recognised_by_name_only(norm_type, monkeypatch):
+    """A module taken for an RMSNorm by its class name must compute w * x/rms(x), or be
+    registered: a gated norm or Gemma's (1 + w) form would otherwise be refused, not guessed."""
     monkeypatch.setattr(ghost, "_REGISTRY", [])
-    model = build_tiny_model("llama")
-    model.model.norm = _ScaleNorm(32)
-    batch = make_batch()
-    with pytest.raises(ValueError, match=r"model\.norm\.weight.*_ScaleNorm"):
+    model, batch = _NormLM(norm_type(8)), make_batch(vocab_size=32)
+    with pytest.raises(ValueError, match=rf"{norm_type.__name__} \(norm\.weight\).*vmap"):
         per_example_clip(model, batch, max_grad_norm=1.0, engine="fast")
-    ghost.register_layer(_ScaleNorm, "rmsnorm")
-    ref = per_example_clip(model, batch, max_grad_norm=1.0, engine="loop")
-    _assert_close(per_example_clip(model, batch, max_grad_norm=1.0, engine="fast"), ref)
+    assert all(p.requires_grad for p in model.parameters())
+    if norm_type is _OffsetRMSNorm:  # its weight gradient is g * x/rms(x): registration is exact
+        ghost.register_layer(_OffsetRMSNorm, "rmsnorm")
+        _matches_loop(model, batch, ("fast",))
     with pytest.raises(ValueError, match="kind"):
-        ghost.register_layer(_ScaleNorm, "conv")
+        ghost.register_layer(norm_type, "conv")
 
 
 class _InPlaceLM(_ToyLM):
-    def forward(self, input_ids, attention_mask=None, use_cache=None):
+    def forward(self, input_ids, attention_mask=None):
         h = self.ln(self.embed(input_ids))
         out = self.mix(h)
         h.mul_(2.0)  # changes the stored input of `mix` after it ran

@@ -77,6 +77,11 @@ class DPCausalLM(L.LightningModule):
         eps: Adam epsilon.
         weight_decay: decoupled weight decay.
         noise_correction: DP-AdamBC second-moment noise-variance correction.
+        variance_floor: lower bound of the noise-corrected second moment (DP-AdamBC's gamma);
+            a coordinate whose corrected moment is at the floor steps by lr * m / sqrt(floor).
+        optimizer: "adamw" (DPAdamW, the paper's) or "sgd" (DP-SGD with ``momentum``), the
+            baseline; both receive the same clipped, noised, averaged gradient.
+        momentum: SGD momentum (optimizer="sgd" only).
         noise_seed: seed of the noise generator; null draws it from OS entropy (recommended;
             a fixed seed is for tests and reproducibility studies only).
         diagnostics: also log raw (non-private) per-unit norm statistics; named in the report.
@@ -110,6 +115,9 @@ class DPCausalLM(L.LightningModule):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         noise_correction: bool = False,
+        variance_floor: float = 1e-8,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        momentum: float = 0.0,
         noise_seed: int | None = None,
         diagnostics: bool = False,
         eval_before_fit: bool = True,
@@ -129,9 +137,10 @@ class DPCausalLM(L.LightningModule):
             self.model = models.apply_lora(
                 self.model, rank=lora_rank, alpha=lora_alpha, target_modules=lora_target_modules
             )
+        clip_kind = clipping if private else "fixed"  # the non-private step never clips
         self.clip = make_clip_estimator(
-            clipping if private else "fixed",
-            **self._clip_kwargs(clipping, max_grad_norm, target_clip_rate, clip_learning_rate,
+            clip_kind,
+            **self._clip_kwargs(clip_kind, max_grad_norm, target_clip_rate, clip_learning_rate,
                                 count_noise_divisor, history_size, min_clip, max_clip),
         )
         self.automatic_optimization = False
@@ -163,6 +172,17 @@ class DPCausalLM(L.LightningModule):
             raise ValueError("model.lora_rank must be >= 0 (0 = train all weights)")
         if args["lr"] < 0:
             raise ValueError(f"model.lr={args['lr']} must be >= 0")
+        if args["optimizer"] not in ("adamw", "sgd"):
+            raise ValueError(f"model.optimizer={args['optimizer']!r} must be 'adamw' or 'sgd'")
+        if args["optimizer"] == "sgd" and args["noise_correction"]:
+            raise ValueError(
+                "model.noise_correction corrects Adam's second moment; set it to false with "
+                "model.optimizer=sgd"
+            )
+        if args["optimizer"] != "sgd" and args["momentum"] != 0.0:
+            raise ValueError("model.momentum is used by optimizer=sgd only; leave it at 0.0")
+        if not 0.0 <= args["momentum"] < 1.0:
+            raise ValueError(f"model.momentum={args['momentum']} must be in [0, 1)")
 
     @staticmethod
     def _clip_kwargs(kind, c, rho, eta, divisor, history, cmin, cmax) -> dict[str, Any]:
@@ -185,9 +205,14 @@ class DPCausalLM(L.LightningModule):
         # May run more than once (checklist 18): it only builds the optimizer, never wraps the model.
         params = [p for p in self.model.parameters() if p.requires_grad]
         hp = self.hparams
+        if hp.optimizer == "sgd":
+            return torch.optim.SGD(
+                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+            )
         return DPAdamW(
             params, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
             weight_decay=hp.weight_decay, noise_correction=hp.noise_correction and self.private,
+            variance_floor=hp.variance_floor,
         )
 
     def setup(self, stage: str) -> None:
@@ -453,6 +478,7 @@ class DPCausalLM(L.LightningModule):
             "clipping": clip,
             "engine": self.engine,
             "noise_multiplier_accounted": self.noise_multiplier,
+            "optimizer": self.hparams.optimizer,
             "noise_correction": bool(self.hparams.noise_correction),
             "num_nonfinite_zeroed": self.num_nonfinite_total,
             "covers": covers,

@@ -185,14 +185,61 @@ def test_crash_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(ema_full.shadow[n], ema_res.shadow[n], rtol=0, atol=1e-6)
 
 
-def test_nonprivate_runs_same_loop_without_noise(tmp_path):
+@pytest.mark.parametrize("clipping", ["fixed", "private_quantile", "history_percentile"])
+def test_nonprivate_runs_same_loop_without_noise(tmp_path, clipping):
+    """private=False accepts any clipping (the default included) and never clips or noises."""
     dm = make_dm()
-    module = make_module(private=False)
+    module = make_module(private=False, clipping=clipping)
+    assert module.clip.max_grad_norm == 1.0 and type(module.clip).__name__ == "FixedClip"
     trainer = make_trainer(tmp_path, max_steps=3)
     trainer.fit(module, datamodule=dm)
     report = json.loads((tmp_path / "privacy_report.json").read_text())
     assert report["private"] is False and report["epsilon"] is None
     assert "nothing" in report["covers"]
+
+
+def test_sgd_baseline_takes_the_same_privatized_gradient(tmp_path):
+    """optimizer=sgd (DP-SGD) steps theta - lr * g on the gradient the DP step produced: with
+    sigma=0 and a huge clip, one step equals plain SGD on the mean per-unit gradient * (B/qN)."""
+    torch.manual_seed(0)
+    module = make_module(optimizer="sgd", lr=0.5, noise_multiplier=0.0, max_grad_norm=1e9)
+    opt = module.configure_optimizers()
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.0
+    before = trainable(module)
+    trainer = make_trainer(tmp_path, max_steps=1, callbacks=[grads := _GradCapture()])
+    trainer.fit(module, datamodule=make_dm())
+    after = trainable(module)
+    assert grads.grads, "the step produced no gradient"
+    for n, g in grads.grads.items():
+        torch.testing.assert_close(after[n], before[n] - 0.5 * g, rtol=1e-5, atol=1e-7)
+
+
+class _GradCapture(L.Callback):
+    def __init__(self):
+        self.grads = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads = {n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters()
+                      if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        (dict(optimizer="lion"), "model.optimizer"),
+        (dict(optimizer="sgd", noise_correction=True), "model.noise_correction"),
+        (dict(momentum=0.9), "model.momentum"),
+        (dict(optimizer="sgd", momentum=1.0), "model.momentum"),
+    ],
+)
+def test_optimizer_fields_are_validated(kw, field):
+    with pytest.raises(ValueError, match=field):
+        make_module(**kw)
+
+
+def test_variance_floor_reaches_the_optimizer():
+    opt = make_module(noise_correction=True, variance_floor=1e-4).configure_optimizers()
+    assert opt.param_groups[0]["variance_floor"] == 1e-4 and opt.param_groups[0]["noise_correction"]
 
 
 def test_micro_batches_never_split_a_unit():

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lit_dp.data.encoding import (
@@ -230,6 +231,23 @@ class DPDataModule(L.LightningDataModule):
                 self.num_truncated += 1
         return rows
 
+    def _check_labels(self) -> None:
+        """Training records without a labelled token give no gradient (yet are sampled and
+        accounted): refuse a training set of only those, warn about some."""
+        train = self.encoded["train"]
+        empty = sum(all(x == -100 for x in labels) for _, labels in train)
+        if empty == len(train):
+            raise ValueError(
+                f"data: none of the {len(train)} training records has a token to learn (all "
+                f"labels masked); with loss_on={self.loss_on!r} the response was cut off or is "
+                "empty: raise data.max_length, set data.truncate: false, or use loss_on: all"
+            )
+        if empty:
+            rank_zero_warn(
+                f"data: {empty} of {len(train)} training records have no token to learn (response "
+                f"cut by data.max_length={self.max_length} or empty); they add no gradient"
+            )
+
     def setup(self, stage: str | None = None) -> None:
         self._sync_seed()
         if self.encoded:
@@ -238,6 +256,7 @@ class DPDataModule(L.LightningDataModule):
         if not splits.get("train"):
             raise ValueError("data: the training set is empty; add records or fix the path")
         self.encoded = self._encode_all(splits)
+        self._check_labels()
         self.splits = splits
         self._units = self._make_units(splits["train"])
         self.num_units = n = len(self._units)

@@ -240,13 +240,21 @@ def test_truncate_counts_in_report():
     recs = [{"prompt": "a", "response": "b"}, {"prompt": "a" * 50, "response": "b"},
             {"text": "z" * 40}]
     dm = ListDataModule(recs, expected_batch_size=1, max_length=40, truncate=True)
-    dm.setup("fit")
+    with pytest.warns(UserWarning, match="1 of 3 training records have no token to learn"):
+        dm.setup("fit")
     rep = dm.data_report()
     assert rep["truncated"] == 2
     assert rep["max_length"] == 40 and rep["num_records"] == 3 and rep["num_units"] == 3
     assert rep["records_without_labels"] == 1  # the cut prompt lost its whole response
     assert rep["privacy_unit"] == "example" and rep["group_key"] is None
     assert all(len(ids) <= 40 and len(lab) == len(ids) for ids, lab in dm.encoded["train"])
+
+
+def test_truncation_that_leaves_nothing_to_learn_is_refused():
+    recs = [{"prompt": "a" * 50, "response": "b"}, {"prompt": "c" * 60, "response": "d"}]
+    dm = ListDataModule(recs, expected_batch_size=1, max_length=40, truncate=True)
+    with pytest.raises(ValueError, match="none of the 2 training records.*data.max_length"):
+        dm.setup("fit")
 
 
 def test_tokenizer_source_string_is_loaded_lazily(monkeypatch):

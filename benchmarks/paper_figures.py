@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
 import sys
 import time
 import warnings
@@ -39,7 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lit_dp
 
-from lit_dp import (  # noqa: E402
+from _meta import provenance  # benchmarks/ is sys.path[0] when run as a script
+
+from lit_dp import (
     ClipDrivenLR,
     DPCausalLM,
     EMAWeights,
@@ -82,18 +82,6 @@ ABLATIONS: dict[str, tuple[dict[str, Any], bool, str]] = {
     "DP-SGD, fixed clip (momentum 0.9)": (
         {"clipping": "fixed", "optimizer": "sgd", "momentum": 0.9}, False, "loss_raw"),
 }
-
-
-def git_commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "lit_dp", "benchmarks/paper_figures.py"],
-                               cwd=root, capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 class TrainLog(L.Callback):
@@ -163,7 +151,7 @@ def plot(runs: list[dict[str, Any]], dataset: str, labels: dict[str, str], cfg: 
 
     colors = {0.0: "black", 0.5: "tab:blue", 1.0: "tab:orange", 2.0: "tab:red"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, panel in zip(axes, ("lm", "bitnet")):
+    for ax, panel in zip(axes, ("lm", "bitnet"), strict=True):
         for run in (r for r in runs if r["panel"] == panel):
             hist = run["val_history"]
             name = "non-private" if not run["private"] else (
@@ -286,9 +274,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"recipe": name, **{k: v for k, v in cfg.items()}, "seed": args.seed,
-            "commit": git_commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d")}
+    meta = {"recipe": name, **cfg, "seed": args.seed,
+            **provenance("lit_dp", "benchmarks/paper_figures.py")}
     start = time.time()
     for dataset in datasets:
         if "figures" in parts:

@@ -22,9 +22,9 @@ model and optimizer state are included, identically for every method.
 
 Usage:
     python benchmarks/step_time.py                       # quick default (< 5 min on 2 cores)
-    python benchmarks/step_time.py --memory --json out.json
-    python benchmarks/step_time.py --models qwen2-5m,bitnet-5m,smollm2-135m \
-        --shapes 32x64,16x128,8x512                      # the full grid (slow on CPU)
+    python benchmarks/step_time.py --full --json benchmarks/results/step_time.json
+                                    # every model x shape, peak memory, scaling (~25 min on 2 cores)
+    python benchmarks/step_time.py --models qwen2-5m --shapes 8x512 --memory   # one piece
     python benchmarks/step_time.py --scaling --models none   # fast vs non-private sweep only
     python benchmarks/step_time.py --profile             # top ops of the fast step
 """
@@ -47,9 +47,13 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
+from _meta import provenance  # benchmarks/ is sys.path[0] when run as a script
+
 METHODS = ("nonprivate", "fast", "vmap", "opacus_hooks", "opacus_ghost")
 MODELS = ("qwen2-5m", "bitnet-5m", "smollm2-135m")
-DEFAULT_RUNS = "qwen2-5m:32x64,qwen2-5m:16x128,smollm2-135m:8x128"
+DEFAULT_RUNS = "qwen2-5m:32x64,bitnet-5m:16x128"
+FULL_SHAPES = "32x64,16x128,8x512"
 SIGMA = 1.0
 CLIP = 1.0
 LR = 1e-4
@@ -201,7 +205,7 @@ def time_methods(
                 for _ in range(warmup):
                     fn()
             steps[m] = fn
-        except Exception as exc:  # noqa: BLE001 - reported in the row, e.g. opacus on HF layers
+        except Exception as exc:
             notes[m] = _why(exc)
         gc.collect()
     times: dict[str, list[float]] = {m: [] for m in steps}
@@ -261,7 +265,7 @@ def single(model_name: str, batch_size: int, seq_len: int, method: str, warmup: 
     try:
         rows = time_methods(model_name, batch_size, seq_len, [method], warmup=warmup, repeats=repeats)
         step_s, note = rows[0]["step_s"], rows[0]["note"]
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         note = _why(exc)
     peak_mb = _peak_rss_mb()
     print("SINGLE " + json.dumps(dict(peak_mem_mb=peak_mb, step_s=step_s, note=note)), flush=True)
@@ -358,6 +362,22 @@ def profile_fast(model_name: str, batch_size: int, seq_len: int, top: int) -> No
         print("```\n", flush=True)
 
 
+def run_meta(args: argparse.Namespace) -> dict[str, Any]:
+    """Where and from what the numbers came: commit, machine, versions, settings."""
+    versions = {"torch": torch.__version__}
+    try:
+        import opacus
+
+        versions["opacus"] = opacus.__version__
+    except ImportError:
+        versions["opacus"] = None
+    return {
+        **provenance("lit_dp", "benchmarks/step_time.py"), "load_avg_at_end": os.getloadavg(),
+        "versions": versions, "sigma": SIGMA, "clip": CLIP,
+        "warmup": args.warmup, "repeats": args.repeats,
+    }
+
+
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     out = []
     for s in text.split(","):
@@ -383,10 +403,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", action="store_true", help="torch.profiler top ops of the fast step")
     ap.add_argument("--profile-shape", default="qwen2-5m:16x128")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--full", action="store_true",
+                    help="every model x shape of the issue, with --memory and --scaling")
     ap.add_argument("--single", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.full:
+        args.models, args.shapes = args.models or ",".join(MODELS), args.shapes or FULL_SHAPES
+        args.memory = args.scaling = True
 
     if args.models and args.models != "none":
         models = args.models.split(",")
@@ -410,7 +435,9 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     for m, b, t in runs:
         t0 = time.perf_counter()
-        part = time_methods(m, b, t, methods, warmup=args.warmup, repeats=args.repeats)
+        # a 135M model on a CPU: fewer repeats (each step takes seconds)
+        warmup, repeats = (1, min(args.repeats, 3)) if m == "smollm2-135m" else (args.warmup, args.repeats)
+        part = time_methods(m, b, t, methods, warmup=warmup, repeats=repeats)
         if args.memory and (not args.memory_models or m in args.memory_models.split(",")):
             measure_memory(part, warmup=1, repeats=2)  # the peak comes in the first steps
         rows += part
@@ -433,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
         keep = ("model", "seq_len", "batch_size", "method", "step_s", "peak_mem_mb",
                 "ratio_vs_nonprivate", "note", "tokens_per_s", "mem_ratio_vs_nonprivate",
                 "min_s", "min_ratio_vs_nonprivate")
-        out = {"results": [{k: r[k] for k in keep} for r in rows]}
+        out = {"meta": run_meta(args), "results": [{k: r[k] for k in keep} for r in rows]}
         if scale_rows:
             out["scaling"] = [{k: r[k] for k in keep} for r in scale_rows]
         with open(args.json, "w") as f:

@@ -253,7 +253,7 @@ def test_truncate_counts_in_report():
 def test_truncation_that_leaves_nothing_to_learn_is_refused():
     recs = [{"prompt": "a" * 50, "response": "b"}, {"prompt": "c" * 60, "response": "d"}]
     dm = ListDataModule(recs, expected_batch_size=1, max_length=40, truncate=True)
-    with pytest.raises(ValueError, match="none of the 2 training records.*data.max_length"):
+    with pytest.raises(ValueError, match=r"none of the 2 training records.*data\.max_length"):
         dm.setup("fit")
 
 

@@ -173,7 +173,8 @@ def audit_model(model, dm, num_candidates: int, seed: int) -> dict[str, Any]:
 
 
 # --- one run ----------------------------------------------------------------------------------
-def run_one(cfg: dict[str, Any], epsilon: float | None, args, unit: str = "example") -> dict[str, Any]:
+def run_one(cfg: dict[str, Any], epsilon: float | None, args, unit: str = "example",
+            untrained: bool = False) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     # One mailbox owner per email: "example" and "group" (user-level, each canary's k copies are
     # one user) then train on the same text; only the privacy unit differs.
@@ -193,13 +194,16 @@ def run_one(cfg: dict[str, Any], epsilon: float | None, args, unit: str = "examp
                         use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0,
                         callbacks=[ema, ClipDrivenLR(), PrivacyAccounting(target_epsilon=epsilon)])
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
+    if untrained:  # the common starting point: what the attacks see before any training
+        dm.setup("fit")
+    else:
+        trainer.fit(module, datamodule=dm)
     train_s = time.perf_counter() - t0
     desc = module.privacy_description() if private else {}
     raw = audit_model(module.model, dm, cfg["candidates"], args.seed)
     with ema.swapped(module):
         ema_res = audit_model(module.model, dm, cfg["candidates"], args.seed)
-    label = "non-private" if epsilon is None else f"eps={epsilon:g}"
+    label = "untrained" if untrained else "non-private" if epsilon is None else f"eps={epsilon:g}"
     if unit == "group":
         label += " user-level"
     return {"label": label, "target_epsilon": epsilon, "privacy_unit": unit, "steps": int(trainer.global_step),
@@ -214,7 +218,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 5.4), gridspec_kw={"width_ratios": [2, 1]})
     R = results["config"]["candidates"]
     reps = sorted(results["config"]["plan"])
     for run in results["runs"]:
@@ -231,14 +235,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("exposure (bits; line = mean, dots = canaries)")
     ax.set_ylim(0, math.log2(R + 1) + 0.8)
     ax.set_title(f"Canary exposure, {results['config']['model']}, {results['config']['steps']} steps (EMA weights)")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     labels = [r["label"] for r in results["runs"]]
     ax2.bar(labels, [r["ema"]["mia_auc"] for r in results["runs"]], color="tab:gray")
     ax2.axhline(0.5, color="black", ls="--", lw=1)
     ax2.set_ylim(0.3, 1.0)
     ax2.set_ylabel("loss-threshold MIA AUC")
     ax2.set_title("Membership inference (train vs test)")
-    ax2.tick_params(axis="x", labelsize=8)
+    ax2.tick_params(axis="x", labelsize=8, labelrotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -270,8 +274,9 @@ def main(argv=None) -> None:
     for k in ("steps", "lr", "num_train", "candidates"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
-    plan = [(None, "example")] + [(float(e), "example") for e in args.epsilons.split(",") if e.strip()]
-    plan += [(float(e), "group") for e in args.user_level_epsilons.split(",") if e.strip()]
+    plan = [(None, "example", True), (None, "example", False)]
+    plan += [(float(e), "example", False) for e in args.epsilons.split(",") if e.strip()]
+    plan += [(float(e), "group", False) for e in args.user_level_epsilons.split(",") if e.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "audit_quick" if args.quick else "audit"
@@ -281,8 +286,8 @@ def main(argv=None) -> None:
                           **provenance("lit_dp", "benchmarks/audit.py")},
                "runs": []}
     t0 = time.perf_counter()
-    for eps, unit in plan:
-        r = run_one(cfg, eps, args, unit)
+    for eps, unit, untrained in plan:
+        r = run_one(cfg, eps, args, unit, untrained)
         results["runs"].append(r)
         print(f"[{time.perf_counter() - t0:6.0f}s] {r['label']}: sigma={r['noise_multiplier']:.3f} "
               f"train {r['train_seconds']:.0f}s exposure(EMA)={r['ema']['mean_exposure_by_repetitions']} "

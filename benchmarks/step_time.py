@@ -198,6 +198,10 @@ def time_methods(
     steps: dict[str, Callable[[], None]] = {}
     notes: dict[str, str] = {}
     for m in methods:
+        too_big = _exceeds_memory(m, base, batch_size)
+        if too_big:
+            notes[m] = too_big
+            continue
         try:
             fn = make_step(m, copy.deepcopy(base), batch)
             with warnings.catch_warnings():
@@ -239,6 +243,23 @@ def time_methods(
             )
         )
     return rows
+
+
+def _exceeds_memory(method: str, model: torch.nn.Module, batch_size: int) -> str | None:
+    """Why ``method`` is not run here, if its per-sample gradients (B x params x 4 bytes, held
+    by Opacus hooks) would take over half of the memory still available."""
+    if method != "opacus_hooks":
+        return None
+    need = batch_size * sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+    if need <= avail / 2:
+        return None
+    return (f"not run: its per-sample gradients need {need / 2**30:.1f} GiB (B x params x 4 bytes) "
+            f"of {avail / 2**30:.1f} GiB available")
 
 
 def _peak_rss_mb() -> float:
@@ -372,8 +393,7 @@ def run_meta(args: argparse.Namespace) -> dict[str, Any]:
     except ImportError:
         versions["opacus"] = None
     return {
-        **provenance("lit_dp", "benchmarks/step_time.py"), "load_avg_at_end": os.getloadavg(),
-        "versions": versions, "sigma": SIGMA, "clip": CLIP,
+        **provenance("lit_dp", "benchmarks/step_time.py"), "versions": versions, "sigma": SIGMA, "clip": CLIP,
         "warmup": args.warmup, "repeats": args.repeats,
     }
 
@@ -433,6 +453,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, warm-up {args.warmup}, "
           f"repeats {args.repeats} (median), sigma {SIGMA}, C {CLIP}\n", flush=True)
     rows: list[dict[str, Any]] = []
+    meta = run_meta(args)  # before the runs: the code that produces the numbers
+    scale_rows: list[dict] = []
+
+    def dump() -> None:  # after every shape: a crash keeps what was measured
+        if not args.json:
+            return
+        keep = ("model", "seq_len", "batch_size", "method", "step_s", "peak_mem_mb",
+                "ratio_vs_nonprivate", "note", "tokens_per_s", "mem_ratio_vs_nonprivate",
+                "min_s", "min_ratio_vs_nonprivate")
+        out = {"meta": meta, "results": [{k: r[k] for k in keep} for r in rows]}
+        if scale_rows:
+            out["scaling"] = [{k: r[k] for k in keep} for r in scale_rows]
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
     for m, b, t in runs:
         t0 = time.perf_counter()
         # a 135M model on a CPU: fewer repeats (each step takes seconds)
@@ -443,10 +478,10 @@ def main(argv: list[str] | None = None) -> None:
         rows += part
         print(f"# {m} {b}x{t} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         print_table(part, args.memory)
+        dump()
     if rows:
         print("### All results\n")
         print_table(rows, args.memory)
-    scale_rows: list[dict] = []
     if args.scaling:
         scale_rows = scaling(
             args.warmup, args.repeats,
@@ -456,15 +491,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         m, s = args.profile_shape.split(":")
         profile_fast(m, *parse_shapes(s)[0], top=15)
-    if args.json:
-        keep = ("model", "seq_len", "batch_size", "method", "step_s", "peak_mem_mb",
-                "ratio_vs_nonprivate", "note", "tokens_per_s", "mem_ratio_vs_nonprivate",
-                "min_s", "min_ratio_vs_nonprivate")
-        out = {"meta": run_meta(args), "results": [{k: r[k] for k in keep} for r in rows]}
-        if scale_rows:
-            out["scaling"] = [{k: r[k] for k in keep} for r in scale_rows]
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    meta["load_avg_at_end"] = os.getloadavg()
+    dump()
 
 
 if __name__ == "__main__":

@@ -305,7 +305,9 @@ def measure_memory(rows: list[dict[str, Any]], warmup: int, repeats: int) -> Non
         if line is None:
             r["note"] = (r["note"] + " | memory run failed: " + proc.stderr[-200:]).strip(" |")
             continue
-        r["peak_mem_mb"] = json.loads(line[len("SINGLE "):])["peak_mem_mb"]
+        child = json.loads(line[len("SINGLE "):])
+        # a method that did not run measured only the process around it: no figure
+        r["peak_mem_mb"] = child["peak_mem_mb"] if child["step_s"] is not None else None
     by_key: dict[tuple, float] = {
         (r["model"], r["batch_size"], r["seq_len"]): r["peak_mem_mb"]
         for r in rows if r["method"] == "nonprivate" and r["peak_mem_mb"]

@@ -348,6 +348,16 @@ def print_table(rows: list[dict[str, Any]], memory: bool) -> None:
     print(flush=True)
 
 
+def ghost_plan(model: torch.nn.Module, tokens: int) -> str:
+    """How many Linear weights the fast engine norms by Gram matrices (ghost) vs per-unit
+    gradients at ``tokens`` tokens per unit (lit_dp's per-layer cost rule)."""
+    from lit_dp.privacy.ghost import _ghost_is_cheaper
+
+    shapes = [m.weight.shape for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    ghost = sum(_ghost_is_cheaper(tokens, d_in, d_out) for d_out, d_in in shapes)
+    return f"{ghost} ghost / {len(shapes) - ghost} per-unit"
+
+
 def scaling(warmup: int, repeats: int, batches: list[int], seqs: list[int], fixed_t: int, fixed_b: int) -> list[dict]:
     base = build_model("qwen2-5m")
     rows = []
@@ -355,14 +365,15 @@ def scaling(warmup: int, repeats: int, batches: list[int], seqs: list[int], fixe
     for b, t in grid:
         rows += time_methods("qwen2-5m", b, t, ["nonprivate", "fast"], warmup=warmup, repeats=repeats, base=base)
     print(f"### Scaling: fast vs non-private, qwen2-5m (batch sweep at T={fixed_t}, length sweep at B={fixed_b})\n")
-    print("| B x T | non-private s | fast s | fast x non-private | x (min) | fast tokens/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| B x T | non-private s | fast s | fast x non-private | x (min) | fast tokens/s | Linear norms |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for i in range(0, len(rows), 2):
         npv, fast = rows[i], rows[i + 1]
         print(
             f"| {npv['batch_size']}x{npv['seq_len']} | {_fmt(npv['step_s'], '.3f')} | "
             f"{_fmt(fast['step_s'], '.3f')} | {_fmt(fast['ratio_vs_nonprivate'], '.2f')} | "
-            f"{_fmt(fast['min_ratio_vs_nonprivate'], '.2f')} | {_fmt(fast['tokens_per_s'], ',.0f')} |"
+            f"{_fmt(fast['min_ratio_vs_nonprivate'], '.2f')} | {_fmt(fast['tokens_per_s'], ',.0f')} | "
+            f"{ghost_plan(base, npv['seq_len'])} |"
         )
     print(flush=True)
     return rows

@@ -245,6 +245,36 @@ def time_methods(
     return rows
 
 
+def time_shape(model_name: str, batch_size: int, seq_len: int, methods: list[str], *, warmup: int,
+               repeats: int, threads: int) -> list[dict[str, Any]]:
+    """``time_methods`` in a child process, so that running out of memory at one shape costs
+    that shape only. If the child dies, the shape is retried with non-private and fast alone and
+    the other methods' rows say why they have no numbers."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--shape-child", "--models", model_name,
+           "--shapes", f"{batch_size}x{seq_len}", "--warmup", str(warmup), "--repeats",
+           str(repeats), "--threads", str(threads), "--methods"]
+    proc = subprocess.run([*cmd, ",".join(methods)], capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("ROWS ")), None)
+    if line is not None:
+        return json.loads(line[len("ROWS "):])
+    why = (f"not run: the process timing all methods at this shape died (exit {proc.returncode}"
+           f"{', killed: out of memory' if proc.returncode == -9 else ''})")
+    print(f"# {model_name} {batch_size}x{seq_len}: {why}; retrying non-private and fast alone",
+          file=sys.stderr, flush=True)
+    core = [m for m in methods if m in ("nonprivate", "fast")]
+    rows = []
+    if core != methods and core:
+        proc = subprocess.run([*cmd, ",".join(core)], capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("ROWS ")), None)
+        rows = json.loads(line[len("ROWS "):]) if line else []
+    done = {r["method"] for r in rows}
+    empty = dict(model=model_name, seq_len=seq_len, batch_size=batch_size, step_s=None,
+                 tokens_per_s=None, ratio_vs_nonprivate=None, min_s=None,
+                 min_ratio_vs_nonprivate=None, peak_mem_mb=None, mem_ratio_vs_nonprivate=None)
+    rows += [{**empty, "method": m, "note": why} for m in methods if m not in done]
+    return sorted(rows, key=lambda r: methods.index(r["method"]))
+
+
 def _exceeds_memory(method: str, model: torch.nn.Module, batch_size: int) -> str | None:
     """Why ``method`` is not run here, if its per-sample gradients (B x params x 4 bytes, held
     by Opacus hooks) would take over half of the memory still available."""
@@ -439,6 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--full", action="store_true",
                     help="every model x shape of the issue, with --memory and --scaling")
     ap.add_argument("--single", help=argparse.SUPPRESS)
+    ap.add_argument("--shape-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -460,6 +491,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.single:
         m, b, t = runs[0]
         single(m, b, t, args.single, args.warmup, args.repeats)
+        return
+    if args.shape_child:
+        m, b, t = runs[0]
+        rows = time_methods(m, b, t, args.methods.split(","), warmup=args.warmup, repeats=args.repeats)
+        print("ROWS " + json.dumps(rows), flush=True)
         return
 
     methods = args.methods.split(",")
@@ -485,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         # a 135M model on a CPU: fewer repeats (each step takes seconds)
         warmup, repeats = (1, min(args.repeats, 3)) if m == "smollm2-135m" else (args.warmup, args.repeats)
-        part = time_methods(m, b, t, methods, warmup=warmup, repeats=repeats)
+        part = time_shape(m, b, t, methods, warmup=warmup, repeats=repeats, threads=args.threads)
         if args.memory and (not args.memory_models or m in args.memory_models.split(",")):
             measure_memory(part, warmup=1, repeats=2)  # the peak comes in the first steps
         rows += part

@@ -48,6 +48,7 @@ from lit_dp import (
 )
 
 SIGMAS = (0.0, 0.5, 1.0, 2.0)
+C0 = 1.0  # the clip bound at step 0 (fixed clipping keeps it)
 DATASETS = ("emails", "records")
 
 # Each recipe: the model sizes and run lengths; "lm"/"bitnet" are DPCausalLM overrides.
@@ -77,7 +78,11 @@ ABLATIONS: dict[str, tuple[dict[str, Any], bool, str]] = {
     "- adaptive clipping (fixed C = 1)": ({"clipping": "fixed"}, True, "loss_ema"),
     "- EMA (raw weights)": ({}, True, "loss_raw"),
     "- clip-driven LR": ({}, False, "loss_ema"),
-    "+ second-moment correction (DP-AdamBC)": ({"noise_correction": True}, True, "loss_ema"),
+    "+ second-moment correction (DP-AdamBC, floor 1e-8)": (
+        {"noise_correction": True}, True, "loss_ema"),
+    # "noise": the floor is the per-coordinate noise variance (sigma C0 / E[B])^2 of the first step
+    "+ second-moment correction (DP-AdamBC, floor = noise variance)": (
+        {"noise_correction": True, "variance_floor": "noise"}, True, "loss_ema"),
     "DP-AdamW, fixed clip (no EMA, no clip-driven LR)": ({"clipping": "fixed"}, False, "loss_raw"),
     "DP-SGD, fixed clip (momentum 0.9)": (
         {"clipping": "fixed", "optimizer": "sgd", "momentum": 0.9}, False, "loss_raw"),
@@ -110,7 +115,7 @@ def run_one(cfg: dict[str, Any], model_kw: dict[str, Any], *, dataset: str, sigm
     )
     kw: dict[str, Any] = dict(
         model_kw, private=private, noise_multiplier=sigma if private else 0.0, lr=cfg["lr"],
-        clipping="private_quantile", max_grad_norm=1.0, count_noise_divisor=cfg["count_noise_divisor"],
+        clipping="private_quantile", max_grad_norm=C0, count_noise_divisor=cfg["count_noise_divisor"],
         max_physical_batch_size=cfg["physical"], noise_seed=seed, eval_before_fit=True, export_dir=None,
     )
     kw.update(overrides or {})
@@ -192,6 +197,10 @@ def run_ablation(cfg, dataset, seed, epsilon, out: Path, meta) -> None:
     table = []
     for name, (overrides, adaptive, key) in ABLATIONS.items():
         cache_key = json.dumps([overrides, adaptive], sort_keys=True)
+        if overrides.get("variance_floor") == "noise":
+            # every DP run here has the same calibrated sigma; the first run has set it
+            sigma = next(iter(runs.values()))["noise_multiplier"]
+            overrides = {**overrides, "variance_floor": (sigma * C0 / cfg["batch"]) ** 2}
         if cache_key not in runs:  # "- EMA" reads the raw weights of the DP-Adam-AC run
             runs[cache_key] = run_one(cfg, cfg["lm"], dataset=dataset, sigma="auto",
                                       target_eps=epsilon, seed=seed, adaptive_lr=adaptive,

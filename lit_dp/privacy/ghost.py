@@ -9,7 +9,13 @@ hooks record, per layer call, the input activation ``a`` (B, T, d_in) and the ou
         ghost        sum_{t,s} (a_t . a_s)(g_t . g_s)     cost ~ U T'^2 (d_in + d_out)
         instantiate  ||g_u^T a_u||_F^2                     cost ~ U T' d_in d_out
     clip factors     c_u = min(1, C / ||grad_u||)
-    clipped sum      sum_u c_u g_u^T a_u = (c g)^T a       one matmul per layer, no 2nd backward
+    clipped sum      ghost: sum_u c_u g_u^T a_u = (c g)^T a      one matmul, no 2nd backward
+                     instantiate: sum_u c_u G_u from the kept G_u = g_u^T a_u (one GEMV)
+
+The route is a memory rule: instantiate where the U per-unit gradients take no more memory than
+the layer's stored (a, g), T'(d_in + d_out) > d_in d_out, which is also where they are cheaper to
+compute than Gram matrices. There the per-unit gradients replace (a, g): the norm pass is the
+only weight-gradient-sized matmul of the layer, as in non-private training.
 
 Embeddings (gradient = index_add of g at the token ids) take the exact per-unit norm through
 segment sums over (unit, token id) pairs, O(T d). A weight shared by an Embedding and a Linear
@@ -112,11 +118,19 @@ def _ghost_is_cheaper(tokens: int, d_in: int, d_out: int) -> bool:
     return tokens * (d_in + d_out) <= d_in * d_out
 
 
+def _keeps_per_unit(use: _Use, num_units: int, d_in: int, d_out: int) -> bool:
+    """The fp32 per-unit gradients (U, d_out, d_in) fit in the memory of the stored (a, g)."""
+    stored = use.a.numel() * use.a.element_size() + use.grad.numel() * use.grad.element_size()
+    return num_units * d_in * d_out * 4 <= stored
+
+
 def _linear_sq(use: _Use, units: Units, grams: dict) -> Tensor:
     """(U,) squared Frobenius norms of g_u^T a_u, a (U, T', d_in) and g (U, T', d_out) being
     the use's rows laid out per unit. ``grams`` keeps the last unchunked a a^T: consecutive
     layers reading one activation (q/k/v, gate/up) share it. It is keyed by the stored rows'
-    memory and keeps them alive, so the key cannot be reused by another tensor."""
+    memory and keeps them alive, so the key cannot be reused by another tensor. On the
+    instantiate route, ``use.per_unit`` keeps the per-unit gradients when they fit (see
+    _keeps_per_unit); the caller then frees (a, g)."""
     a, g = units.to_units(use.a), units.to_units(use.grad)
     num_units, tokens, d_in = a.shape
     d_out = g.shape[-1]
@@ -132,9 +146,16 @@ def _linear_sq(use: _Use, units: Units, grams: dict) -> Tensor:
             else:
                 ga = grams[key][1]
             out[sl] = (ga * _gram(g[sl])).flatten(1).sum(1)
+    elif _keeps_per_unit(use, num_units, d_in, d_out):
+        kept = torch.empty(num_units, d_out, d_in, dtype=torch.float32, device=a.device)
+        for sl in _chunks(num_units, d_in * d_out):
+            torch.bmm(_f32(g[sl]).transpose(1, 2), _f32(a[sl]), out=kept[sl])
+        out = torch.linalg.vector_norm(kept.flatten(1), dim=1).square_()
+        use.per_unit = kept
     else:
         for sl in _chunks(num_units, d_in * d_out):
-            out[sl] = _bmm32(g[sl].transpose(1, 2), a[sl]).pow(2).flatten(1).sum(1)
+            per_unit = _bmm32(g[sl].transpose(1, 2), a[sl]).flatten(1)
+            out[sl] = torch.linalg.vector_norm(per_unit, dim=1).square_()
     return out
 
 
@@ -186,6 +207,7 @@ class _Use:
     padding_idx: int | None = None  # embedding: row that receives no gradient
     vocab: int = 0  # embedding: number of rows
     version: int = 0  # a._version when recorded: in-place changes are caught
+    per_unit: Tensor | None = None  # linear: kept (U, d_out, d_in) fp32 per-unit gradients
 
     @property
     def grad(self) -> Tensor:
@@ -285,6 +307,7 @@ class GhostRecorder:
         """(U,) fp32 squared per-unit gradient norms over all trainable parameters."""
         sq = torch.zeros(units.num_units, dtype=torch.float32, device=units.row_unit.device)
         self._weights = _collect_weight_uses(self)
+        self._units = units
         grams: dict = {}  # see _linear_sq
         for uses in self._weights.values():
             sq += _weight_sq(uses, units, grams)
@@ -297,7 +320,10 @@ class GhostRecorder:
         in ``zero_rows`` (B,) bool are dropped (their values may be non-finite)."""
         grads: dict[str, Tensor] = {}
         for name, p in self.params.items():
-            parts = [_clipped(u, c_row, zero_rows, p.shape) for u in self._weights.pop(name, [])]
+            parts = [
+                _clipped(u, c_row, zero_rows, p.shape, self._units)
+                for u in self._weights.pop(name, [])
+            ]
             value = self.per_row.pop(name, None)  # (B, *shape)
             if value is not None:
                 if zero_rows is not None:
@@ -474,11 +500,21 @@ def _weight_sq(uses: list[_Use], units: Units, grams: dict) -> Tensor:
         sq += _embedding_sq(emb.a, emb.grad, units, emb.vocab, emb.padding_idx)
     if lin is not None and emb is not None:  # tied: ||G_lin + G_emb||^2 has a cross term
         sq += 2.0 * _tied_cross(emb, lin, units)
+    if lin is not None and lin.per_unit is not None:  # (a, g) are no longer needed
+        lin.a = lin.g = _FREED
     return sq
 
 
-def _clipped(use: _Use, c_row: Tensor, zero_rows: Tensor | None, shape: torch.Size) -> Tensor:
+def _clipped(
+    use: _Use, c_row: Tensor, zero_rows: Tensor | None, shape: torch.Size, units: Units
+) -> Tensor:
     """sum_rows c_row * (this call's per-row weight gradient), fp32, of the weight's shape."""
+    if use.per_unit is not None:  # every row of a unit has its unit's factor
+        c_unit = c_row.new_zeros(units.num_units).index_copy_(0, units.row_unit, c_row)
+        kept, live = use.per_unit.flatten(1), c_unit != 0  # factor 0: dropped (maybe non-finite)
+        if not bool(live.all()):
+            kept, c_unit = kept[live], c_unit[live]
+        return (c_unit @ kept).view(shape)
     g = use.grad
     if zero_rows is not None:
         g = torch.where(zero_rows.view(-1, *[1] * (g.dim() - 1)), 0.0, g)

@@ -89,12 +89,46 @@ def test_engine_matches_loop(tiny_model, engine):
     _assert_close(per_example_clip(tiny_model, batch, max_grad_norm=c, engine=engine), ref)
 
 
-@pytest.mark.parametrize("route", ["ghost", "instantiate"])
-def test_fast_norm_routes_match_loop(tiny_model, route, monkeypatch):
-    """Both exact per-layer routes (Gram matrices vs per-unit gradients), with units chunked."""
+ROUTES = ["ghost", "instantiate", "instantiate-kept"]
+
+
+def _force_route(monkeypatch, route):
+    """Every Linear weight takes ``route``: Gram matrices, or per-unit gradients that are
+    recomputed by the clipped sum, or per-unit gradients kept for it."""
     monkeypatch.setattr(ghost, "_ghost_is_cheaper", lambda *a: route == "ghost")
+    monkeypatch.setattr(ghost, "_keeps_per_unit", lambda *a: route == "instantiate-kept")
     monkeypatch.setattr(ghost, "_TEMP_BUDGET", 200)  # 1-2 units per chunk (T^2 = 100)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_fast_norm_routes_match_loop(tiny_model, route, monkeypatch):
+    """Each exact per-layer route, with units chunked."""
+    _force_route(monkeypatch, route)
     _matches_loop(tiny_model, make_batch(batch_size=5, seq_len=10), ("fast",))
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_fast_norm_routes_match_loop_on_grouped_units(route, monkeypatch):
+    _force_route(monkeypatch, route)
+    batch, _ = _grouped_batch()
+    _matches_loop(build_tiny_model("qwen2", tie_word_embeddings=True), batch, ("fast",))
+
+
+def test_kept_per_unit_gradients_replace_stored_activations(monkeypatch):
+    """Where the per-unit gradients are no larger than (a, g), they are kept and (a, g) freed."""
+    model = build_tiny_model("llama")
+    batch = make_batch(batch_size=3, seq_len=200, vocab_size=128)  # T (d_in + d_out) > d_in d_out
+    kept = []
+    original = ghost._weight_sq
+
+    def spy(uses, units, grams):
+        out = original(uses, units, grams)
+        kept.extend((u.per_unit is not None, u.a.numel()) for u in uses if u.kind == "linear")
+        return out
+
+    monkeypatch.setattr(ghost, "_weight_sq", spy)
+    _matches_loop(model, batch, ("fast",))
+    assert kept and all(k and numel == 0 for k, numel in kept)
 
 
 def test_vmap_chunked_matches_loop(monkeypatch):
@@ -378,6 +412,12 @@ def _poison(model):
         model.register_forward_pre_hook(grab, with_kwargs=True),
         model.model.layers[0].mlp.register_forward_hook(blow_up),
     ]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_nonfinite_unit_is_zeroed_on_every_fast_route(route, monkeypatch):
+    _force_route(monkeypatch, route)
+    test_nonfinite_unit_is_zeroed_and_counted("fast")
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -230,7 +230,7 @@ class GhostRecorder:
     ``with rec.record(): rec.backward(compute_loss())`` runs the activation-only pass (trainable
     parameters switched to requires_grad=False, forward hooks on every layer that owns one; both
     undone on exit); then ``squared_norms(units)`` gives the (U,) unclipped squared norms and
-    ``clipped_sums(c_row, zero_rows)`` the fp32 sums sum_rows c_row * per-row gradient.
+    ``clipped_sums(factor)`` the fp32 sums sum_u factor_u * per-unit gradient.
     Raises ValueError at construction for a trainable parameter without a rule.
     """
 
@@ -315,14 +315,15 @@ class GhostRecorder:
             sq += units.sum_rows(value).flatten(1).pow(2).sum(1)
         return sq
 
-    def clipped_sums(self, c_row: Tensor, zero_rows: Tensor | None) -> dict[str, Tensor]:
-        """fp32 sum over rows of c_row (B,) times each row's gradient, by parameter name; rows
-        in ``zero_rows`` (B,) bool are dropped (their values may be non-finite)."""
+    def clipped_sums(self, factor: Tensor) -> dict[str, Tensor]:
+        """fp32 sum over units of factor (U,) times each unit's gradient, by parameter name;
+        units with factor 0 are dropped (their values may be non-finite)."""
+        c_row = factor[self._units.row_unit]  # (B,): every row takes its unit's factor
+        zero_rows = None if bool(factor.ne(0).all()) else c_row == 0
         grads: dict[str, Tensor] = {}
         for name, p in self.params.items():
             parts = [
-                _clipped(u, c_row, zero_rows, p.shape, self._units)
-                for u in self._weights.pop(name, [])
+                _clipped(u, factor, c_row, zero_rows, p.shape) for u in self._weights.pop(name, [])
             ]
             value = self.per_row.pop(name, None)  # (B, *shape)
             if value is not None:
@@ -506,15 +507,16 @@ def _weight_sq(uses: list[_Use], units: Units, grams: dict) -> Tensor:
 
 
 def _clipped(
-    use: _Use, c_row: Tensor, zero_rows: Tensor | None, shape: torch.Size, units: Units
+    use: _Use, factor: Tensor, c_row: Tensor, zero_rows: Tensor | None, shape: torch.Size
 ) -> Tensor:
-    """sum_rows c_row * (this call's per-row weight gradient), fp32, of the weight's shape."""
-    if use.per_unit is not None:  # every row of a unit has its unit's factor
-        c_unit = c_row.new_zeros(units.num_units).index_copy_(0, units.row_unit, c_row)
-        kept, live = use.per_unit.flatten(1), c_unit != 0  # factor 0: dropped (maybe non-finite)
-        if not bool(live.all()):
-            kept, c_unit = kept[live], c_unit[live]
-        return (c_unit @ kept).view(shape)
+    """sum_rows c_row * (this call's per-row weight gradient), fp32, of the weight's shape;
+    c_row = factor[row_unit], and ``zero_rows`` marks the rows of units with factor 0."""
+    if use.per_unit is not None:  # kept (U, d_out, d_in): sum_u factor_u G_u
+        kept = use.per_unit.flatten(1)
+        if zero_rows is not None:  # factor 0: dropped (the unit's values may be non-finite)
+            live = factor != 0
+            kept, factor = kept[live], factor[live]
+        return (factor @ kept).view(shape)
     g = use.grad
     if zero_rows is not None:
         g = torch.where(zero_rows.view(-1, *[1] * (g.dim() - 1)), 0.0, g)

@@ -272,9 +272,7 @@ def _fast_clip(job: _Job) -> ClippedBatch:
     # 2. Per-unit norms and clip factors; 3. clipped sums straight from the stored (a, g).
     sq = recorder.squared_norms(units)
     norms, factor, nonfinite = _clip_factors(sq, counts == 0, job.max_grad_norm)
-    c_row = factor[units.row_unit]  # (B,)
-    zero_rows = None if bool(torch.isfinite(sq).all()) else c_row == 0  # drop nan/inf rows
-    grads = recorder.clipped_sums(c_row, zero_rows)
+    grads = recorder.clipped_sums(factor)  # factor 0 (nan/inf, no labels): dropped
     return ClippedBatch(grads, norms, losses, nonfinite)
 
 

@@ -253,20 +253,21 @@ def time_shape(model_name: str, batch_size: int, seq_len: int, methods: list[str
     cmd = [sys.executable, os.path.abspath(__file__), "--shape-child", "--models", model_name,
            "--shapes", f"{batch_size}x{seq_len}", "--warmup", str(warmup), "--repeats",
            str(repeats), "--threads", str(threads), "--methods"]
-    proc = subprocess.run([*cmd, ",".join(methods)], capture_output=True, text=True)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("ROWS ")), None)
-    if line is not None:
-        return json.loads(line[len("ROWS "):])
-    why = (f"not run: the process timing all methods at this shape died (exit {proc.returncode}"
-           f"{', killed: out of memory' if proc.returncode == -9 else ''})")
+
+    def child(names: list[str]) -> tuple[list[dict[str, Any]] | None, int]:
+        proc = subprocess.run([*cmd, ",".join(names)], capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("ROWS ")), None)
+        return (None if line is None else json.loads(line[len("ROWS "):])), proc.returncode
+
+    rows, code = child(methods)
+    if rows is not None:
+        return rows
+    why = (f"not run: the process timing all methods at this shape died (exit {code}"
+           f"{', killed: out of memory' if code == -9 else ''})")
     print(f"# {model_name} {batch_size}x{seq_len}: {why}; retrying non-private and fast alone",
           file=sys.stderr, flush=True)
     core = [m for m in methods if m in ("nonprivate", "fast")]
-    rows = []
-    if core != methods and core:
-        proc = subprocess.run([*cmd, ",".join(core)], capture_output=True, text=True)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("ROWS ")), None)
-        rows = json.loads(line[len("ROWS "):]) if line else []
+    rows = (child(core)[0] or []) if core != methods and core else []
     done = {r["method"] for r in rows}
     empty = dict(model=model_name, seq_len=seq_len, batch_size=batch_size, step_s=None,
                  tokens_per_s=None, ratio_vs_nonprivate=None, min_s=None,

@@ -176,7 +176,8 @@ def make_plan(config: Any) -> PrivacyPlan:
 
 def _steps_within_budget(plan: PrivacyPlan, rates: list[float], target: float) -> int:
     """Most steps whose epsilon stays <= target (the budget stop ends the run there)."""
-    sigma, delta = plan.noise_multiplier[plan.accountant], float(plan.delta)  # type: ignore[arg-type]
+    sigma = plan.noise_multiplier[plan.accountant]
+    delta = float(plan.delta)  # type: ignore[arg-type]
 
     def within(k: int) -> bool:
         return k == 0 or epsilon_for_schedule(
@@ -226,7 +227,8 @@ def format_plan(plan: PrivacyPlan, source: str = "") -> str:
         names = [plan.accountant, *(n for n in ACCOUNTANTS if n != plan.accountant)]
         how = "calibrated to the target" if plan.calibrated else "model.noise_multiplier"
         rows += [
-            ("accountant", [f"{n.upper()}{' (this run)' if n == plan.accountant else ''}" for n in names]),
+            ("accountant", [n.upper() + (" (this run)" if n == plan.accountant else "")
+                            for n in names]),
             ("noise_multiplier sigma", [*(f"{plan.noise_multiplier[n]:.6g}" for n in names), how]),
             (f"epsilon after {plan.steps} steps", [f"{plan.epsilon[n]:.4f}" for n in names]),
         ]  # fmt: skip
@@ -234,11 +236,14 @@ def format_plan(plan: PrivacyPlan, source: str = "") -> str:
             rows.append(("RDP epsilon of this run", [f"{plan.epsilon_rdp_of_run:.4f} (the "
                          "report's epsilon_rdp: RDP at the PLD sigma, a cross-check)"]))
         if plan.budget_steps is not None:
-            rows.append(("budget stop", [f"after {plan.budget_steps} of {plan.steps} steps "
-                                         f"({plan.accountant.upper()} epsilon would pass the target)"]))
+            rows.append(("budget stop", [
+                f"after {plan.budget_steps} of {plan.steps} steps "
+                f"({plan.accountant.upper()} epsilon would pass the target)"
+            ]))
     elif plan.steps is None:
         rows.append(("epsilon", ["grows with every step until the budget stop (no max_steps)"]))
-    share, count_std, z = plan.count_noise_share(0), plan.count_noise_std(0), plan.grad_noise_multiplier(0)
+    share, count_std = plan.count_noise_share(0), plan.count_noise_std(0)
+    z = plan.grad_noise_multiplier(0)
     if share is not None and count_std is not None:
         rows += [
             ("quantile count noise std",

@@ -170,7 +170,8 @@ def calibrate_noise_multiplier(
     Args:
         target_epsilon: privacy budget (nats), > 0.
         delta: target delta in (0, 1).
-        sample_rate: one q in [0, 1] for every step, or a sequence of ``steps`` rates (one per step).
+        sample_rate: one q in [0, 1] for every step, or a sequence of ``steps`` rates (one per
+            step).
         steps: number of planned steps, int >= 1.
         accountant: "pld" (default) or "rdp".
         max_noise_multiplier: largest sigma tried.

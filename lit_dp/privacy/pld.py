@@ -2,20 +2,21 @@
 
 RDP bounds the privacy loss through a family of moments and converts to (epsilon, delta) with a
 loose inequality; a privacy loss distribution (PLD) is the loss itself, discretized, so its
-epsilon is close to exact: 8-15 % below RDP's at q = 0.01, sigma ~ 1 and 1,000-10,000 steps, up
-to 40 % below at small q and small epsilon. The distributions, their composition (FFT
-convolution) and the epsilon come from Google's dp-accounting (``dp_accounting.pld``); this file
-only decides what to compose, in which order, and keeps the running composition.
+epsilon is close to exact: 8-13 % below RDP's at q = 0.01, sigma ~ 1 and 1,000-10,000 steps, up
+to 44 % below at small q and small epsilon (benchmarks/README.md). The distributions, their
+composition (FFT convolution) and the epsilon come from Google's dp-accounting
+(``dp_accounting.pld``); this file only decides what to compose, in which order, and keeps the
+running composition.
 
 Accuracy (why these defaults):
 - Pessimistic discretization (``pessimistic_estimate=True``, connect-the-dots): every
   distribution dominates the true one, and tails cut off are moved to +infinity, so the epsilon
   is an upper bound, never below the true value.
 - ``value_discretization_interval`` (default 5e-4 nats): the pessimistic error shrinks about
-  quadratically with it. Measured against Opacus' PRV accountant (eps_error 0.01): +1e-4 at
-  sigma=1, q=0.01, 10,000 steps, delta=1e-5 (epsilon 6.19), and +0.003 in the hard small-epsilon
-  case sigma=0.8, q=0.001, 10,000 steps, delta=1e-6 (epsilon 0.947); 1e-3 would cost 4x that,
-  1e-4 would be 5x slower.
+  quadratically with it. Measured against Opacus' PRV estimate: +0.0008 at sigma=1, q=0.01,
+  10,000 steps, delta=1e-5 (epsilon 6.19), and +0.003 in the hard small-epsilon case
+  sigma=0.8, q=0.001, 10,000 steps, delta=1e-6 (epsilon 0.947); 1e-3 would cost about 4x that,
+  1e-4 would be about 5x slower.
 - Neighbouring relation: add/remove of one privacy unit (``ADD_OR_REMOVE_ONE``), the same as
   ``RDPAccountant``; both the add and the remove distributions are composed and the larger
   epsilon is reported.

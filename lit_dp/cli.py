@@ -102,7 +102,7 @@ def run_summary(trainer, model: DPCausalLM, log_dir: Path) -> str:
                 f"noise_multiplier = {report['noise_multiplier']})"
             )
             if report.get("accountant") == "pld" and report.get("epsilon_rdp") is not None:
-                lines.append(f"accountant: PLD (the RDP bound for the same steps: epsilon = "
+                lines.append(f"accountant: PLD (RDP, looser, would bound the same steps at epsilon = "
                              f"{report['epsilon_rdp']:.4f})")
             lines.append(f"covers: {report['covers']}")
         else:

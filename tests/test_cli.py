@@ -40,7 +40,7 @@ def test_tiny_config_end_to_end(tmp_path, monkeypatch, capsys):
     cli = LitDPCLI(args=["fit", "--config", TINY, *overrides])
     out = capsys.readouterr().out
     assert "privacy: epsilon = " in out and "validation loss: before = " in out
-    assert "accountant: PLD (the RDP bound for the same steps: epsilon = " in out
+    assert "accountant: PLD (RDP, looser, would bound the same steps at epsilon = " in out
     report = json.loads((Path(cli.trainer.log_dir) / "privacy_report.json").read_text())
     assert 0.98 * 8.0 <= report["epsilon"] <= 8.0
     assert report["steps"] == 4

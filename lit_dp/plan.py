@@ -20,7 +20,7 @@ from lightning.pytorch.cli import instantiate_class
 
 from lit_dp.callbacks.accounting import PrivacyAccounting, check_delta, default_delta
 from lit_dp.cli import LitDPCLI
-from lit_dp.privacy.budget import ACCOUNTANTS, calibrate_noise_multiplier, epsilon_for_schedule
+from lit_dp.privacy.budget import ACCOUNTANTS, epsilon_for_schedule
 from lit_dp.privacy.clipping import PrivateQuantile
 from lit_dp.privacy.sampling import SampleRateSchedule
 
@@ -126,23 +126,14 @@ def make_plan(config: Any) -> PrivacyPlan:
     plan.calibrated = model.noise_multiplier == "auto"
     target, steps = plan.target_epsilon, plan.steps
     if plan.calibrated and (target is None or steps is None):
-        raise ValueError(
-            "model.noise_multiplier=auto needs privacy.target_epsilon and trainer.max_steps "
-            "(the planned number of steps); set both or give a number"
-        )
+        accounting.calibrate(schedule=schedule, steps=steps, delta=delta)  # raises fit's error
     if steps is not None:
         rates = schedule.rates(steps)
         for name in ACCOUNTANTS:
-            if target is not None and plan.calibrated:
-                try:
-                    sigma = calibrate_noise_multiplier(
-                        target_epsilon=target, delta=delta, sample_rate=rates, steps=steps,
-                        accountant=name,  # type: ignore[arg-type]
-                    )  # fmt: skip
-                except ValueError as err:
-                    raise ValueError(
-                        f"privacy.target_epsilon is unreachable in {steps} steps: {err}"
-                    ) from err
+            if plan.calibrated:
+                sigma = accounting.calibrate(
+                    schedule=schedule, steps=steps, delta=delta, accountant=name
+                )
             else:
                 sigma = float(model.noise_multiplier)
             plan.noise_multiplier[name] = sigma

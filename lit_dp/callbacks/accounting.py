@@ -98,19 +98,7 @@ class PrivacyAccounting(L.Callback):
         steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         sigma = pl_module.noise_multiplier
         if sigma == "auto":
-            if self.target_epsilon is None or steps is None:
-                raise ValueError(
-                    "model.noise_multiplier=auto needs privacy.target_epsilon and trainer.max_steps "
-                    "(the planned number of steps); set both or give a number"
-                )
-            rates = dm.schedule.rates(steps)
-            try:
-                sigma = calibrate_noise_multiplier(
-                    target_epsilon=self.target_epsilon, delta=self.delta, sample_rate=rates, steps=steps,
-                    accountant=self.accountant_name,
-                )
-            except ValueError as err:
-                raise ValueError(f"privacy.target_epsilon is unreachable in {steps} steps: {err}") from err
+            sigma = self.calibrate(schedule=dm.schedule, steps=steps, delta=self.delta)
             self.calibrated_noise_multiplier = sigma
             pl_module.set_noise_multiplier(sigma)
             rank_zero_info(
@@ -127,6 +115,29 @@ class PrivacyAccounting(L.Callback):
                     f"noise_multiplier={sigma} already costs epsilon={first:.3g}; raise "
                     "model.noise_multiplier or use noise_multiplier: auto"
                 )
+
+    def calibrate(
+        self, *, schedule: Any, steps: int | None, delta: float, accountant: str | None = None
+    ) -> float:
+        """sigma for ``model.noise_multiplier: auto``: ``steps`` steps of ``schedule`` (a
+        SampleRateSchedule) cost ``target_epsilon`` under ``accountant`` (default: this run's).
+
+        Raises:
+            ValueError: naming the config fields: no target or no max_steps, or a target that
+                no sigma reaches.
+        """
+        if self.target_epsilon is None or steps is None:
+            raise ValueError(
+                "model.noise_multiplier=auto needs privacy.target_epsilon and trainer.max_steps "
+                "(the planned number of steps); set both or give a number"
+            )
+        try:
+            return calibrate_noise_multiplier(
+                target_epsilon=self.target_epsilon, delta=delta, sample_rate=schedule.rates(steps),
+                steps=steps, accountant=accountant or self.accountant_name,  # type: ignore[arg-type]
+            )
+        except ValueError as err:
+            raise ValueError(f"privacy.target_epsilon is unreachable in {steps} steps: {err}") from err
 
     # --- per step ----------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

@@ -6,8 +6,10 @@ from lit_dp.callbacks.ema import EMAWeights
 from lit_dp.data import DPDataModule, JSONLDataModule, SyntheticDataModule
 from lit_dp.module import DPCausalLM
 from lit_dp.optim import DPAdamW
-from lit_dp.privacy.accountant import RDPAccountant, calibrate_noise_multiplier
+from lit_dp.privacy.accountant import RDPAccountant
+from lit_dp.privacy.budget import calibrate_noise_multiplier
 from lit_dp.privacy.per_sample import clipped_grad_sum
+from lit_dp.privacy.pld import PLDAccountant
 
 __all__ = [
     "ClipDrivenLR",
@@ -16,6 +18,7 @@ __all__ = [
     "DPDataModule",
     "EMAWeights",
     "JSONLDataModule",
+    "PLDAccountant",
     "PrivacyAccounting",
     "RDPAccountant",
     "SyntheticDataModule",

@@ -101,6 +101,9 @@ def run_summary(trainer, model: DPCausalLM, log_dir: Path) -> str:
                 f"({report['privacy_unit']}-level, {report['steps']} steps, "
                 f"noise_multiplier = {report['noise_multiplier']})"
             )
+            if report.get("accountant") == "pld" and report.get("epsilon_rdp") is not None:
+                lines.append(f"accountant: PLD (RDP, looser, would bound the same steps at epsilon = "
+                             f"{report['epsilon_rdp']:.4f})")
             lines.append(f"covers: {report['covers']}")
         else:
             lines.append("privacy: NONE (private: false, non-private baseline)")
@@ -130,6 +133,11 @@ def main(args: list[str] | None = None) -> None:
         from lit_dp.generate import main as generate_main
 
         generate_main(argv[1:])
+        return
+    if argv[:1] == ["plan"]:  # parses the config like fit, builds no model, trains nothing
+        from lit_dp.plan import main as plan_main
+
+        plan_main(argv[1:])
         return
     LitDPCLI(args=args)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lit_dp.cli import LitDPCLI, check_trainer_config
+from lit_dp.cli import LitDPCLI, check_trainer_config, main
+from lit_dp.plan import format_plan, make_plan, read_config
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
@@ -33,14 +34,29 @@ def test_every_config_parses(config, capsys):
 
 def test_tiny_config_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    cli = LitDPCLI(args=["fit", "--config", TINY, "--trainer.max_steps", "4",
-                         "--trainer.val_check_interval", "2", "--data.init_args.sampling_seed", "3"])
+    overrides = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+                 "--data.init_args.sampling_seed", "3"]
+    plan = make_plan(read_config(["--config", TINY, *overrides]))  # before fit, as a user would
+    cli = LitDPCLI(args=["fit", "--config", TINY, *overrides])
     out = capsys.readouterr().out
     assert "privacy: epsilon = " in out and "validation loss: before = " in out
+    assert "accountant: PLD (RDP, looser, would bound the same steps at epsilon = " in out
     report = json.loads((Path(cli.trainer.log_dir) / "privacy_report.json").read_text())
-    assert 0 < report["epsilon"] <= 8.0
+    assert 0.98 * 8.0 <= report["epsilon"] <= 8.0
     assert report["steps"] == 4
     assert report["privacy_unit"] == "example"
+    # The PLD accountant calibrated the run; RDP is reported beside it, larger for the same sigma.
+    assert report["accountant"] == "pld" and "privacy loss distributions" in report["accountant_description"]
+    assert report["epsilon_pld"] == report["epsilon"] < report["epsilon_rdp"]
+    # The plan printed before training is what fit reports: N, q, delta, sigma, both epsilons.
+    assert (plan.num_units, plan.schedule.rate(0), plan.delta, plan.steps) == (
+        report["num_units"], report["sample_rate"], report["delta"], report["steps"])
+    assert plan.noise_multiplier["pld"] == report["calibrated_noise_multiplier"] == report["noise_multiplier"]
+    assert plan.epsilon["pld"] == pytest.approx(report["epsilon"], rel=1e-8)
+    assert plan.epsilon_rdp_of_run == pytest.approx(report["epsilon_rdp"], rel=1e-10)
+    printed = format_plan(plan)
+    assert f"{report['noise_multiplier']:.6g}" in printed and f"{report['epsilon']:.4f}" in printed
+    assert f"{report['delta']:.4g}" in printed and f"{report['epsilon_rdp']:.4f}" in printed
     export = Path(cli.trainer.log_dir) / "export"
     assert (export / "config.json").exists() and (export / "privacy_report.json").exists()
     from lit_dp.models import load_model
@@ -103,8 +119,39 @@ def test_ddp_is_mapped_to_the_dp_strategy():
     assert cfg["strategy"] == "dp_ddp"
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_plan_works_on_every_config_without_the_model(config, capsys, monkeypatch):
+    # The qwen2.5 and bitnet configs name models that are not on this machine: plan never loads
+    # the model or its tokenizer (N comes from the records).
+    import lit_dp.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("lit-dp plan loaded a model or tokenizer")
+
+    monkeypatch.setattr(lit_dp.models, "load_model", no_model)
+    monkeypatch.setattr(lit_dp.models, "load_tokenizer", no_model)
+    main(["plan", "--config", str(config)])
+    out = capsys.readouterr().out
+    assert out.startswith(f"lit-dp plan: {config}")
+    assert "privacy units N" in out and "sample rate q = E[B] / N" in out
+    if "private: false" in config.read_text():
+        assert "NONE (model.private: false)" in out
+    else:
+        assert "PLD (this run)" in out and "RDP" in out and "noise std, averaged gradient" in out
+        sigma = [float(x) for x in out.split("noise_multiplier sigma")[1].split()[:2]]
+        assert sigma[0] < sigma[1]  # PLD needs less noise than RDP for the same budget
+
+
+def test_plan_reports_the_budget_stop_and_fit_errors(capsys):
+    main(["plan", "--config", TINY, "--model.noise_multiplier", "0.5", "--trainer.max_steps", "100"])
+    assert "budget stop                   after 10 of 100 steps" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="delta"):
+        main(["plan", "--config", TINY, "--privacy.delta", "0.01"])
+    with pytest.raises(ValueError, match="too small for private quantile"):
+        main(["plan", "--config", TINY, "--data.init_args.expected_batch_size", "2"])
+
+
 def test_generate_subcommand_writes_responses(tmp_path, monkeypatch):
-    from lit_dp.cli import main
     from lit_dp.models import export_model, load_model, load_tokenizer
 
     export = export_model(load_model("tiny-qwen2"), load_tokenizer("tiny-qwen2"), tmp_path / "export")

@@ -1,8 +1,10 @@
 """Privacy accounting: records (q_t, sigma_t) for every step taken, enforces the budget and
 writes ``<log_dir>/privacy_report.json``.
 
-Every epsilon this callback logs or reports comes from ``RDPAccountant`` (tested against
-dp-accounting and pinned values), composed over the steps actually taken.
+Every epsilon this callback logs, enforces or reports comes from the chosen accountant
+(``privacy.accountant``): ``PLDAccountant`` (default; privacy loss distributions, tested against
+Opacus' PRV accountant) or ``RDPAccountant`` (tested against dp-accounting and pinned values),
+composed over the steps actually taken. The RDP epsilon is always reported beside it.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_dp.privacy.accountant import RDPAccountant, calibrate_noise_multiplier
+from lit_dp.privacy.accountant import RDPAccountant
+from lit_dp.privacy.budget import ACCOUNTANTS, calibrate_noise_multiplier, make_accountant
 
 
 def default_delta(num_units: int) -> float:
@@ -44,6 +47,9 @@ class PrivacyAccounting(L.Callback):
             epsilon; with a fixed noise multiplier, training stops before the first step that would
             exceed it. ``null`` = no budget (epsilon is still reported).
         delta: target delta; ``null`` = 1/N^1.1 for N privacy units. Must be below 1/N.
+        accountant: "pld" (privacy loss distributions: the tighter epsilon, so less noise for
+            the same budget) or "rdp" (Renyi DP). Calibration, the budget stop, the logged
+            epsilon and the report's ``epsilon`` use it; the report adds ``epsilon_rdp``.
         log_epsilon_every_n_steps: how often privacy/epsilon is logged to the logger.
         report_name: file name of the JSON report written into the trainer's log_dir.
     """
@@ -52,6 +58,7 @@ class PrivacyAccounting(L.Callback):
         self,
         target_epsilon: float | None = 8.0,
         delta: float | None = None,
+        accountant: Literal["pld", "rdp"] = "pld",
         log_epsilon_every_n_steps: int = 1,
         report_name: str = "privacy_report.json",
     ) -> None:
@@ -66,7 +73,10 @@ class PrivacyAccounting(L.Callback):
         self.delta: float | None = delta
         self.log_every = log_epsilon_every_n_steps
         self.report_name = report_name
-        self.accountant = RDPAccountant()
+        self.accountant_name = accountant
+        self.accountant = make_accountant(accountant)  # ValueError naming privacy.accountant
+        # The RDP figure beside the chosen one (the same object when RDP is chosen).
+        self.rdp = self.accountant if isinstance(self.accountant, RDPAccountant) else RDPAccountant()
         self.stop_reason: str | None = None
         self.calibrated_noise_multiplier: float | None = None
         self.num_units: int | None = None
@@ -88,23 +98,15 @@ class PrivacyAccounting(L.Callback):
         steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         sigma = pl_module.noise_multiplier
         if sigma == "auto":
-            if self.target_epsilon is None or steps is None:
-                raise ValueError(
-                    "model.noise_multiplier=auto needs privacy.target_epsilon and trainer.max_steps "
-                    "(the planned number of steps); set both or give a number"
-                )
-            rates = dm.schedule.rates(steps)
-            try:
-                sigma = calibrate_noise_multiplier(
-                    target_epsilon=self.target_epsilon, delta=self.delta, sample_rate=rates, steps=steps
-                )
-            except ValueError as err:
-                raise ValueError(f"privacy.target_epsilon is unreachable in {steps} steps: {err}") from err
+            sigma = self.calibrate(schedule=dm.schedule, steps=steps, delta=self.delta)
             self.calibrated_noise_multiplier = sigma
             pl_module.set_noise_multiplier(sigma)
-            rank_zero_info(f"lit_dp: calibrated noise_multiplier={sigma:.4f} for epsilon={self.target_epsilon}")
+            rank_zero_info(
+                f"lit_dp: calibrated noise_multiplier={sigma:.4f} for epsilon={self.target_epsilon} "
+                f"({self.accountant_name.upper()} accountant)"
+            )
         elif self.target_epsilon is not None:
-            first = RDPAccountant().peek_epsilon(
+            first = make_accountant(self.accountant_name).peek_epsilon(
                 delta=self.delta, noise_multiplier=float(sigma), sample_rate=dm.schedule.rate(0)
             )
             if first > self.target_epsilon:
@@ -113,6 +115,29 @@ class PrivacyAccounting(L.Callback):
                     f"noise_multiplier={sigma} already costs epsilon={first:.3g}; raise "
                     "model.noise_multiplier or use noise_multiplier: auto"
                 )
+
+    def calibrate(
+        self, *, schedule: Any, steps: int | None, delta: float, accountant: str | None = None
+    ) -> float:
+        """sigma for ``model.noise_multiplier: auto``: ``steps`` steps of ``schedule`` (a
+        SampleRateSchedule) cost ``target_epsilon`` under ``accountant`` (default: this run's).
+
+        Raises:
+            ValueError: naming the config fields: no target or no max_steps, or a target that
+                no sigma reaches.
+        """
+        if self.target_epsilon is None or steps is None:
+            raise ValueError(
+                "model.noise_multiplier=auto needs privacy.target_epsilon and trainer.max_steps "
+                "(the planned number of steps); set both or give a number"
+            )
+        try:
+            return calibrate_noise_multiplier(
+                target_epsilon=self.target_epsilon, delta=delta, sample_rate=schedule.rates(steps),
+                steps=steps, accountant=accountant or self.accountant_name,  # type: ignore[arg-type]
+            )
+        except ValueError as err:
+            raise ValueError(f"privacy.target_epsilon is unreachable in {steps} steps: {err}") from err
 
     # --- per step ----------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -138,6 +163,8 @@ class PrivacyAccounting(L.Callback):
             return
         # The accounted sigma (not the raised gradient multiplier of private quantile clipping).
         self.accountant.step(noise_multiplier=record.noise_multiplier, sample_rate=record.sample_rate)
+        if self.rdp is not self.accountant:
+            self.rdp.step(noise_multiplier=record.noise_multiplier, sample_rate=record.sample_rate)
         if (record.step + 1) % self.log_every == 0:
             pl_module.log("privacy/epsilon", self.epsilon(), on_step=True, on_epoch=False, rank_zero_only=True)
 
@@ -154,13 +181,24 @@ class PrivacyAccounting(L.Callback):
     # --- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
+            "accountant_name": self.accountant_name,
             "accountant": self.accountant.state_dict(),
             "stop_reason": self.stop_reason,
             "calibrated_noise_multiplier": self.calibrated_noise_multiplier,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Checkpoints written before the accountant was selectable hold an RDP ledger.
+        name = state_dict.get("accountant_name", "rdp")
+        if name != self.accountant_name:
+            raise ValueError(
+                f"the checkpoint's privacy ledger was accounted with privacy.accountant={name!r} "
+                f"but this run sets {self.accountant_name!r}; resume with privacy.accountant: {name}"
+            )
         self.accountant.load_state_dict(state_dict["accountant"])
+        if self.rdp is not self.accountant:  # the same ledger, composed with RDP
+            history = state_dict["accountant"]["history"]
+            self.rdp.load_state_dict({"orders": self.rdp.state_dict()["orders"], "history": history})
         self.stop_reason = state_dict.get("stop_reason")
         self.calibrated_noise_multiplier = state_dict.get("calibrated_noise_multiplier")
 
@@ -170,11 +208,12 @@ class PrivacyAccounting(L.Callback):
         data = dm.data_report() if dm is not None and hasattr(dm, "data_report") else {}
         mech = pl_module.privacy_description()
         private = bool(pl_module.private)
-        eps, order = (float("inf"), None)
+        eps, eps_rdp, order = float("inf"), float("inf"), None
         if private and self.accountant.total_steps > 0:
-            eps, order = self.accountant.get_privacy_spent(delta=self.delta)
+            eps = self.accountant.get_epsilon(self.delta)
+            eps_rdp, order = self.rdp.get_privacy_spent(delta=self.delta)
         elif private:
-            eps = 0.0
+            eps = eps_rdp = 0.0
         history = [list(h) for h in self.accountant.history]
         rates = sorted({h[1] for h in self.accountant.history})
         sigmas = sorted({h[0] for h in self.accountant.history})
@@ -182,6 +221,8 @@ class PrivacyAccounting(L.Callback):
             "private": private,
             "epsilon": eps if math.isfinite(eps) else None,
             "epsilon_is_infinite": not math.isfinite(eps),
+            "epsilon_rdp": eps_rdp if math.isfinite(eps_rdp) else None,
+            **({"epsilon_pld": eps if math.isfinite(eps) else None} if self.accountant_name == "pld" else {}),
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "best_rdp_order": order,
@@ -192,9 +233,8 @@ class PrivacyAccounting(L.Callback):
             "ledger": history,
             "num_units": self.num_units,
             "privacy_unit": data.get("privacy_unit", "example"),
-            "accountant": "RDP of the Poisson-subsampled Gaussian mechanism (fractional and integer "
-            "orders, Mironov et al. 2019), composed per step over (sample_rate, noise_multiplier); "
-            "converted to (epsilon, delta) with Balle et al. 2020",
+            "accountant": self.accountant_name,
+            "accountant_description": ACCOUNTANTS[self.accountant_name],
             "clipping": mech["clipping"],
             "mechanism": mech,
             "covers": mech["covers"],

@@ -259,7 +259,22 @@ class DPDataModule(L.LightningDataModule):
         self._check_labels()
         self.splits = splits
         self._units = self._make_units(splits["train"])
-        self.num_units = n = len(self._units)
+        self.num_units = len(self._units)
+        self.schedule = self._make_schedule(self.num_units)
+
+    def units_and_schedule(self) -> tuple[int, SampleRateSchedule]:
+        """(N privacy units, sample-rate schedule) from the records alone, without a tokenizer:
+        what the accountant needs to plan a run (``lit-dp plan``). Equals ``num_units`` and
+        ``schedule`` after ``setup``."""
+        if self.schedule is not None:
+            return self.num_units, self.schedule
+        splits = self.load_records()
+        if not splits.get("train"):
+            raise ValueError("data: the training set is empty; add records or fix the path")
+        n = len(self._make_units(splits["train"]))
+        return n, self._make_schedule(n)
+
+    def _make_schedule(self, n: int) -> SampleRateSchedule:
         if self.sample_rate_arg is not None:
             q0, q_end = self.sample_rate_arg, self.final_value
         else:
@@ -273,10 +288,9 @@ class DPDataModule(L.LightningDataModule):
             q0 = float(self.expected_batch_size) / n  # type: ignore[arg-type]
             q_end = None if self.final_value is None else float(self.final_value) / n
         if self.schedule_kind == "linear":
-            self.schedule = SampleRateSchedule.linear(start_rate=q0, end_rate=float(q_end),  # type: ignore[arg-type]
-                                                      ramp_steps=self.ramp_steps)
-        else:
-            self.schedule = SampleRateSchedule.constant(q0)
+            return SampleRateSchedule.linear(start_rate=q0, end_rate=float(q_end),  # type: ignore[arg-type]
+                                             ramp_steps=self.ramp_steps)
+        return SampleRateSchedule.constant(q0)
 
     def _make_units(self, train: list[dict[str, Any]]) -> list[list[int]]:
         if self.privacy_unit != "group":

@@ -2,28 +2,24 @@
 
 The math lives in ``rdp.py`` (pure functions); this file holds the state. RDP composes additively
 order by order, so the ledger may mix any (q, sigma): batch-size schedules, DDP, empty
-(noise-only) steps and calibrated sigmas are all composed exactly (PRIVACY_CHECKLIST.md 12).
+(noise-only) steps and calibrated sigmas are all composed exactly.
 Epsilon is reported in nats for add/remove of one privacy unit.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
+from lit_dp.privacy.ledger import StepLedger, check_calibration, check_state_keys, check_step
 from lit_dp.privacy.rdp import (
     DEFAULT_ORDERS,
     OPACUS_ORDERS,
-    check_delta,
-    check_noise_multiplier,
-    check_num_steps,
     check_orders,
-    check_sample_rate,
     compute_rdp,
     rdp_per_step,
     rdp_to_epsilon,
@@ -33,7 +29,7 @@ __all__ = [
     "DEFAULT_ORDERS",
     "OPACUS_ORDERS",
     "RDPAccountant",
-    "calibrate_noise_multiplier",
+    "calibrate_rdp_noise_multiplier",
     "compute_rdp",
     "rdp_to_epsilon",
 ]
@@ -56,7 +52,7 @@ class RDPAccountant:
 
     def __init__(self, orders: Sequence[float] | None = None) -> None:
         self.orders = check_orders(DEFAULT_ORDERS if orders is None else orders)
-        self._history: list[tuple[float, float, int]] = []
+        self._ledger = StepLedger()
         self._cache: dict[tuple[float, float], np.ndarray] = {}
         self._total = np.zeros_like(self.orders)  # (len(orders),) composed RDP, nats
 
@@ -71,19 +67,19 @@ class RDPAccountant:
 
     def _recompute_total(self) -> None:
         total = np.zeros_like(self.orders)
-        for sigma, q, steps in self._history:
+        for sigma, q, steps in self._ledger.runs:
             total += steps * self._rdp_step(sigma, q)
         self._total = total
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
         """The ledger: (noise_multiplier, sample_rate, num_steps) runs in order (a copy)."""
-        return list(self._history)
+        return list(self._ledger.runs)
 
     @property
     def total_steps(self) -> int:
         """Number of steps recorded in the ledger."""
-        return sum(steps for _, _, steps in self._history)
+        return self._ledger.total_steps
 
     def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
         """Record ``num_steps`` steps with noise std ``noise_multiplier`` (x clip bound) and
@@ -92,15 +88,12 @@ class RDPAccountant:
         Raises:
             ValueError: sigma negative/non-finite, q outside [0, 1], num_steps not an int >= 0.
         """
-        sigma = check_noise_multiplier(noise_multiplier)
-        q = check_sample_rate(sample_rate)
-        steps = check_num_steps(num_steps)
+        sigma, q, steps = check_step(
+            noise_multiplier=noise_multiplier, sample_rate=sample_rate, num_steps=num_steps
+        )
         if steps == 0:
             return
-        if self._history and self._history[-1][:2] == (sigma, q):
-            self._history[-1] = (sigma, q, self._history[-1][2] + steps)
-        else:
-            self._history.append((sigma, q, steps))
+        self._ledger.add(sigma, q, steps)
         self._total = self._total + steps * self._rdp_step(sigma, q)
 
     # --- epsilon -------------------------------------------------------------------------------
@@ -121,11 +114,11 @@ class RDPAccountant:
     ) -> float:
         """Epsilon if ``num_steps`` more (sigma, q) steps were recorded; the ledger is unchanged.
 
-        Used to stop before the step that would exceed the budget (PRIVACY_CHECKLIST.md 16).
+        Used to stop before the step that would exceed the budget, not after it.
         """
-        sigma = check_noise_multiplier(noise_multiplier)
-        q = check_sample_rate(sample_rate)
-        steps = check_num_steps(num_steps)
+        sigma, q, steps = check_step(
+            noise_multiplier=noise_multiplier, sample_rate=sample_rate, num_steps=num_steps
+        )
         total = self._total + steps * self._rdp_step(sigma, q) if steps else self._total
         return rdp_to_epsilon(orders=self.orders, rdp=total, delta=delta)[0]
 
@@ -133,42 +126,21 @@ class RDPAccountant:
     def state_dict(self) -> dict[str, Any]:
         """The ledger as plain JSON-serializable types: {"orders": [...], "history": [[sigma,
         q, steps], ...]}."""
-        return {
-            "orders": [float(a) for a in self.orders],
-            "history": [[float(s), float(q), int(n)] for s, q, n in self._history],
-        }
+        return {"orders": [float(a) for a in self.orders], "history": self._ledger.to_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a ``state_dict()``; ValueError naming any unknown or missing key or bad entry."""
-        unknown = sorted(set(state_dict) - set(_STATE_KEYS))
-        if unknown:
-            raise ValueError(
-                f"unknown key(s) {unknown} in the RDPAccountant state_dict; expected {_STATE_KEYS}"
-            )
-        missing = [k for k in _STATE_KEYS if k not in state_dict]
-        if missing:
-            raise ValueError(
-                f"missing key(s) {missing} in the RDPAccountant state_dict; expected {_STATE_KEYS}"
-            )
+        check_state_keys(state_dict, _STATE_KEYS, "RDPAccountant")
         orders = check_orders(state_dict["orders"])
-        history: list[tuple[float, float, int]] = []
-        for entry in state_dict["history"]:
-            if len(entry) != 3:
-                raise ValueError(
-                    f"history entry {entry!r} must be [noise_multiplier, sample_rate, num_steps]"
-                )
-            sigma, q, steps = entry
-            history.append(
-                (check_noise_multiplier(sigma), check_sample_rate(q), check_num_steps(steps))
-            )
+        ledger = StepLedger.from_state(state_dict["history"])
         if orders.shape != self.orders.shape or not np.array_equal(orders, self.orders):
             self._cache = {}
         self.orders = orders
-        self._history = history
+        self._ledger = ledger
         self._recompute_total()
 
 
-def calibrate_noise_multiplier(
+def calibrate_rdp_noise_multiplier(
     *,
     target_epsilon: float,
     delta: float,
@@ -197,28 +169,18 @@ def calibrate_noise_multiplier(
         ValueError: bad arguments, a sample_rate sequence of the wrong length, all rates 0, or
             a target not reachable with sigma <= max_noise_multiplier.
     """
-    target = float(target_epsilon)
-    if not (math.isfinite(target) and target > 0):
-        raise ValueError(f"target_epsilon={target_epsilon} must be a finite number > 0")
-    d = check_delta(delta)
-    n_steps = check_num_steps(steps, name="steps", minimum=1)
-    sigma_max = float(max_noise_multiplier)
-    if not (math.isfinite(sigma_max) and sigma_max > 0):
-        raise ValueError(f"max_noise_multiplier={max_noise_multiplier} must be finite and > 0")
+    target, d, runs, sigma_max = check_calibration(
+        target_epsilon=target_epsilon,
+        delta=delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        max_noise_multiplier=max_noise_multiplier,
+    )
     alpha = check_orders(DEFAULT_ORDERS if orders is None else orders)
-    if isinstance(sample_rate, numbers.Real):
-        counts = Counter({check_sample_rate(float(sample_rate)): n_steps})
-    else:
-        rates = list(cast(Sequence[float], sample_rate))
-        if len(rates) != n_steps:
-            raise ValueError(
-                f"sample_rate has {len(rates)} rates but steps={n_steps}; give one float or "
-                "one rate per step"
-            )
-        counts = Counter(check_sample_rate(r) for r in rates)
+    counts: Counter[float] = Counter()
+    for q, n in runs:
+        counts[q] += n
     counts.pop(0.0, None)  # q = 0 costs nothing
-    if not counts:
-        raise ValueError("sample_rate is 0 for every step: no privacy cost, no noise to calibrate")
 
     full_grid: dict[float, tuple[float, float]] = {}
 

@@ -35,7 +35,8 @@ from functools import lru_cache
 import numpy as np
 from scipy.special import gammaln, gammasgn, log_ndtr, logsumexp
 
-# Opacus' default orders; the pinned epsilon 7.32911117143 (PRIVACY_CHECKLIST.md 12) uses these.
+# Opacus' default orders; the pinned epsilon 7.32911117143 (sigma=1.5, q=0.04, 2250 steps,
+# delta=1e-5) uses these.
 OPACUS_ORDERS: list[float] = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 # A fine fractional grid 1.1..10.9 (small epsilons, many steps), integers 12..63 and three large
 # orders (large epsilons, few steps).

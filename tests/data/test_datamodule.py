@@ -177,6 +177,26 @@ def test_linear_schedules():
     assert [b["sample_rate"] for b in batches[:3]] == pytest.approx([0.4, 0.3, 0.2], abs=1e-12)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"expected_batch_size": 4}, id="example-constant"),
+        pytest.param({"expected_batch_size": 2, "privacy_unit": "group", "group_key": "user"}, id="group"),
+        pytest.param({"sample_rate": 0.4, "schedule": "linear", "final_sample_rate": 0.2, "ramp_steps": 2},
+                     id="linear-rates"),
+    ],
+)  # fmt: skip
+def test_units_and_schedule_without_a_tokenizer_equal_setup(kwargs):
+    # What `lit-dp plan` reads: N and q from the records alone; a tokenizer that cannot load
+    # proves nothing is tokenized.
+    recs = [qa(i, user=f"u{i % 7}") for i in range(40)]
+    planned = ListDataModule(recs, tokenizer="./no/such/tokenizer", **kwargs).units_and_schedule()
+    dm = ListDataModule(recs, **kwargs)
+    dm.setup("fit")
+    assert planned == (dm.num_units, dm.schedule) == dm.units_and_schedule()
+    assert planned[0] == (7 if kwargs.get("privacy_unit") == "group" else 40)
+
+
 @pytest.mark.parametrize("field", ["expected_batch_size", "final_expected_batch_size"])
 def test_expected_batch_size_above_n_raises(field):
     kw = {"expected_batch_size": 6} if field == "expected_batch_size" else {

@@ -17,7 +17,7 @@ from lit_dp.privacy.accountant import (
     DEFAULT_ORDERS,
     OPACUS_ORDERS,
     RDPAccountant,
-    calibrate_noise_multiplier,
+    calibrate_rdp_noise_multiplier,
     compute_rdp,
     rdp_to_epsilon,
 )
@@ -303,7 +303,7 @@ def test_peek_epsilon_equals_stepping_a_copy_and_does_not_mutate():
 )
 def test_calibrate_hits_target_from_below(target, sample_rate, steps):
     delta = 1e-5
-    sigma = calibrate_noise_multiplier(
+    sigma = calibrate_rdp_noise_multiplier(
         target_epsilon=target, delta=delta, sample_rate=sample_rate, steps=steps
     )
     acc = RDPAccountant()
@@ -316,7 +316,7 @@ def test_calibrate_hits_target_from_below(target, sample_rate, steps):
 
 def test_calibrate_unreachable_target_raises():
     with pytest.raises(ValueError, match="target_epsilon"):
-        calibrate_noise_multiplier(
+        calibrate_rdp_noise_multiplier(
             target_epsilon=0.01, delta=1e-5, sample_rate=1.0, steps=1000, max_noise_multiplier=5.0
         )
 
@@ -379,7 +379,7 @@ def test_accountant_rejects_bad_input(call, match):
 def test_calibrate_rejects_bad_input(kwargs, match):
     args = {"target_epsilon": 1.0, "delta": 1e-5, "sample_rate": 0.01, "steps": 10}
     with pytest.raises(ValueError, match=match):
-        calibrate_noise_multiplier(**{**args, **kwargs})
+        calibrate_rdp_noise_multiplier(**{**args, **kwargs})
 
 
 def test_rdp_to_epsilon_rejects_bad_input():

@@ -1,0 +1,275 @@
+"""``lit-dp plan --config X.yaml``: what a run will cost in privacy, before any training.
+
+The config is parsed exactly as ``fit`` parses it (``LitDPCLI``'s parser: the same defaults,
+links, overrides and trainer checks), but only the DataModule is built, and only its records
+are read: N privacy units and the sample-rate schedule need neither the model nor its tokenizer,
+so the plan works for configs whose model directory is not on this machine. The noise
+multiplier is calibrated (or, when fixed, its epsilon computed) under both accountants with
+the functions ``fit`` uses, so the plan's sigma, epsilon, N, q and delta are the ones the run
+will write into ``privacy_report.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning.pytorch.cli import instantiate_class
+
+from lit_dp.callbacks.accounting import PrivacyAccounting, check_delta, default_delta
+from lit_dp.cli import LitDPCLI
+from lit_dp.privacy.budget import ACCOUNTANTS, epsilon_for_schedule
+from lit_dp.privacy.clipping import PrivateQuantile
+from lit_dp.privacy.sampling import SampleRateSchedule
+
+
+class _ParseOnlyCLI(LitDPCLI):
+    """LitDPCLI that parses and checks the config, and instantiates nothing."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _set_seed(self) -> None:
+        pass  # planning draws nothing at random (and should not log "Seed set")
+
+
+@dataclass
+class PrivacyPlan:
+    """Everything ``lit-dp plan`` prints; per-accountant values are keyed "pld" / "rdp"."""
+
+    private: bool
+    num_units: int
+    privacy_unit: str
+    dataset: str
+    schedule: SampleRateSchedule
+    steps: int | None
+    delta: float | None = None
+    delta_is_default: bool = True
+    target_epsilon: float | None = None
+    accountant: str = "pld"
+    calibrated: bool = False
+    noise_multiplier: dict[str, float] = field(default_factory=dict)
+    epsilon: dict[str, float] = field(default_factory=dict)
+    epsilon_rdp_of_run: float | None = None  # the report's epsilon_rdp (RDP at the PLD sigma)
+    budget_steps: int | None = None  # fixed sigma over budget: steps taken before the stop
+    max_grad_norm: float = 1.0
+    sigma: float | None = None  # the run's accounted noise multiplier (its accountant's)
+    count_noise_divisor: float | None = None  # private quantile clipping only
+
+    def expected_batch_size(self, step: int) -> float:
+        return self.schedule.rate(step) * self.num_units
+
+    def count_noise_std(self, step: int = 0) -> float | None:
+        """Private quantile: std of the count noise at ``step``, E[B_t] / divisor (in units)."""
+        if self.count_noise_divisor is None:
+            return None
+        return self.expected_batch_size(step) / self.count_noise_divisor
+
+    def count_noise_share(self, step: int = 0) -> float | None:
+        """Share of the accounted noise precision 1 / sigma^2 that pays for the count:
+        (sigma / (2 sigma_b))^2 (Andrew et al. 2021, Theorem 1)."""
+        std = self.count_noise_std(step)
+        return None if std is None or self.sigma is None else (self.sigma / (2.0 * std)) ** 2
+
+    def grad_noise_multiplier(self, step: int = 0) -> float | None:
+        """The gradient's noise multiplier: sigma, raised to pay for a private quantile count."""
+        share = self.count_noise_share(step)
+        if self.sigma is None or share is None:
+            return self.sigma
+        return self.sigma / math.sqrt(1.0 - share)
+
+    def noise_std(self, step: int = 0) -> float | None:
+        """Per-step noise std on the averaged gradient, z_grad * C_0 / E[B_t]."""
+        z = self.grad_noise_multiplier(step)
+        return None if z is None else z * self.max_grad_norm / self.expected_batch_size(step)
+
+
+def read_config(args: list[str]) -> Any:
+    """The parsed, checked config (a jsonargparse Namespace) of ``fit --config ...`` args."""
+    with warnings.catch_warnings():
+        # LightningCLI warns when sys.argv and args are both given; `lit-dp plan` gives its own.
+        warnings.filterwarnings("ignore", message=".*args parameter is intended")
+        return _ParseOnlyCLI(args=args, run=False).config
+
+
+def make_plan(config: Any) -> PrivacyPlan:
+    """Count units, calibrate or evaluate sigma under PLD and RDP, and the noise it implies.
+
+    Raises:
+        ValueError: the errors ``fit`` raises before training for the same config (bad delta,
+            unreachable budget, a batch too small for the private quantile's count noise).
+    """
+    model, trainer_cfg = config.model, config.trainer
+    accounting = PrivacyAccounting(**config.privacy.as_dict())  # validates the privacy section
+    dm = instantiate_class((), config.data.as_dict())
+    num_units, schedule = dm.units_and_schedule()
+    max_steps = trainer_cfg.max_steps
+    plan = PrivacyPlan(
+        private=bool(model.private),
+        num_units=num_units,
+        privacy_unit=dm.privacy_unit,
+        dataset=dm.dataset_name(),
+        schedule=schedule,
+        steps=max_steps if max_steps and max_steps > 0 else None,
+        target_epsilon=accounting.target_epsilon,
+        accountant=accounting.accountant_name,
+        max_grad_norm=float(model.max_grad_norm),
+    )
+    if not plan.private:
+        return plan
+    plan.delta_is_default = accounting.delta_arg is None
+    delta = default_delta(num_units) if accounting.delta_arg is None else accounting.delta_arg
+    check_delta(delta, num_units)
+    plan.delta = delta
+    plan.calibrated = model.noise_multiplier == "auto"
+    target, steps = plan.target_epsilon, plan.steps
+    if plan.calibrated and (target is None or steps is None):
+        accounting.calibrate(schedule=schedule, steps=steps, delta=delta)  # raises fit's error
+    if steps is not None:
+        rates = schedule.rates(steps)
+        for name in ACCOUNTANTS:
+            if plan.calibrated:
+                sigma = accounting.calibrate(
+                    schedule=schedule, steps=steps, delta=delta, accountant=name
+                )
+            else:
+                sigma = float(model.noise_multiplier)
+            plan.noise_multiplier[name] = sigma
+            plan.epsilon[name] = epsilon_for_schedule(
+                noise_multiplier=sigma, delta=delta, sample_rate=rates, steps=steps,
+                accountant=name,  # type: ignore[arg-type]
+            )  # fmt: skip
+        if target is not None and plan.epsilon[plan.accountant] > target:
+            plan.budget_steps = _steps_within_budget(plan, rates, target)
+        if plan.accountant == "pld":  # the report's epsilon_rdp: RDP of this run's own sigma
+            plan.epsilon_rdp_of_run = epsilon_for_schedule(
+                noise_multiplier=plan.noise_multiplier["pld"], delta=delta, sample_rate=rates,
+                steps=steps, accountant="rdp",
+            )  # fmt: skip
+    plan.sigma = plan.noise_multiplier.get(plan.accountant)
+    if plan.sigma is None and not plan.calibrated:
+        plan.sigma = float(model.noise_multiplier)
+    if plan.sigma is not None and model.clipping == "private_quantile":
+        quantile = PrivateQuantile(
+            initial_clip=model.max_grad_norm, target_clip_rate=model.target_clip_rate,
+            learning_rate=model.clip_learning_rate, count_noise_divisor=model.count_noise_divisor,
+            min_clip=model.min_clip, max_clip=model.max_clip,
+        )  # fmt: skip
+        # The check fit makes before its first step (ValueError: batch too small for the count).
+        quantile.grad_noise_multiplier(
+            noise_multiplier=plan.sigma, expected_batch_size=plan.expected_batch_size(0)
+        )
+        plan.count_noise_divisor = quantile.count_noise_divisor
+    return plan
+
+
+def _steps_within_budget(plan: PrivacyPlan, rates: list[float], target: float) -> int:
+    """Most steps whose epsilon stays <= target (the budget stop ends the run there)."""
+    sigma = plan.noise_multiplier[plan.accountant]
+    delta = float(plan.delta)  # type: ignore[arg-type]
+
+    def within(k: int) -> bool:
+        return k == 0 or epsilon_for_schedule(
+            noise_multiplier=sigma, delta=delta, sample_rate=rates[:k], steps=k,
+            accountant=plan.accountant,  # type: ignore[arg-type]
+        ) <= target  # fmt: skip
+
+    lo, hi = 0, len(rates)  # within(lo), not within(hi): epsilon grows with every step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if within(mid) else (lo, mid)
+    return lo
+
+
+def _rate_line(plan: PrivacyPlan) -> tuple[str, str]:
+    s = plan.schedule
+    if s.kind == "constant":
+        return f"{plan.expected_batch_size(0):g}", f"{s.rate(0):.6g} (constant)"
+    end = s.rate(s.ramp_steps)
+    return (
+        f"{plan.expected_batch_size(0):g} -> {end * plan.num_units:g}",
+        f"{s.rate(0):.6g} -> {end:.6g} (linear over {s.ramp_steps} steps)",
+    )
+
+
+def format_plan(plan: PrivacyPlan, source: str = "") -> str:
+    """The aligned table ``lit-dp plan`` prints: one label column, then one value (or one per
+    accountant, the run's own first)."""
+    rows: list[tuple[str, list[str]]] = []
+    batch, rate = _rate_line(plan)
+    steps = f"{plan.steps} (trainer.max_steps)" if plan.steps else "unset (trainer.max_steps)"
+    rows += [
+        ("data", [f"{plan.dataset}, {plan.privacy_unit}-level privacy units"]),
+        ("privacy units N", [f"{plan.num_units}"]),
+        ("expected batch size E[B]", [batch]),
+        ("sample rate q = E[B] / N", [rate]),
+        ("steps", [steps]),
+    ]
+    if not plan.private:
+        rows.append(("privacy", ["NONE (model.private: false): epsilon = infinity"]))
+        return _table(rows, source)
+    origin = f" (privacy.delta unset: the default for N = {plan.num_units})"
+    rows.append(("delta", [f"{plan.delta:.4g}{origin if plan.delta_is_default else ''}"]))
+    target = "none (no budget stop)" if plan.target_epsilon is None else f"{plan.target_epsilon:g}"
+    rows.append(("target epsilon", [target]))
+    if plan.noise_multiplier:
+        names = [plan.accountant, *(n for n in ACCOUNTANTS if n != plan.accountant)]
+        how = "calibrated to the target" if plan.calibrated else "model.noise_multiplier"
+        rows += [
+            ("accountant", [n.upper() + (" (this run)" if n == plan.accountant else "")
+                            for n in names]),
+            ("noise_multiplier sigma", [*(f"{plan.noise_multiplier[n]:.6g}" for n in names), how]),
+            (f"epsilon after {plan.steps} steps", [f"{plan.epsilon[n]:.4f}" for n in names]),
+        ]  # fmt: skip
+        if plan.epsilon_rdp_of_run is not None:
+            rows.append(("RDP epsilon of this run", [f"{plan.epsilon_rdp_of_run:.4f} (the "
+                         "report's epsilon_rdp: RDP at the PLD sigma, a cross-check)"]))
+        if plan.budget_steps is not None:
+            rows.append(("budget stop", [
+                f"after {plan.budget_steps} of {plan.steps} steps "
+                f"({plan.accountant.upper()} epsilon would pass the target)"
+            ]))
+    elif plan.steps is None:
+        rows.append(("epsilon", ["grows with every step until the budget stop (no max_steps)"]))
+    share, count_std = plan.count_noise_share(0), plan.count_noise_std(0)
+    z = plan.grad_noise_multiplier(0)
+    if share is not None and count_std is not None:
+        rows += [
+            ("quantile count noise std",
+             [f"{count_std:.4g} units = E[B] / model.count_noise_divisor (step 0)"]),
+            ("count noise share", [f"{100 * share:.2f} % of the accounted noise "
+                                   "= (sigma / (2 count std))^2"]),
+        ]  # fmt: skip
+    if z is not None:
+        raised = " (sigma raised to pay for the count)" if share else ""
+        rows += [
+            ("gradient noise multiplier", [f"{z:.6g}{raised}"]),
+            ("noise std, averaged gradient",
+             [f"{plan.noise_std(0):.4g} per coordinate = {z:.4g} x C_0 {plan.max_grad_norm:g} / "
+              f"E[B] {plan.expected_batch_size(0):g} (step 0)"]),
+        ]  # fmt: skip
+        if plan.schedule.kind == "linear":
+            end = plan.schedule.ramp_steps
+            rows.append(("", [f"{plan.noise_std(end):.4g} from step {end} on (E[B] "
+                              f"{plan.expected_batch_size(end):g})"]))
+    return _table(rows, source)
+
+
+def _table(rows: list[tuple[str, list[str]]], title: str) -> str:
+    label = max(len(k) for k, _ in rows) + 2
+    multi = [cells for _, cells in rows if len(cells) > 1]
+    col = max((len(c) for cells in multi for c in cells[:-1]), default=0) + 3
+    lines = [f"lit-dp plan: {title}"] if title else []
+    for key, cells in rows:
+        body = "".join(c.ljust(col) for c in cells[:-1]) + cells[-1]
+        lines.append("  " + key.ljust(label) + body)
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    """``lit-dp plan --config X.yaml [--section.field value ...]``: print the privacy plan."""
+    config = read_config(argv)
+    sources = [str(path) for path in (config.get("config") or []) if path is not None]
+    print(format_plan(make_plan(config), ", ".join(sources)))

@@ -13,7 +13,8 @@ from conftest import TINY_MODELS, make_batch
 from torch import nn
 
 from lit_dp.models import build_tiny_model
-from lit_dp.privacy import ghost, per_sample
+from lit_dp.privacy import per_sample
+from lit_dp.privacy.engine import linear, plan, registry, vmap
 from lit_dp.privacy.per_sample import clipped_grad_sum, per_example_clip, per_example_losses
 
 ENGINES = per_sample.ENGINES
@@ -95,9 +96,9 @@ ROUTES = ["ghost", "instantiate", "instantiate-kept"]
 def _force_route(monkeypatch, route):
     """Every Linear weight takes ``route``: Gram matrices, or per-unit gradients that are
     recomputed by the clipped sum, or per-unit gradients kept for it."""
-    monkeypatch.setattr(ghost, "_ghost_is_cheaper", lambda *a: route == "ghost")
-    monkeypatch.setattr(ghost, "_keeps_per_unit", lambda *a: route == "instantiate-kept")
-    monkeypatch.setattr(ghost, "_TEMP_BUDGET", 200)  # 1-2 units per chunk (T^2 = 100)
+    monkeypatch.setattr(linear, "ghost_is_cheaper", lambda *a: route == "ghost")
+    monkeypatch.setattr(linear, "keeps_per_unit", lambda *a: route == "instantiate-kept")
+    monkeypatch.setattr(linear, "_TEMP_BUDGET", 200)  # 1-2 units per chunk (T^2 = 100)
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -119,20 +120,20 @@ def test_kept_per_unit_gradients_replace_stored_activations(monkeypatch):
     model = build_tiny_model("llama")
     batch = make_batch(batch_size=3, seq_len=200, vocab_size=128)  # T (d_in + d_out) > d_in d_out
     kept = []
-    original = ghost._weight_sq
+    original = plan._weight_sq
 
     def spy(uses, units, grams):
         out = original(uses, units, grams)
         kept.extend((u.per_unit is not None, u.a.numel()) for u in uses if u.kind == "linear")
         return out
 
-    monkeypatch.setattr(ghost, "_weight_sq", spy)
+    monkeypatch.setattr(plan, "_weight_sq", spy)
     _matches_loop(model, batch, ("fast",))
     assert kept and all(k and numel == 0 for k, numel in kept)
 
 
 def test_vmap_chunked_matches_loop(monkeypatch):
-    monkeypatch.setattr(per_sample, "_VMAP_BUDGET", 1)  # one unit per chunk
+    monkeypatch.setattr(vmap, "_VMAP_BUDGET", 1)  # one unit per chunk
     _matches_loop(build_tiny_model("qwen2"), make_batch(), ("vmap",))
 
 
@@ -316,16 +317,16 @@ class _NormLM(nn.Module):
 def test_fast_verifies_norms_recognised_by_name_only(norm_type, monkeypatch):
     """A module taken for an RMSNorm by its class name must compute w * x/rms(x), or be
     registered: a gated norm or Gemma's (1 + w) form would otherwise be refused, not guessed."""
-    monkeypatch.setattr(ghost, "_REGISTRY", [])
+    monkeypatch.setattr(registry, "_REGISTRY", [])
     model, batch = _NormLM(norm_type(8)), make_batch(vocab_size=32)
     with pytest.raises(ValueError, match=rf"{norm_type.__name__} \(norm\.weight\).*vmap"):
         per_example_clip(model, batch, max_grad_norm=1.0, engine="fast")
     assert all(p.requires_grad for p in model.parameters())
     if norm_type is _OffsetRMSNorm:  # its weight gradient is g * x/rms(x): registration is exact
-        ghost.register_layer(_OffsetRMSNorm, "rmsnorm")
+        per_sample.register_layer(_OffsetRMSNorm, "rmsnorm")
         _matches_loop(model, batch, ("fast",))
     with pytest.raises(ValueError, match="kind"):
-        ghost.register_layer(norm_type, "conv")
+        per_sample.register_layer(norm_type, "conv")
 
 
 class _InPlaceLM(_ToyLM):
@@ -531,7 +532,7 @@ def test_tiny_models_cover_every_layer_rule():
     for _, arch, overrides in TINY_MODELS:
         model = build_tiny_model(arch, **overrides)
         kinds |= {
-            ghost.layer_kind(m)
+            per_sample.layer_kind(m)
             for m in model.modules()
             if any(True for _ in m.parameters(recurse=False))
         }

@@ -251,7 +251,7 @@ def _no_rule_message(module: nn.Module, mod_name: str, attr: str, pname: str) ->
     base = overridden_forward(module)
     why = (
         f"; it subclasses {base.__name__} but overrides forward, so {base.__name__}'s rule may "
-        "not hold (lit_dp.models registers BitNet's AutoBitLinear when imported)"
+        "not hold (importing lit_dp.models or lit_dp.bitnet registers BitNet's AutoBitLinear)"
         if base is not None
         else ""
     )

@@ -5,15 +5,15 @@ per-unit gradients (g: the layer output's gradient):
 
     "linear"     y = x W^T + b                     weight: g^T x; bias: sum_t g
     "bitlinear"  y = act(x) q(W)^T + b, q with a straight-through gradient: weight g^T act(x);
-                 ``act`` is given at registration (lit_dp.models registers BitNet's AutoBitLinear
-                 and BitLinearQAT, so this package needs no transformers import)
+                 ``act`` is given at registration (lit_dp.bitnet, which lit_dp.models imports,
+                 registers BitNet's AutoBitLinear and BitLinearQAT: no transformers import here)
     "embedding"  nn.Embedding semantics            weight: index_add of g at the token ids
     "rmsnorm"    y = w * x/rms(x)                  weight: sum_t g * x/rms(x)
     "layernorm"  nn.LayerNorm semantics            weight: sum_t g * xhat; bias: sum_t g
 
 :func:`layer_kind` looks a module up in the registered types (the latest registration first),
 then torch's nn.Linear, nn.Embedding, nn.LayerNorm and nn.RMSNorm, then recognises Hugging
-Face RMSNorms by name (whose arithmetic the recorder then checks on each call).
+Face RMSNorms by name (whose arithmetic the recorder checks on their first call).
 
 Fail closed: a type matches a registered or built-in class only if it does not override that
 class's ``forward``. transformers' AutoBitLinear subclasses nn.Linear but quantizes x and W, so

@@ -382,10 +382,10 @@ def print_table(rows: list[dict[str, Any]], memory: bool) -> None:
 def ghost_plan(model: torch.nn.Module, tokens: int) -> str:
     """How many Linear weights the fast engine norms by Gram matrices (ghost) vs per-unit
     gradients at ``tokens`` tokens per unit (lit_dp's per-layer cost rule)."""
-    from lit_dp.privacy.ghost import _ghost_is_cheaper
+    from lit_dp.privacy.engine.linear import ghost_is_cheaper
 
     shapes = [m.weight.shape for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    ghost = sum(_ghost_is_cheaper(tokens, d_in, d_out) for d_out, d_in in shapes)
+    ghost = sum(ghost_is_cheaper(tokens, d_in, d_out) for d_out, d_in in shapes)
     return f"{ghost} ghost / {len(shapes) - ghost} per-unit"
 
 

@@ -1,15 +1,41 @@
-"""lit_dp: differentially private fine-tuning of small causal LMs (DP-Adam-AC) on Lightning."""
+"""lit_dp: differentially private fine-tuning of small causal LMs (DP-Adam-AC) on Lightning.
 
-from lit_dp.callbacks.accounting import PrivacyAccounting
-from lit_dp.callbacks.clip_lr import ClipDrivenLR
-from lit_dp.callbacks.ema import EMAWeights
-from lit_dp.data import DPDataModule, JSONLDataModule, SyntheticDataModule
-from lit_dp.module import DPCausalLM
-from lit_dp.optim import DPAdamW
-from lit_dp.privacy.accountant import RDPAccountant
-from lit_dp.privacy.budget import calibrate_noise_multiplier
-from lit_dp.privacy.per_sample import clipped_grad_sum
-from lit_dp.privacy.pld import PLDAccountant
+The public names below load on first use (PEP 562), so importing a submodule such as
+``lit_dp.privacy.per_sample`` does not import Lightning or transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lit_dp.callbacks.accounting import PrivacyAccounting
+    from lit_dp.callbacks.clip_lr import ClipDrivenLR
+    from lit_dp.callbacks.ema import EMAWeights
+    from lit_dp.data import DPDataModule, JSONLDataModule, SyntheticDataModule
+    from lit_dp.module import DPCausalLM
+    from lit_dp.optim import DPAdamW
+    from lit_dp.privacy.accountant import RDPAccountant
+    from lit_dp.privacy.budget import calibrate_noise_multiplier
+    from lit_dp.privacy.per_sample import clipped_grad_sum
+    from lit_dp.privacy.pld import PLDAccountant
+
+# public name -> the module defining it
+_SOURCES = {
+    "ClipDrivenLR": "lit_dp.callbacks.clip_lr",
+    "DPAdamW": "lit_dp.optim",
+    "DPCausalLM": "lit_dp.module",
+    "DPDataModule": "lit_dp.data",
+    "EMAWeights": "lit_dp.callbacks.ema",
+    "JSONLDataModule": "lit_dp.data",
+    "PLDAccountant": "lit_dp.privacy.pld",
+    "PrivacyAccounting": "lit_dp.callbacks.accounting",
+    "RDPAccountant": "lit_dp.privacy.accountant",
+    "SyntheticDataModule": "lit_dp.data",
+    "calibrate_noise_multiplier": "lit_dp.privacy.budget",
+    "clipped_grad_sum": "lit_dp.privacy.per_sample",
+}
 
 __all__ = [
     "ClipDrivenLR",
@@ -26,3 +52,16 @@ __all__ = [
     "clipped_grad_sum",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module 'lit_dp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(source), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,7 +1,7 @@
 """Export a trained model as a Hugging Face directory, and generate text with it.
 
-No transformers import here (``lit_dp.models`` is the only one); this file only calls methods of
-the model and tokenizer. Both functions are re-exported by ``lit_dp.models``.
+No transformers import here (only ``lit_dp.models`` and ``lit_dp.bitnet`` have one); this file
+only calls methods of the model and tokenizer. Both functions are re-exported by ``lit_dp.models``.
 
 Export layout (``out_dir``):
 - ``config.json``, ``model.safetensors``, ``generation_config.json``: ``from_pretrained(out_dir)``.

@@ -1,10 +1,11 @@
-"""Model loading and conversion: the only module that imports transformers and peft.
+"""Model loading and conversion; with lit_dp.bitnet, the only modules importing transformers/peft.
 
-Sections: tiny random models (tests, ``tiny.yaml``); BitNet b1.58 conversion (online ternary
-quantization-aware training through transformers' ``AutoBitLinear``); the tiny tokenizer;
-loading by source name (:func:`resolve_source`, :func:`load_model`, :func:`load_tokenizer`);
-LoRA (:func:`apply_lora`, :func:`merge_lora`). Export and generation live in ``lit_dp.export``
-and are re-exported here (:func:`export_model`, :func:`generate`).
+Sections: tiny random models (tests, ``tiny.yaml``); the tiny tokenizer; loading by source name
+(:func:`resolve_source`, :func:`load_model`, :func:`load_tokenizer`); LoRA (:func:`apply_lora`,
+:func:`merge_lora`). BitNet b1.58 conversion (online ternary quantization-aware training through
+transformers' ``AutoBitLinear``) lives in ``lit_dp.bitnet``, export and generation in
+``lit_dp.export``; both are re-exported here. Importing this module imports ``lit_dp.bitnet``,
+which registers the BitNet layers' per-example rule with the fast clipping engine.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
-from transformers.integrations.bitnet import AutoBitLinear
 
 # Re-exported: callers use lit_dp.models as the one entry point ("x as x" marks a re-export).
+# lit_dp.bitnet also registers the BitNet layers with the fast clipping engine on import.
+from lit_dp.bitnet import BITLINEAR_TYPES as BITLINEAR_TYPES
+from lit_dp.bitnet import BitLinearQAT as BitLinearQAT
+from lit_dp.bitnet import bitlinear_input as bitlinear_input
+from lit_dp.bitnet import convert_to_bitnet as convert_to_bitnet
+from lit_dp.bitnet import has_bitnet_qat as has_bitnet_qat
 from lit_dp.export import export_model as export_model
 from lit_dp.export import generate as generate
 from lit_dp.sources import BITNET_QAT_FLAG as BITNET_QAT_FLAG
@@ -32,9 +37,6 @@ from lit_dp.sources import ModelSource as ModelSource
 from lit_dp.sources import default_cache_dir as default_cache_dir
 from lit_dp.sources import embedded_gguf_dir as embedded_gguf_dir
 from lit_dp.sources import resolve_source as resolve_source
-
-# Module types whose weight gradient is grad_out^T * (quantized input); see bitlinear_input.
-BITLINEAR_TYPES: tuple[type[nn.Module], ...] = (AutoBitLinear,)
 
 # Tiny shapes: small enough that a per-example loop runs in milliseconds, big enough to have
 # grouped-query attention (4 query heads over 2 key/value heads) and a real MLP.
@@ -76,85 +78,6 @@ def build_tiny_model(arch: str = "qwen2", *, seed: int = 0, **overrides: object)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if arch == "bitnet":
         convert_to_bitnet(model)
-    return model
-
-
-def _ternary_weights(weight: torch.Tensor) -> torch.Tensor:
-    """BitNet b1.58 weight quantizer: round(W / mean|W|) clamped to {-1, 0, 1}, times mean|W|."""
-    w = weight.float()
-    scale = 1.0 / w.abs().mean().clamp(min=1e-5)
-    return ((w * scale).round().clamp(-1, 1) / scale).to(weight.dtype)
-
-
-def _int8_activations(x: torch.Tensor) -> torch.Tensor:
-    """BitNet b1.58 activation quantizer: symmetric 8 bit, absmax scale per token (last dim)."""
-    xf = x.float()
-    scale = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
-    return ((xf * scale).round().clamp(-128, 127) / scale).to(x.dtype)
-
-
-class BitLinearQAT(AutoBitLinear):
-    """``AutoBitLinear`` in online mode with the quantizers run eagerly.
-
-    Same arithmetic and straight-through estimator as transformers' online AutoBitLinear; its
-    quantizers are ``torch.compile``-decorated, which costs ~20 s per new shape on a CPU, so this
-    subclass applies them as ``x + (q(x) - x).detach()`` instead (identical forward values and
-    identity gradients).
-    """
-
-    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The activation that multiplies the weight in the forward pass (and in its gradient)."""
-        if self.rms_norm is not None:
-            x = self.rms_norm(x)
-        return x + (_int8_activations(x) - x).detach()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        w_q = w + (_ternary_weights(w) - w).detach()
-        return F.linear(self.quantized_input(x), w_q, self.bias)
-
-
-def bitlinear_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Activation multiplying an AutoBitLinear's weight gradient, for per-example clipping.
-
-    With online quantization the weight gradient of ``F.linear(q(x), q(W))`` under the STE is
-    ``grad_out^T q(x)``: the quantized (and, if configured, RMS-normalized) activation.
-    """
-    if isinstance(module, BitLinearQAT):
-        return module.quantized_input(x)
-    layer: Any = module  # transformers' own AutoBitLinear
-    if layer.rms_norm is not None:
-        x = layer.rms_norm(x)
-    return _int8_activations(x) if layer.online_quant else x
-
-
-def convert_to_bitnet(model: nn.Module, *, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
-    """Swap every ``nn.Linear`` (except modules whose name ends with an entry of ``skip``) for
-    transformers' ``AutoBitLinear`` with online quantization, copying the weights in place.
-
-    The copied full-precision weights become the latent weights of quantization-aware training:
-    the forward pass uses ternary weights (absmean scaling) and 8-bit per-token activations;
-    gradients reach the latent weights through a straight-through estimator.
-    """
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or isinstance(module, AutoBitLinear):
-            continue
-        if any(name == s or name.endswith("." + s) for s in skip):
-            continue
-        new = BitLinearQAT(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            device=module.weight.device,
-            dtype=module.weight.dtype,
-            online_quant=True,
-        )
-        new.weight = module.weight
-        if module.bias is not None:
-            new.bias = module.bias
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
     return model
 
 
@@ -434,11 +357,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
             "export_model saves such adapters unmerged"
         )
     return model.merge_and_unload()
-
-
-def has_bitnet_qat(model: nn.Module) -> bool:
-    """Whether ``model`` has ternary (AutoBitLinear / BitLinearQAT) layers."""
-    return any(isinstance(m, BITLINEAR_TYPES) for m in model.modules())
 
 
 def parameter_summary(model: nn.Module) -> dict[str, int | float]:

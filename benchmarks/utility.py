@@ -33,8 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,7 @@ from utility_plan import (
 )
 from utility_train import VARIANTS
 
-__all__ = ["RECIPES", "RunSpec", "main", "plan", "tuned_grid"]
+__all__ = ["RECIPES", "RunSpec", "claim_next", "main", "plan", "release", "spec_key", "tuned_grid"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The code a result depends on: the results files themselves change while the study runs.
@@ -123,11 +125,59 @@ def write_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def append_runs(path: Path, records: list[dict[str, Any]]) -> int:
-    """Append ``records`` whose keys are not in the file yet (under a lock); returns how many."""
+def _lock(path: Path):
     from lit_dp.sources import file_lock
 
-    with file_lock(path.with_name(f".{path.name}.lock")):
+    return file_lock(path.with_name(f".{path.name}.lock"))
+
+
+def _claims_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.claims.json")
+
+
+def _alive(claim: dict[str, Any]) -> bool:
+    """Whether the process holding a claim still runs (claims from another host are kept)."""
+    if claim["host"] != socket.gethostname():
+        return True
+    try:
+        os.kill(claim["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def claim_next(path: Path, recipe: Recipe, args: argparse.Namespace
+               ) -> tuple[RunSpec | None, list[RunSpec], int]:
+    """Under the file lock: the first runnable spec that no live process has claimed, claimed
+    for this process (so several processes can share one study). Returns (spec or None, every
+    selected spec still to run, how many claims other processes hold)."""
+    with _lock(path):
+        runs = load_results(path)["runs"]
+        done = {record_key(r) for r in runs}
+        claims = load_results(_claims_path(path))
+        claims = {k: c for k, c in claims.items() if k not in done and _alive(c)}
+        todo = [s for s in plan(recipe, runs) if _selected(s, args) and spec_key(s) not in done]
+        ready = [s for s in todo if s.lr is not None and spec_key(s) not in claims]
+        others = len(claims)
+        if ready:
+            claims[spec_key(ready[0])] = {"pid": os.getpid(), "host": socket.gethostname(),
+                                          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_atomic(_claims_path(path), claims)
+    return (ready[0] if ready else None), todo, others
+
+
+def release(path: Path, key: str) -> None:
+    with _lock(path):
+        claims = load_results(_claims_path(path))
+        if claims.pop(key, None) is not None:
+            write_atomic(_claims_path(path), claims)
+
+
+def append_runs(path: Path, records: list[dict[str, Any]]) -> int:
+    """Append ``records`` whose keys are not in the file yet (under the lock); returns how many."""
+    with _lock(path):
         data = load_results(path)
         have = {record_key(r) for r in data["runs"]}
         new = [r for r in records if record_key(r) not in have]
@@ -136,29 +186,32 @@ def append_runs(path: Path, records: list[dict[str, Any]]) -> int:
     return len(new)
 
 
-def check_or_create(path: Path, recipe: Recipe, setup: dict[str, Any], *, allow_mixed: bool
-                    ) -> dict[str, Any]:
-    """Create the results file, or check that it is the same study from the same commit."""
-    data = load_results(path)
+def check_or_create(path: Path, recipe: Recipe, make: Callable[[], dict[str, Any]], *,
+                    allow_mixed: bool) -> dict[str, Any]:
+    """Create the results file (``make()`` gives its setup), or check that it holds the same
+    study from the same commit."""
     commit = git_commit(*CODE_PATHS)
-    if not data:
-        data = {"_meta": {"provenance": provenance(*CODE_PATHS), "recipe": recipe.name,
-                          "study": recipe.identity()}, "setup": setup, "runs": []}
-        write_atomic(path, data)
-        return data
-    if data["_meta"]["study"] != recipe.identity():
-        raise SystemExit(f"{path} holds a different study (recipe or organism config changed); "
-                         "use another --out, or move the file away to start over")
-    first = data["_meta"]["provenance"]["commit"]
-    if commit != first:
-        if not allow_mixed:
-            raise SystemExit(f"{path} was started at commit {first}, this checkout is {commit}; "
-                             "results must come from one commit (check it out, or pass "
-                             "--allow-mixed-commits to append anyway: each run records its commit)")
-        mixed = data["_meta"].setdefault("mixed_commits", [first])
-        if commit not in mixed:
-            mixed.append(commit)
+    with _lock(path):
+        data = load_results(path)
+        if not data:
+            data = {"_meta": {"provenance": provenance(*CODE_PATHS), "recipe": recipe.name,
+                              "study": recipe.identity()}, "setup": make(), "runs": []}
             write_atomic(path, data)
+            return data
+        if data["_meta"]["study"] != recipe.identity():
+            raise SystemExit(f"{path} holds a different study (recipe or organism config "
+                             "changed); use another --out, or move the file away to start over")
+        first = data["_meta"]["provenance"]["commit"]
+        if commit != first:
+            if not allow_mixed:
+                raise SystemExit(
+                    f"{path} was started at commit {first}, this checkout is {commit}; results "
+                    "must come from one commit (check it out, or pass --allow-mixed-commits to "
+                    "append anyway: each run records its commit)")
+            mixed = data["_meta"].setdefault("mixed_commits", [first])
+            if commit not in mixed:
+                mixed.append(commit)
+                write_atomic(path, data)
     return data
 
 
@@ -247,39 +300,39 @@ def run_study(recipe: Recipe, out: Path, args: argparse.Namespace) -> None:
     root = cache_root(args.cache_dir)
     start = time.time()
     organisms = {m: build_organism(c, root, device=device) for m, c in recipe.organisms.items()}
-    data = load_results(out)
-    if not data:
-        print(f"organisms ready ({time.time() - start:.0f} s); measuring their starting losses")
-        data = check_or_create(out, recipe, make_setup(recipe, organisms, device=device),
-                               allow_mixed=args.allow_mixed_commits)
-    else:
-        data = check_or_create(out, recipe, data["setup"], allow_mixed=args.allow_mixed_commits)
+    print(f"organisms ready ({time.time() - start:.0f} s)", flush=True)
+    check_or_create(out, recipe, lambda: make_setup(recipe, organisms, device=device),
+                    allow_mixed=args.allow_mixed_commits)
     commit = git_commit(*CODE_PATHS)
     ran, session = 0, time.time()
     while args.max_runs is None or ran < args.max_runs:
-        runs = load_results(out)["runs"]
-        done = {record_key(r) for r in runs}
-        todo = [s for s in plan(recipe, runs) if _selected(s, args) and spec_key(s) not in done]
-        ready = [s for s in todo if s.lr is not None]
-        if not ready:
-            waiting = len(todo)
-            print(f"nothing left to run{f' ({waiting} wait for rates of unselected runs)' if waiting else ''}")
+        spec, todo, others = claim_next(out, recipe, args)
+        if spec is None:
+            if others and todo:  # other processes run what the remaining runs wait for
+                time.sleep(30)
+                continue
+            waiting = f" ({len(todo)} wait for rates of unselected runs)" if todo else ""
+            print(f"nothing left to run{waiting}", flush=True)
             break
-        spec = ready[0]
-        records = train_one(spec, recipe, organisms[spec.model])
-        for r in records:
-            r["commit"] = commit
-        append_runs(out, records)
+        try:
+            records = train_one(spec, recipe, organisms[spec.model])
+            for r in records:
+                r["commit"] = commit
+            append_runs(out, records)
+        finally:
+            release(out, spec_key(spec))
         ran += 1
-        left = sum(_estimate(recipe, runs + records, s.model) for s in todo[1:])
+        runs = load_results(out)["runs"]
+        left = sum(_estimate(recipe, runs, s.model) for s in todo[1:])
         r = records[0]
+        spent = r["epsilon_spent"]
         print(f"[{ran}{'' if args.max_runs is None else f'/{args.max_runs}'}, {len(todo) - 1} left] "
               f"phase {spec.phase} {spec.model} {spec.variant} eps={spec.epsilon} seed={spec.seed} "
               f"lr={spec.lr:g}: val {r['val_loss_curve'][0]['loss']:.3f} -> {r['val_loss']:.3f} "
-              f"({r['weights']}; sigma={r['noise_multiplier']:.3f}, "
-              f"eps spent={r['epsilon_spent'] if r['epsilon_spent'] is None else round(r['epsilon_spent'], 3)}) "
-              f"in {r['seconds']:.0f} s; session {_hms(time.time() - session)}, ETA {_hms(left)}",
-              flush=True)
+              f"({r['weights']}; sigma={r['noise_multiplier']:.3f}, eps spent="
+              f"{'-' if spent is None else f'{spent:.3f}'}) in {r['seconds']:.0f} s "
+              f"({r['cpu_seconds']:.0f} CPU s); session {_hms(time.time() - session)}, "
+              f"ETA {_hms(left / max(1, others + 1))}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -82,6 +82,33 @@ def test_cpu_plan_covers_the_issue():
     assert recipe.num_train >= 2000 and recipe.expected_batch_size >= 64 and recipe.steps >= 300
 
 
+def test_claims_share_a_study_between_processes(tmp_path):
+    """A claimed run is skipped by the next claim while its process lives, and offered again
+    once that process is gone or the claim is released."""
+    import argparse
+    import subprocess
+
+    out = tmp_path / "utility.json"
+    out.write_text(json.dumps({"runs": []}))
+    recipe = utility.RECIPES["cpu"]
+    args = argparse.Namespace(phase=None, only=None, model=None)
+    first, todo, others = utility.claim_next(out, recipe, args)
+    assert (first.phase, first.variant, first.seed, others) == (1, "dp-adam-ac", 0, 0)
+    assert len(todo) == 62
+    second, _, others = utility.claim_next(out, recipe, args)
+    assert utility.spec_key(second) != utility.spec_key(first) and others == 1
+    claims_file = tmp_path / ".utility.json.claims.json"
+    claims = json.loads(claims_file.read_text())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    claims[utility.spec_key(first)]["pid"] = dead.pid
+    claims_file.write_text(json.dumps(claims))
+    again, _, _ = utility.claim_next(out, recipe, args)
+    assert utility.spec_key(again) == utility.spec_key(first)
+    utility.release(out, utility.spec_key(second))
+    assert utility.spec_key(second) not in json.loads(claims_file.read_text())
+
+
 @pytest.fixture
 def restore_threads():
     import torch

@@ -86,6 +86,12 @@ def _gain_share(sel, start: float, ceiling: list[float]) -> str:
     return f"{(start - statistics.fmean(_losses(sel))) / (start - statistics.fmean(ceiling)):.0%}"
 
 
+def _deltas(runs: list[dict[str, Any]], setup: dict[str, Any]) -> str:
+    """The delta the accountant used (from the runs; the setup's before any private run)."""
+    used = sorted({r["delta"] for r in runs if r.get("delta") is not None})
+    return ", ".join(f"{d:.3g}" for d in used) if used else f"{setup['delta']:.3g}"
+
+
 def tables(data: dict[str, Any]) -> str:
     runs, setup = data["runs"], data["setup"]
     tuned = tuned_rates(runs)
@@ -95,7 +101,7 @@ def tables(data: dict[str, Any]) -> str:
              f"{len(runs)} run records.", "",
              f"Private data: synthetic records, N = {setup['num_train']} (example level), "
              f"E[B] = {setup['expected_batch_size']:g} (q = {setup['sample_rate']:.4g}), "
-             f"{setup['steps']} steps, delta = {setup['delta']:.3g}; validation on "
+             f"{setup['steps']} steps, delta = {_deltas(runs, setup)}; validation on "
              f"{setup['num_val']} held-out records every {setup['val_every']} steps.", "",
              "| model | organism | parameters | pretrained val loss (records) | (public emails) |",
              "|---|---|---:|---:|---:|"]
@@ -203,7 +209,7 @@ def plot_epsilon(data: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(epsilons or [EPS_MAIN])
     ax.set_xticklabels([f"{e:g}" for e in (epsilons or [EPS_MAIN])])
-    ax.set_xlabel(f"epsilon (delta = {setup['delta']:.2g})")
+    ax.set_xlabel(f"epsilon (delta = {_deltas(runs, setup)})")
     ax.set_ylabel("final validation loss (nats / response token)")
     ax.set_title(f"slm organism on records: N={setup['num_train']}, E[B]={setup['expected_batch_size']:g}, "
                  f"{setup['steps']} steps; mean ± sd over seeds", fontsize=9)

@@ -119,7 +119,7 @@ def restore_threads():
 
 
 def test_quick_study_end_to_end(tmp_path, capsys, restore_threads):
-    out, cache = tmp_path / "utility.json", tmp_path / "cache"
+    out, cache = tmp_path / "new-dir" / "utility.json", tmp_path / "cache"
     # one thread: the tiny models gain nothing from more, and a busy machine loses a lot
     args = ["--quick", "--out", str(out), "--cache-dir", str(cache), "--threads", "1"]
     utility.main(args)
@@ -171,5 +171,5 @@ def test_quick_study_end_to_end(tmp_path, capsys, restore_threads):
     utility.main([*args, "--report"])
     text = capsys.readouterr().out
     assert "| dp-adam-ac | 0.003 | 1 |" in text and "| nonprivate |" in text
-    assert (tmp_path / "utility_epsilon.png").stat().st_size > 0
-    assert (tmp_path / "utility_curves.png").stat().st_size > 0
+    assert (out.parent / "utility_epsilon.png").stat().st_size > 0
+    assert (out.parent / "utility_curves.png").stat().st_size > 0

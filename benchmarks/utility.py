@@ -61,7 +61,7 @@ __all__ = ["RECIPES", "RunSpec", "claim_next", "main", "plan", "release", "spec_
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The code a result depends on: the results files themselves change while the study runs.
-CODE_PATHS = ("lit_dp", "benchmarks", ":(exclude)benchmarks/results")
+CODE_PATHS = ("lit_dp", "benchmarks", ":(exclude)benchmarks/results", ":(exclude)benchmarks/*.md")
 
 _ADAM = lr_grid(1e-3)  # 3.16e-4, 1e-3, 3.16e-3
 RECIPES: dict[str, Recipe] = {

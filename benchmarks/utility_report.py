@@ -79,11 +79,11 @@ def _losses(sel: dict[int, dict]) -> list[float]:
     return [r["val_loss"] for _, r in sorted(sel.items())]
 
 
-def _gain_share(sel, start: float, ceiling: list[float]) -> str:
-    """Share of the non-private gain (start - ceiling) that the variant keeps."""
-    if not sel or not ceiling or start - statistics.fmean(ceiling) <= 0:
+def _gap(sel, ceiling: list[float]) -> str:
+    """Mean final loss above the same model's non-private ceiling (what DP costs)."""
+    if not sel or not ceiling:
         return "—"
-    return f"{(start - statistics.fmean(_losses(sel))) / (start - statistics.fmean(ceiling)):.0%}"
+    return f"{statistics.fmean(_losses(sel)) - statistics.fmean(ceiling):+.3f}"
 
 
 def _deltas(runs: list[dict[str, Any]], setup: dict[str, Any]) -> str:
@@ -123,16 +123,17 @@ def tables(data: dict[str, Any]) -> str:
     ceiling = _losses(select(runs, tuned, "slm", "nonprivate", None))
     ref = select(runs, tuned, "slm", "dp-adam-ac", EPS_MAIN)
     lines += ["", f"Ablation at epsilon = {EPS_MAIN:g} (slm; mean ± sd over seeds; Δ = paired "
-              "difference to dp-adam-ac with its 95% interval, negative = better):", "",
-              "| variant | lr | seeds | val loss | Δ vs dp-adam-ac | share of non-private gain |",
+              "difference to dp-adam-ac with its 95% interval, negative = better; gap = above "
+              "the non-private ceiling):", "",
+              "| variant | lr | seeds | val loss | Δ vs dp-adam-ac | gap |",
               "|---|---:|---:|---:|---:|---:|",
-              f"| pretrained, not fine-tuned | — | — | {start:.3f} | — | 0% |"]
+              f"| pretrained, not fine-tuned | — | — | {start:.3f} | — | — |"]
     for v in ABLATION_ORDER:
         sel = select(runs, tuned, "slm", v, _eps_of(v))
         lr = tuned.get(("slm", VARIANTS[v].lr_family))
         lines.append(f"| {v} | {'—' if lr is None else f'{lr:g}'} | {len(sel)} | "
                      f"{fmt(_losses(sel))} | {'—' if v == 'dp-adam-ac' else paired(sel, ref)} | "
-                     f"{_gain_share(sel, start, ceiling)} |")
+                     f"{_gap(sel, ceiling)} |")
     decays = sorted({d for r in ref.values() for d in r.get("val_loss_ema_decays", {})})
     if decays:
         raw = select(runs, tuned, "slm", "dp-adam-ac-no-ema", EPS_MAIN)
@@ -149,18 +150,17 @@ def tables(data: dict[str, Any]) -> str:
         lines.append(f"| {eps:g} | {fmt(_losses(ac))} | {fmt(_losses(sgd))} | {paired(ac, sgd)} |")
     lines.append(f"| ∞ (non-private) | {fmt(ceiling)} | | |")
     if "bitnet" in setup["models"]:
-        lines += ["", f"BitNet b1.58 twin against the SLM organism (epsilon {EPS_MAIN:g}; share = "
-                  "share of that model's own non-private gain kept under DP):", "",
-                  "| variant | slm val loss | slm share | bitnet val loss | bitnet share |",
+        lines += ["", f"BitNet b1.58 twin against the SLM organism (epsilon {EPS_MAIN:g}; gap = "
+                  "above that model's own non-private ceiling: what DP costs it):", "",
+                  "| variant | slm val loss | slm gap | bitnet val loss | bitnet gap |",
                   "|---|---:|---:|---:|---:|",
                   f"| pretrained | {start:.3f} | | "
                   f"{setup['models']['bitnet']['pretrained_val_loss']:.3f} | |"]
-        bstart = setup["models"]["bitnet"]["pretrained_val_loss"]
         bceil = _losses(select(runs, tuned, "bitnet", "nonprivate", None))
         for v in ("dp-adam-ac", "dp-adam-ac-no-ema", "dp-sgd", "nonprivate"):
             s, b = (select(runs, tuned, m, v, _eps_of(v)) for m in ("slm", "bitnet"))
-            lines.append(f"| {v} | {fmt(_losses(s))} | {_gain_share(s, start, ceiling)} | "
-                         f"{fmt(_losses(b))} | {_gain_share(b, bstart, bceil)} |")
+            lines.append(f"| {v} | {fmt(_losses(s))} | {_gap(s, ceiling)} | "
+                         f"{fmt(_losses(b))} | {_gap(b, bceil)} |")
     return "\n".join(lines)
 
 
@@ -186,6 +186,7 @@ def plot_epsilon(data: dict[str, Any], path: Path) -> None:
     tuned = tuned_rates(runs)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     epsilons = sorted({r["epsilon"] for r in runs if r["epsilon"] is not None and r["model"] == "slm"})
+    drawn: list[float] = []
     for family, color, offset in (("dp-adam-ac", "tab:blue", 0.97), ("dp-sgd", "tab:orange", 1.03)):
         xs, ys, es = [], [], []
         for eps in epsilons:
@@ -195,18 +196,28 @@ def plot_epsilon(data: dict[str, Any], path: Path) -> None:
                 xs.append(eps * offset)
                 ys.append(mean)
                 es.append(sd or 0.0)
-        lr = tuned.get(("slm", family))
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=color,
-                    label=f"{family} (lr {lr:g})" if lr else family)
+        if xs:
+            lr = tuned.get(("slm", family))
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=color,
+                        label=f"{family} (lr {lr:g})")
+            drawn += [y + e for y, e in zip(ys, es, strict=True)]
+            drawn += [y - e for y, e in zip(ys, es, strict=True)]
     ceiling = _losses(select(runs, tuned, "slm", "nonprivate", None))
     if ceiling:
         mean, sd = _stats(ceiling)
         ax.axhline(mean, color="black", lw=1.2, label="non-private AdamW (ceiling)")
         if sd:
             ax.axhspan(mean - sd, mean + sd, color="black", alpha=0.08)
-    ax.axhline(setup["models"]["slm"]["pretrained_val_loss"], color="gray", ls="--", lw=1.2,
-               label="pretrained, before fine-tuning")
+        drawn += [mean - (sd or 0.0), mean + (sd or 0.0)]
+    start = setup["models"]["slm"]["pretrained_val_loss"]
+    span = (max(drawn) - min(drawn)) if drawn else 0.0
+    if drawn and start > max(drawn) + 2 * span + 0.5:  # far above: a note, not a line to scale
+        ax.text(0.01, 0.98, f"pretrained, before fine-tuning: {start:.2f} (off scale)",
+                transform=ax.transAxes, va="top", fontsize=8, color="gray")
+    else:
+        ax.axhline(start, color="gray", ls="--", lw=1.2, label="pretrained, before fine-tuning")
     ax.set_xscale("log", base=2)
+    ax.set_xlim(min(epsilons or [EPS_MAIN]) / 1.5, max(epsilons or [EPS_MAIN]) * 1.5)
     ax.set_xticks(epsilons or [EPS_MAIN])
     ax.set_xticklabels([f"{e:g}" for e in (epsilons or [EPS_MAIN])])
     ax.set_xlabel(f"epsilon (delta = {_deltas(runs, setup)})")
@@ -220,6 +231,19 @@ def plot_epsilon(data: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _focus(ax, curves: list[list[float]]) -> None:
+    """y range of the fine-tuning phase: the step-0 loss (far above, shared by all) is noted,
+    not drawn to scale."""
+    later = [v for c in curves for v in c[1:]]
+    if not later:
+        return
+    low, high = min(later), max(c[1] for c in curves if len(c) > 1)
+    ax.set_ylim(low - 0.05 * (high - low) - 0.02, high + 0.1 * (high - low) + 0.02)
+    starts = sorted({round(c[0], 2) for c in curves})
+    ax.text(0.99, 0.97, f"step 0: {', '.join(f'{x:g}' for x in starts)} (off scale)",
+            transform=ax.transAxes, ha="right", va="top", fontsize=7, color="gray")
+
+
 def plot_curves(data: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -228,46 +252,58 @@ def plot_curves(data: dict[str, Any], path: Path) -> None:
 
     runs, setup = data["runs"], data["setup"]
     tuned = tuned_rates(runs)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    ax = axes[0]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    ax, curves = axes[0, 0], []
     for v in ABLATION_ORDER:
         steps, losses = _mean_curve(select(runs, tuned, "slm", v, _eps_of(v)))
         if steps:
             ax.plot(steps, losses, marker=".", label=v, ls="--" if v == "nonprivate" else "-")
+            curves.append(losses)
+    _focus(ax, curves)
     ax.set_title(f"slm, epsilon {EPS_MAIN:g}: validation loss (mean over seeds)", fontsize=10)
-    ax = axes[1]
+    ax, curves = axes[0, 1], []
     for v, color in (("dp-adam-ac", "tab:blue"), ("dp-sgd", "tab:orange"), ("nonprivate", "black")):
         for model, ls in (("slm", "-"), ("bitnet", "--")):
             steps, losses = _mean_curve(select(runs, tuned, model, v, _eps_of(v)))
             if steps:
                 ax.plot(steps, losses, ls=ls, color=color, marker=".", label=f"{model} {v}")
+                curves.append(losses)
+    _focus(ax, curves)
     ax.set_title(f"slm (solid) vs BitNet b1.58 twin (dashed), epsilon {EPS_MAIN:g}", fontsize=10)
-    for ax in axes[:2]:
-        ax.set_xlabel("optimizer step")
+    for ax in axes[0]:
         ax.set_ylabel("validation loss (nats / response token)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    ax = axes[2]
+        ax.legend(fontsize=7, loc="best")
     ref = select(runs, tuned, "slm", "dp-adam-ac", EPS_MAIN)
-    if ref:
-        base = next(iter(ref.values()))["lr"]
-        steps, clip = _mean_curve(ref, "trace", "clip_bound")
-        ax.plot(steps, clip, color="tab:blue", label="clip bound C_t")
-        steps, rate = _mean_curve(ref, "trace", "clip_rate")
-        ax.plot(steps, rate, color="tab:green", label="privatized clip rate")
-        ax.axhline(setup["target_clip_rate"], color="tab:green", ls=":", lw=1)
-        twin = ax.twinx()
-        steps, lr = _mean_curve(ref, "trace", "lr")
-        twin.plot(steps, [x / base for x in lr], color="tab:red", label="lr multiplier")
-        twin.set_ylabel("lr / base lr", color="tab:red")
-        ax.legend(loc="upper left", fontsize=7)
-        twin.legend(loc="upper right", fontsize=7)
-    ax.set_title(f"dp-adam-ac at epsilon {EPS_MAIN:g}: clip bound, clip rate, lr multiplier",
+    fixed = select(runs, tuned, "slm", "dp-adam-ac-fixed-clip", EPS_MAIN)
+    no_lr = select(runs, tuned, "slm", "dp-adam-ac-no-clip-lr", EPS_MAIN)
+    ax = axes[1, 0]
+    steps, clip = _mean_curve(ref, "trace", "clip_bound")
+    ax.plot(steps, clip, color="tab:blue", label="dp-adam-ac: private-quantile clip bound C_t")
+    if fixed:
+        ax.axhline(setup["max_grad_norm"], color="tab:gray", ls="--", label="fixed clip (C = C0)")
+    ax.set_ylabel("clip bound (gradient-norm units)")
+    ax.set_title("clip bound (mean over seeds)", fontsize=10)
+    ax = axes[1, 1]
+    steps, rate = _mean_curve(ref, "trace", "clip_rate")
+    ax.plot(steps, rate, color="tab:green", label="dp-adam-ac: privatized clip rate")
+    ax.axhline(setup["target_clip_rate"], color="tab:green", ls=":", lw=1, label="target clip rate")
+    for sel, color, name in ((ref, "tab:red", "dp-adam-ac"), (fixed, "tab:purple", "fixed-clip"),
+                             (no_lr, "tab:brown", "no-clip-lr")):
+        if sel:
+            base = next(iter(sel.values()))["lr"]
+            steps, lr = _mean_curve(sel, "trace", "lr")
+            ax.plot(steps, [x / base for x in lr], color=color, label=f"{name}: lr / base lr")
+    ax.set_title("privatized clip rate and clip-driven lr multiplier (mean over seeds)",
                  fontsize=10)
-    ax.set_xlabel("optimizer step")
-    ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.legend(fontsize=7)
+    for ax in axes.flat:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{setup['recipe']} recipe: N={setup['num_train']}, E[B]="
+                 f"{setup['expected_batch_size']:g}, {setup['steps']} steps", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

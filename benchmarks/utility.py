@@ -89,6 +89,7 @@ RECIPES: dict[str, Recipe] = {
         },
         num_train=16000, num_val=1000, expected_batch_size=512.0, steps=1000, val_every=100,
         eval_batch_size=128, max_physical_batch_size=512, lora_rank=16, lora_alpha=32.0,
+        ema_sweep=(0.9, 0.95, 0.99),  # the warm-up caps decays at 0.991 by step 1000
         grids={("*", "dp-adam-ac"): lr_grid(3.16e-3), ("*", "dp-adamw"): lr_grid(3.16e-3),
                ("*", "nonprivate"): lr_grid(1e-3), ("*", "dp-sgd"): lr_grid(1.0)},
         seconds_per_run={"slm": 240.0, "bitnet": 300.0},

@@ -41,6 +41,7 @@ class Variant:
     noise_correction: bool = False
     lr_family: str = "dp-adam-ac"  # whose tuned learning rate this variant uses
     derived_from: str | None = None  # recorded from that variant's run (no training of its own)
+    note: str | None = None
 
     @property
     def weights(self) -> str:
@@ -52,8 +53,9 @@ VARIANTS: dict[str, Variant] = {
     # EMA is post-processing: the raw weights of the same training run are the no-EMA variant.
     "dp-adam-ac-no-ema": Variant(ema=False, derived_from="dp-adam-ac"),
     "dp-adam-ac-no-clip-lr": Variant(clip_lr=False),
-    # No privatized clip rate under a fixed clip: the clip-driven multiplier stays at 1.
-    "dp-adam-ac-fixed-clip": Variant(clipping="fixed"),
+    "dp-adam-ac-fixed-clip": Variant(
+        clipping="fixed", note="fixed clip: no privatized clip rate, so the clip-driven lr "
+        "multiplier stays at 1 (this variant drops adaptive clipping and, in effect, the clip LR)"),
     "dp-adamw": Variant(clipping="fixed", ema=False, clip_lr=False, lr_family="dp-adamw"),
     "dp-sgd": Variant(clipping="fixed", optimizer="sgd", momentum=0.9, ema=False, clip_lr=False,
                       lr_family="dp-sgd"),
@@ -237,7 +239,7 @@ def train_one(spec: Any, recipe: Any, organism: Path) -> list[dict[str, Any]]:
         v = VARIANTS[name]
         curve = _curve(module.val_history, "loss_ema" if v.ema else "loss_raw")
         rec = {"variant": name, **common, "weights": v.weights, "val_loss": curve[-1]["loss"],
-               "val_loss_curve": curve, "derived_from": None}
+               "val_loss_curve": curve, "derived_from": None, "note": v.note}
         if v.derived_from:
             rec["derived_from"] = f"{v.derived_from} same run (its raw weights)"
             rec["seconds"] = rec["cpu_seconds"] = 0.0

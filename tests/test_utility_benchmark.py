@@ -156,6 +156,19 @@ def test_quick_study_end_to_end(tmp_path, capsys, restore_threads):
     bc = next(r for r in runs if r["variant"] == "dp-adambc")
     assert bc["variance_floor"] == pytest.approx((bc["noise_multiplier"] * 1.0 / 16.0) ** 2)
 
+    # the organisms load back through the library: tokenizer with its chat template, and the
+    # twin with its ternary QAT layers
+    from utility_organisms import CHAT_TEMPLATE, organism_dir
+
+    from lit_dp.models import has_bitnet_qat, load_model, load_tokenizer
+
+    for name, cfg in utility.RECIPES["quick"].organisms.items():
+        path = organism_dir(cfg, cache)
+        assert load_tokenizer(str(path)).chat_template == CHAT_TEMPLATE
+        assert has_bitnet_qat(load_model(str(path))) == (name == "bitnet")
+    fixed_note = utility.VARIANTS["dp-adam-ac-fixed-clip"].note
+    assert "multiplier stays at 1" in fixed_note
+
     # resumable: a second invocation trains nothing and leaves the file as it was
     before = out.read_text()
     utility.main(args)

@@ -1,0 +1,188 @@
+"""benchmarks/utility.py: the study's plan, its results file and its report.
+
+benchmarks/ is not a package: the script is imported by path (it puts its own directory on
+sys.path for its sibling modules). The end-to-end test runs the --quick recipe (tiny organisms,
+a few steps) into a temporary file and cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "utility.py"
+
+
+def _load():
+    name = "lit_dp_benchmark_utility"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+utility = _load()
+
+RUN_KEYS = {"model", "variant", "epsilon", "seed", "lr", "steps", "expected_batch_size",
+            "val_loss", "val_loss_curve"}
+VARIANT_NAMES = {"dp-adam-ac", "dp-adam-ac-no-ema", "dp-adam-ac-no-clip-lr",
+                 "dp-adam-ac-fixed-clip", "dp-adamw", "dp-sgd", "dp-adambc", "nonprivate"}
+
+
+@pytest.mark.parametrize(
+    ("losses", "expected_rates", "expected_best"),
+    [
+        ({}, [0.1, 0.316, 1.0], None),  # nothing run yet
+        ({0.1: 3.0, 0.316: 2.0}, [0.1, 0.316, 1.0], None),  # one point missing
+        ({0.1: 3.0, 0.316: 2.0, 1.0: 2.5}, [0.1, 0.316, 1.0], 0.316),  # interior best
+        ({0.1: 3.0, 0.316: 2.5, 1.0: 2.0}, [0.1, 0.316, 1.0, 3.16], None),  # grows upward
+        ({0.1: 3.0, 0.316: 2.5, 1.0: 2.0, 3.16: 2.2}, [0.1, 0.316, 1.0, 3.16], 1.0),
+        ({0.1: 1.0, 0.316: 2.5, 1.0: 2.0}, [0.0316, 0.1, 0.316, 1.0], None),  # grows downward
+        # two extensions per side at most: the edge is then accepted (and flagged in the report)
+        ({0.01: 0.5, 0.0316: 0.8, 0.1: 1.0, 0.316: 2.5, 1.0: 2.0},
+         [0.01, 0.0316, 0.1, 0.316, 1.0], 0.01),
+    ],
+    ids=["empty", "partial", "interior", "up", "up-done", "down", "max-extensions"],
+)
+def test_tuned_grid(losses, expected_rates, expected_best):
+    rates, best = utility.tuned_grid((0.1, 0.316, 1.0), losses, max_extensions=2)
+    assert rates == pytest.approx(expected_rates, rel=1e-9)
+    assert best == expected_best
+
+
+def test_cpu_plan_covers_the_issue():
+    """The full study before any run: >= 3 rates per family on seed 0, the tuned rate on seeds
+    1-2, ablations and the epsilon curve on 3 seeds, the BitNet twin on 3 seeds."""
+    recipe = utility.RECIPES["cpu"]
+    specs = utility.plan(recipe, [])
+    by_phase = {p: [s for s in specs if s.phase == p] for p in range(1, 6)}
+    for family in ("dp-adam-ac", "dp-adamw", "dp-sgd", "nonprivate"):
+        tune = [s for s in by_phase[1] if s.variant == family]
+        assert len(tune) >= 3 and {s.seed for s in tune} == {0}
+        assert all(s.lr is not None for s in tune)
+        assert {s.seed for s in by_phase[2] if s.variant == family} == {1, 2}
+    assert {s.variant for s in by_phase[3]} == {"dp-adam-ac-no-clip-lr", "dp-adam-ac-fixed-clip",
+                                                 "dp-adambc"}
+    assert all(len([s for s in by_phase[3] if s.variant == v]) == 3 for v in
+               ("dp-adam-ac-no-clip-lr", "dp-adam-ac-fixed-clip", "dp-adambc"))
+    assert sorted({(s.variant, s.epsilon) for s in by_phase[4]}) == [
+        (f, e) for f in ("dp-adam-ac", "dp-sgd") for e in (1.0, 2.0, 4.0)]
+    assert len(by_phase[4]) == 18
+    assert {s.model for s in by_phase[5]} == {"bitnet"}
+    assert len(by_phase[5]) == 15
+    assert all(s.lr is None for p in (2, 3, 4) for s in by_phase[p])  # nothing tuned yet
+    assert all(s.epsilon is None for s in specs if s.variant == "nonprivate")
+    assert recipe.num_train >= 2000 and recipe.expected_batch_size >= 64 and recipe.steps >= 300
+
+
+def test_claims_share_a_study_between_processes(tmp_path):
+    """A claimed run is skipped by the next claim while its process lives, and offered again
+    once that process is gone or the claim is released."""
+    import argparse
+    import subprocess
+
+    out = tmp_path / "utility.json"
+    out.write_text(json.dumps({"runs": []}))
+    recipe = utility.RECIPES["cpu"]
+    args = argparse.Namespace(phase=None, only=None, model=None)
+    first, todo, others = utility.claim_next(out, recipe, args)
+    assert (first.phase, first.variant, first.seed, others) == (1, "dp-adam-ac", 0, 0)
+    assert len(todo) == 62
+    second, _, others = utility.claim_next(out, recipe, args)
+    assert utility.spec_key(second) != utility.spec_key(first) and others == 1
+    claims_file = tmp_path / ".utility.json.claims.json"
+    claims = json.loads(claims_file.read_text())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    claims[utility.spec_key(first)]["pid"] = dead.pid
+    claims_file.write_text(json.dumps(claims))
+    again, _, _ = utility.claim_next(out, recipe, args)
+    assert utility.spec_key(again) == utility.spec_key(first)
+    utility.release(out, utility.spec_key(second))
+    assert utility.spec_key(second) not in json.loads(claims_file.read_text())
+
+
+@pytest.fixture
+def restore_threads():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_study_end_to_end(tmp_path, capsys, restore_threads):
+    out, cache = tmp_path / "new-dir" / "utility.json", tmp_path / "cache"
+    # one thread: the tiny models gain nothing from more, and a busy machine loses a lot
+    args = ["--quick", "--out", str(out), "--cache-dir", str(cache), "--threads", "1"]
+    utility.main(args)
+    data = json.loads(out.read_text())
+
+    # schema
+    assert {"commit", "machine", "torch"} <= set(data["_meta"]["provenance"])
+    setup = data["setup"]
+    assert {"models", "num_train", "expected_batch_size", "steps", "delta"} <= set(setup)
+    for info in setup["models"].values():
+        assert math.isfinite(info["pretrained_val_loss"]) and info["parameters"] > 0
+    runs = data["runs"]
+    assert {r["variant"] for r in runs} >= {"dp-adam-ac", "dp-adam-ac-no-ema", "dp-sgd",
+                                            "nonprivate", "dp-adambc"}
+    assert {r["model"] for r in runs} == {"slm", "bitnet"}
+    for r in runs:
+        assert RUN_KEYS <= set(r), r["variant"]
+        assert r["variant"] in VARIANT_NAMES
+        assert r["steps"] == 3 and r["expected_batch_size"] == 16.0
+        assert r["val_loss"] == r["val_loss_curve"][-1]["loss"]
+        assert [p["step"] for p in r["val_loss_curve"]] == [0, 2, 3]
+        # the step-0 loss is the organism's pretrained loss, computed by DPCausalLM here and by
+        # the benchmark's own evaluation in setup
+        assert r["val_loss_curve"][0]["loss"] == pytest.approx(
+            setup["models"][r["model"]]["pretrained_val_loss"], rel=1e-5)
+        if r["variant"] == "nonprivate":
+            assert r["epsilon"] is None and r["epsilon_spent"] is None
+        else:
+            assert r["epsilon"] == 8.0 and 7.0 < r["epsilon_spent"] <= 8.0
+    ac = next(r for r in runs if r["variant"] == "dp-adam-ac" and r["model"] == "slm")
+    no_ema = next(r for r in runs if r["variant"] == "dp-adam-ac-no-ema" and r["model"] == "slm")
+    assert no_ema["derived_from"] and no_ema["seconds"] == 0.0 and ac["weights"] == "ema"
+    assert no_ema["val_loss"] != ac["val_loss"]  # raw weights differ from the EMA
+    bc = next(r for r in runs if r["variant"] == "dp-adambc")
+    assert bc["variance_floor"] == pytest.approx((bc["noise_multiplier"] * 1.0 / 16.0) ** 2)
+
+    # the organisms load back through the library: tokenizer with its chat template, and the
+    # twin with its ternary QAT layers
+    from utility_organisms import CHAT_TEMPLATE, organism_dir
+
+    from lit_dp.models import has_bitnet_qat, load_model, load_tokenizer
+
+    for name, cfg in utility.RECIPES["quick"].organisms.items():
+        path = organism_dir(cfg, cache)
+        assert load_tokenizer(str(path)).chat_template == CHAT_TEMPLATE
+        assert has_bitnet_qat(load_model(str(path))) == (name == "bitnet")
+    fixed_note = utility.VARIANTS["dp-adam-ac-fixed-clip"].note
+    assert "multiplier stays at 1" in fixed_note
+
+    # resumable: a second invocation trains nothing and leaves the file as it was
+    before = out.read_text()
+    utility.main(args)
+    assert out.read_text() == before
+
+    # one study, one commit
+    data["_meta"]["provenance"]["commit"] = "0" * 40
+    out.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="allow-mixed-commits"):
+        utility.main(args)
+
+    capsys.readouterr()
+    utility.main([*args, "--report"])
+    text = capsys.readouterr().out
+    assert "| dp-adam-ac | 0.003 | 1 |" in text and "| nonprivate |" in text
+    assert (out.parent / "utility_epsilon.png").stat().st_size > 0
+    assert (out.parent / "utility_curves.png").stat().st_size > 0

@@ -103,6 +103,14 @@ def test_ddp_is_mapped_to_the_dp_strategy():
     assert cfg["strategy"] == "dp_ddp"
 
 
+def test_generate_reads_a_prompt_file_written_on_windows(tmp_path):
+    from lit_dp.generate import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "Hello", "id": 1}\r\n\r\n{"prompt": "Bye", "id": 2}\r\n')
+    assert read_prompts(path, "prompt") == [{"prompt": "Hello", "id": 1}, {"prompt": "Bye", "id": 2}]
+
+
 def test_generate_subcommand_writes_responses(tmp_path, monkeypatch):
     from lit_dp.cli import main
     from lit_dp.models import export_model, load_model, load_tokenizer

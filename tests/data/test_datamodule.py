@@ -677,3 +677,27 @@ def test_jsonl_unhashable_group_key(tmp_path):
     dm = jsonl_dm(p, privacy_unit="group", group_key="user", val_fraction=0.0)
     dm.setup("fit")
     assert dm.num_units == 2
+
+
+@pytest.mark.parametrize(("bom", "newline"), [(True, "\r\n"), (False, "\r\n"), (True, "\n"), (False, "\r")],
+                         ids=["bom-crlf", "crlf", "bom-lf", "cr"])
+def test_jsonl_written_on_windows_reads_like_lf(tmp_path, bom, newline):
+    """A byte-order mark and CRLF (or CR) line ends change nothing: same records, same line
+    numbers as the LF file; U+2028 inside a string is not a line end."""
+    records = [qa(0, user="a"), {"text": "line\u2028separator", "user": "b"}, qa(2, user="a")]
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    lf = tmp_path / "lf.jsonl"
+    lf.write_bytes(("\n".join(lines[:2]) + "\n\n" + lines[2] + "\n").encode())
+    win = tmp_path / "win.jsonl"
+    text = newline.join(lines[:2]) + newline * 2 + lines[2] + newline
+    win.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
+    from lit_dp.data.jsonl import read_jsonl
+
+    got_lines, want_lines = [], []
+    got = read_jsonl(win, group_key="user", line_numbers=got_lines)
+    assert got == read_jsonl(lf, group_key="user", line_numbers=want_lines)
+    assert got_lines == want_lines == [1, 2, 4]
+    assert got[1]["text"] == "line\u2028separator" and got[0]["prompt"] == "question 0?"
+    dm = jsonl_dm(str(win), val_fraction=0.0, privacy_unit="group", group_key="user")
+    dm.setup("fit")
+    assert dm.num_units == 2

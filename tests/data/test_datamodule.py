@@ -243,9 +243,10 @@ def test_truncate_counts_in_report():
     with pytest.warns(UserWarning, match="1 of 3 training records have no token to learn"):
         dm.setup("fit")
     rep = dm.data_report()
-    assert rep["truncated"] == 2
-    assert rep["max_length"] == 40 and rep["num_records"] == 3 and rep["num_units"] == 3
-    assert rep["records_without_labels"] == 1  # the cut prompt lost its whole response
+    counts = rep["operator_side"]  # exact data-dependent counts: never exported
+    assert counts["truncated"] == 2
+    assert rep["max_length"] == 40 and counts["num_records"] == 3 and rep["num_units"] == 3
+    assert counts["records_without_labels"] == 1  # the cut prompt lost its whole response
     assert rep["privacy_unit"] == "example" and rep["group_key"] is None
     assert all(len(ids) <= 40 and len(lab) == len(ids) for ids, lab in dm.encoded["train"])
 
@@ -331,7 +332,8 @@ def test_group_units_sample_whole_groups():
     dm.setup("fit")
     assert dm.num_units == 3
     rep = dm.data_report()
-    assert rep["privacy_unit"] == "group" and rep["group_key"] == "user" and rep["num_records"] == 6
+    assert rep["privacy_unit"] == "group" and rep["group_key"] == "user"
+    assert rep["operator_side"]["num_records"] == 6 and "num_records" not in rep
     members = {0: [0, 2, 5], 1: [1, 4], 2: [3]}  # unit id (first-seen order) -> record indices
     encoded = dm.encoded["train"]
     seen = set()

@@ -118,26 +118,39 @@ def follow_default_root_dir(trainer_cfg) -> None:
 
 
 def resolve_last_checkpoint(cfg) -> str:
-    """``ckpt_path: last``: the ``last.ckpt`` of the newest run, which then continues in its own
-    directory (the logger's version is set to it). Lightning's own lookup searches the new
-    run's empty directory and silently starts from scratch; this refuses instead."""
+    """``ckpt_path: last``: the ``last.ckpt`` of the newest run (or of the logger version given),
+    which then continues in its own directory (the logger's version is set to it). Lightning's
+    own lookup searches the new run's empty directory and silently starts from scratch; this
+    refuses instead."""
     trainer_cfg = cfg["trainer"]
+    root = Path(trainer_cfg.get("default_root_dir") or ".")
     dirpath = cfg.get("checkpoint", {}).get("dirpath")
     logger = trainer_cfg.get("logger")
+    logger = logger[0] if isinstance(logger, list) and logger else logger  # log_dir: the first
     init = getattr(logger, "init_args", None)
+    path: Path | None
     if dirpath is not None:
-        path: Path | None = Path(dirpath) / LAST_CHECKPOINT
+        path = Path(dirpath) / LAST_CHECKPOINT
         where = str(path)
     elif init is not None and init.get("save_dir") is not None:
         runs = Path(init["save_dir"]) / str(init.get("name") or "")
-        path = find_last_checkpoint(runs)
-        where = str(runs / "*" / "checkpoints" / LAST_CHECKPOINT)
-        if path is not None and init.get("version") is None:
-            version = path.parent.parent.name
-            match = re.fullmatch(r"version_(\d+)", version)
-            init["version"] = int(match.group(1)) if match else version
+        version = init.get("version")
+        if version is not None:  # the user named the run to resume
+            name = version if isinstance(version, str) else f"version_{version}"
+            path = runs / name / "checkpoints" / LAST_CHECKPOINT
+            where = str(path)
+        else:
+            path = find_last_checkpoint(runs)
+            where = str(runs / "*" / "checkpoints" / LAST_CHECKPOINT)
+            if path is not None:
+                name = path.parent.parent.name
+                match = re.fullmatch(r"version_(\d+)", name)
+                init["version"] = int(match.group(1)) if match else name
+    elif logger is True:  # Lightning's default logger: <root>/lightning_logs/version_N
+        path = find_last_checkpoint(root / "lightning_logs")
+        where = str(root / "lightning_logs" / "*" / "checkpoints" / LAST_CHECKPOINT)
     else:  # no logger: Lightning saves under default_root_dir
-        path = Path(trainer_cfg.get("default_root_dir") or ".") / "checkpoints" / LAST_CHECKPOINT
+        path = root / "checkpoints" / LAST_CHECKPOINT
         where = str(path)
     if path is None or not path.is_file():
         raise ValueError(

@@ -156,7 +156,10 @@ def test_resolving_last_continues_in_the_run_directory(tmp_path):
     cfg = _cli_cfg(tmp_path)
     assert resolve_last_checkpoint(cfg) == str(newest)
     assert cfg["trainer"]["logger"].init_args["version"] == 4  # the run continues there
-    # An explicit checkpoint directory, or no logger: its last.ckpt.
+    # A named logger version, an explicit checkpoint directory: their last.ckpt.
+    assert resolve_last_checkpoint(_cli_cfg(tmp_path, version=0)).endswith("version_0/checkpoints/last.ckpt")
+    with pytest.raises(ValueError, match=r"no checkpoint found at .*version_7"):
+        resolve_last_checkpoint(_cli_cfg(tmp_path, version=7))
     assert resolve_last_checkpoint(_cli_cfg(tmp_path, dirpath=str(newest.parent))) == str(newest)
     with pytest.raises(ValueError, match=r"ckpt_path=last: no checkpoint found at .*checkpoints"):
         resolve_last_checkpoint(_cli_cfg(tmp_path, logger=False))

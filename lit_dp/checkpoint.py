@@ -100,6 +100,10 @@ class DPModelCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if trainer.is_global_zero and self.dirpath is not None and "://" not in str(self.dirpath):
+            # Temp files of a process killed mid-save (as large as a checkpoint each).
+            for stale in Path(self.dirpath).glob(f".*{self.FILE_EXTENSION}.*.tmp"):
+                stale.unlink(missing_ok=True)
 
     def _save_now(self, trainer: L.Trainer) -> None:
         if self._should_skip_saving_checkpoint(trainer):  # not fitting, or this step is saved

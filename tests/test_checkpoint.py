@@ -113,10 +113,13 @@ def test_checkpoint_at_every_validation_and_at_the_end(tmp_path):
     assert acct["accountant"]["history"][-1][2] == 5  # (sigma, q, steps): all 5 steps composed
 
 
-def test_default_keeps_only_last_and_respects_a_custom_io(tmp_path):
+def test_default_keeps_only_last_removes_stale_temp_files_and_respects_a_custom_io(tmp_path):
     class MyIO(TorchCheckpointIO):
         """A user's own checkpoint IO (e.g. for a remote store): kept as given."""
 
+    stale = tmp_path / "checkpoints" / ".last.ckpt.k1ll3d.tmp"  # left by a writer killed mid-save
+    stale.parent.mkdir()
+    stale.write_bytes(b"partial")
     callback = DPModelCheckpoint()
     trainer = _fit(tmp_path, max_steps=3, callback=callback, plugins=[MyIO()])
     assert type(trainer.strategy.checkpoint_io) is MyIO

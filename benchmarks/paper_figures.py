@@ -168,8 +168,10 @@ def plot(runs: list[dict[str, Any]], dataset: str, labels: dict[str, str], cfg: 
         ax.set_ylabel("validation loss, EMA weights (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    deltas = sorted({r["delta"] for r in runs if r.get("delta")})
+    delta = f"delta={deltas[0]:.3g}" if len(deltas) == 1 else f"delta in {deltas}"
     fig.suptitle(f"{dataset}: N={cfg['num_train']}, E[B]={cfg['batch']:g}, "
-                 f"delta=1/N^1.1, {cfg['steps']} steps", fontsize=10)
+                 f"{delta}, {cfg['steps']} steps", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,16 +1,26 @@
 """``lit-dp fit|validate|test --config configs/X.yaml``: the only place components are wired.
 
-The three DP callbacks are always present (config sections ``ema:``, ``clip_lr:``,
-``privacy:``); the tokenizer follows the model source; Lightning's DistributedSampler is off
-(batches are Poisson-sampled); ``ddp`` runs lit_dp's DDP strategy, which exchanges clipped sums
-only; strategies without a DP implementation are refused instead of run without privacy.
+The three DP callbacks and the checkpoint callback are always present (config sections
+``ema:``, ``clip_lr:``, ``privacy:``, ``checkpoint:``); the tokenizer follows the model source;
+Lightning's DistributedSampler is off (batches are Poisson-sampled); ``ddp``, and any run on
+several devices or nodes, runs lit_dp's DDP strategy, which exchanges clipped sums only;
+strategies without a DP implementation, and fp16 mixed precision (its GradScaler would rescale
+the privatized gradient), are refused instead of run without privacy.
+
+Runs are written to ``<save_dir>/lit_dp/version_N`` (save_dir = ``trainer.default_root_dir``
+when given, else ``runs``), with ``checkpoints/last.ckpt`` saved at every validation and at the
+end; ``--ckpt_path last`` resumes the newest run in its own directory.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
+import warnings
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import StrategyRegistry
@@ -18,6 +28,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lit_dp.callbacks.accounting import PrivacyAccounting
 from lit_dp.callbacks.clip_lr import ClipDrivenLR
 from lit_dp.callbacks.ema import EMAWeights
+from lit_dp.checkpoint import LAST_CHECKPOINT, DPModelCheckpoint, find_last_checkpoint
 from lit_dp.data.datamodule import DPDataModule
 from lit_dp.distributed import DPDDPStrategy
 from lit_dp.module import DPCausalLM
@@ -33,8 +44,34 @@ _STRATEGY_MAP = {"auto": "auto", "single_device": "auto", "ddp": "dp_ddp", "dp_d
                  "ddp_spawn": "dp_ddp_spawn", "dp_ddp_spawn": "dp_ddp_spawn"}
 
 
+# trainer.precision values that run Lightning's GradScaler (fp16 mixed precision).
+_FP16_MIXED = {"16", "16-mixed"}
+
+
+def _devices_per_node(accelerator: Any, devices: Any) -> int | None:
+    """How many processes per node Lightning starts for ``trainer.devices`` (None: unknown, left
+    to Lightning to validate)."""
+    if isinstance(devices, list | tuple):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:
+        return len([d for d in text.split(",") if d.strip()])
+    if text in ("auto", "-1"):  # every device of the accelerator
+        import torch
+
+        name = accelerator if isinstance(accelerator, str) else "auto"
+        if name in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+            return torch.cuda.device_count()
+        return 1
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
 def check_trainer_config(trainer_cfg) -> None:
-    """Refuse trainer settings that would break the DP step or its accounting."""
+    """Refuse trainer settings that would break the DP step or its accounting, and map strategy
+    names to the DP implementations (every multi-process run to ``dp_ddp``)."""
     strategy = trainer_cfg.get("strategy", "auto")
     if not isinstance(strategy, str) or strategy not in _STRATEGY_MAP:
         name = strategy if isinstance(strategy, str) else type(strategy).__name__
@@ -42,7 +79,19 @@ def check_trainer_config(trainer_cfg) -> None:
             f"trainer.strategy={name!r} is not supported by lit_dp yet (FSDP and DeepSpeed have no "
             f"DP implementation here); use one of {sorted(_STRATEGY_MAP)}"
         )
-    trainer_cfg["strategy"] = _STRATEGY_MAP[strategy]
+    strategy = _STRATEGY_MAP[strategy]
+    per_node = _devices_per_node(trainer_cfg.get("accelerator", "auto"), trainer_cfg.get("devices", "auto"))
+    nodes = trainer_cfg.get("num_nodes") or 1
+    if strategy == "auto" and (nodes > 1 or (per_node or 1) > 1):
+        # Lightning's "auto" would pick its own DDP, which all-reduces raw gradients.
+        strategy = "dp_ddp"
+    trainer_cfg["strategy"] = strategy
+    if str(trainer_cfg.get("precision")) in _FP16_MIXED:
+        raise ValueError(
+            f"trainer.precision={trainer_cfg.get('precision')!r} (fp16 mixed precision) is refused: "
+            "its GradScaler would unscale the already privatized gradient and skip steps on "
+            "overflow. Use trainer.precision: bf16-mixed (needs no scaler) or 32-true"
+        )
     if trainer_cfg.get("accumulate_grad_batches", 1) != 1:
         raise ValueError(
             "trainer.accumulate_grad_batches must be 1: lit_dp accumulates physical micro-batches "
@@ -54,8 +103,66 @@ def check_trainer_config(trainer_cfg) -> None:
         raise ValueError("trainer.use_distributed_sampler must be false: batches are Poisson-sampled")
 
 
+_DEFAULT_SAVE_DIR = "runs"
+_LOGGER_CLASS = "lightning.pytorch.loggers.TensorBoardLogger"
+
+
+def follow_default_root_dir(trainer_cfg) -> None:
+    """The default logger's save_dir follows ``trainer.default_root_dir`` when it is given
+    (Lightning's convention; the run, its report and checkpoints then live under it). An
+    explicitly configured save_dir other than the default ``runs`` is kept."""
+    root, logger = trainer_cfg.get("default_root_dir"), trainer_cfg.get("logger")
+    init = getattr(logger, "init_args", None)
+    if root is not None and init is not None and init.get("save_dir") == _DEFAULT_SAVE_DIR:
+        init["save_dir"] = str(root)
+
+
+def resolve_last_checkpoint(cfg) -> str:
+    """``ckpt_path: last``: the ``last.ckpt`` of the newest run (or of the logger version given),
+    which then continues in its own directory (the logger's version is set to it). Lightning's
+    own lookup searches the new run's empty directory and silently starts from scratch; this
+    refuses instead."""
+    trainer_cfg = cfg["trainer"]
+    root = Path(trainer_cfg.get("default_root_dir") or ".")
+    dirpath = cfg.get("checkpoint", {}).get("dirpath")
+    logger = trainer_cfg.get("logger")
+    logger = logger[0] if isinstance(logger, list) and logger else logger  # log_dir: the first
+    init = getattr(logger, "init_args", None)
+    path: Path | None
+    if dirpath is not None:
+        path = Path(dirpath) / LAST_CHECKPOINT
+        where = str(path)
+    elif init is not None and init.get("save_dir") is not None:
+        runs = Path(init["save_dir"]) / str(init.get("name") or "")
+        version = init.get("version")
+        if version is not None:  # the user named the run to resume
+            name = version if isinstance(version, str) else f"version_{version}"
+            path = runs / name / "checkpoints" / LAST_CHECKPOINT
+            where = str(path)
+        else:
+            path = find_last_checkpoint(runs)
+            where = str(runs / "*" / "checkpoints" / LAST_CHECKPOINT)
+            if path is not None:
+                name = path.parent.parent.name
+                match = re.fullmatch(r"version_(\d+)", name)
+                init["version"] = int(match.group(1)) if match else name
+    elif logger is True:  # Lightning's default logger: <root>/lightning_logs/version_N
+        path = find_last_checkpoint(root / "lightning_logs")
+        where = str(root / "lightning_logs" / "*" / "checkpoints" / LAST_CHECKPOINT)
+    else:  # no logger: Lightning saves under default_root_dir
+        path = root / "checkpoints" / LAST_CHECKPOINT
+        where = str(path)
+    if path is None or not path.is_file():
+        raise ValueError(
+            f"ckpt_path=last: no checkpoint found at {where}; start the run without --ckpt_path "
+            "(checkpoints are saved at every validation and at the end), or give a checkpoint path"
+        )
+    return str(path)
+
+
 class LitDPCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
+        quiet_third_party_output()
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"default_env": False})
         super().__init__(DPCausalLM, DPDataModule, *args, subclass_mode_data=True, **kwargs)
@@ -64,14 +171,15 @@ class LitDPCLI(LightningCLI):
         parser.add_lightning_class_args(EMAWeights, "ema")
         parser.add_lightning_class_args(ClipDrivenLR, "clip_lr")
         parser.add_lightning_class_args(PrivacyAccounting, "privacy")
+        parser.add_lightning_class_args(DPModelCheckpoint, "checkpoint")
         parser.link_arguments("model.model", "data.init_args.tokenizer")
         parser.link_arguments("model.target_clip_rate", "clip_lr.target_clip_rate")
         parser.set_defaults(
             {
                 "trainer.use_distributed_sampler": False,
                 "trainer.logger": {
-                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "runs", "name": "lit_dp"},
+                    "class_path": _LOGGER_CLASS,
+                    "init_args": {"save_dir": _DEFAULT_SAVE_DIR, "name": "lit_dp"},
                 },
             }
         )
@@ -79,11 +187,50 @@ class LitDPCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         check_trainer_config(cfg["trainer"])
+        follow_default_root_dir(cfg["trainer"])
+        if self.subcommand == "fit" and cfg.get("ckpt_path") == "last":
+            cfg["ckpt_path"] = resolve_last_checkpoint(cfg)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        # trainer.enable_checkpointing: false turns the always-present checkpoint callback off
+        # (Lightning refuses a ModelCheckpoint callback together with that flag).
+        if config.get("enable_checkpointing") is False:
+            callbacks = [cb for cb in callbacks if not isinstance(cb, DPModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
 
     def after_fit(self) -> None:
         log_dir = Path(self.trainer.log_dir or ".")  # a collective under DDP: all ranks ask
         if self.trainer.global_rank == 0:
             print(run_summary(self.trainer, self.model, log_dir))
+
+
+# Lightning's info lines that are not about the run (advertising, absent accelerators).
+_NOISE = re.compile(r"💡 Tip:|(GPU|TPU|HPU) available: False|LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _NOISE.search(record.getMessage())
+
+
+def quiet_third_party_output() -> None:
+    """Keep the run's output to what is about the run: drop Lightning's tips and
+    accelerator-availability lines, third-party deprecation and future warnings, and the
+    transformers progress bars. lit_dp's own warnings and Lightning's warnings about the
+    user's configuration stay."""
+    from lightning.fabric.utilities.rank_zero import LightningDeprecationWarning
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in log.filters):
+            log.addFilter(_DropNoise())
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings("default", category=category, module=r"lit_dp(\.|$)")
+    warnings.filterwarnings("default", category=LightningDeprecationWarning)  # about the config
+    from lit_dp.models import disable_progress_bars
+
+    disable_progress_bars()
 
 
 def run_summary(trainer, model: DPCausalLM, log_dir: Path) -> str:
@@ -121,6 +268,9 @@ def run_summary(trainer, model: DPCausalLM, log_dir: Path) -> str:
     export = getattr(model, "export_path", None)
     if export:
         lines.append(f"exported EMA model: {export}")
+    last = getattr(trainer.checkpoint_callback, "last_model_path", "")
+    if last:
+        lines.append(f"checkpoint: {last} (--ckpt_path last resumes from it)")
     lines.append("=" * 72)
     return "\n".join(lines)
 

@@ -35,6 +35,18 @@ class DPDDPStrategy(DDPStrategy):
         return None
 
 
+def check_dp_strategy(trainer) -> None:
+    """Refuse a multi-process run on any strategy but :class:`DPDDPStrategy`: Lightning's own
+    DDP (what ``strategy: auto`` picks for several devices) wraps the model in
+    DistributedDataParallel, whose hooks all-reduce raw gradients next to the clipped sums."""
+    if trainer.world_size > 1 and not isinstance(trainer.strategy, DPDDPStrategy):
+        raise ValueError(
+            f"trainer.strategy={type(trainer.strategy).__name__} runs {trainer.world_size} processes "
+            "without lit_dp's DP exchange; use trainer.strategy: dp_ddp (the lit-dp CLI maps "
+            "every multi-device run to it)"
+        )
+
+
 def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
     """In-place sum across ranks of a list of tensors (flattened into one buffer per dtype)."""
     if not is_distributed() or not tensors:

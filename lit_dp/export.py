@@ -6,7 +6,10 @@ only calls methods of the model and tokenizer. Both functions are re-exported by
 Export layout (``out_dir``):
 - ``config.json``, ``model.safetensors``, ``generation_config.json``: ``from_pretrained(out_dir)``.
 - tokenizer files (when a tokenizer is given).
-- ``privacy_report.json`` (when a report is given), scrubbed of seeds and generator states.
+- ``privacy_report.json`` (when a report is given): what epsilon covers and public
+  configuration only. Seeds and generator states are dropped, and so is the report's
+  ``operator_side`` section (exact data-dependent counts such as num_records, truncated,
+  records_without_labels, num_nonfinite_zeroed), which stays in the run directory's report.
 - LoRA is merged into the weights (on a copy; the training model is not touched), except over
   BitNet QAT layers: merging into latent weights that are re-quantized to ternary is not the
   trained function, so the adapter is saved unmerged in ``lora_adapter/`` beside the base.
@@ -32,14 +35,18 @@ from torch import nn
 from lit_dp.sources import BITNET_QAT_FLAG, LORA_ADAPTER_DIR
 
 PRIVACY_REPORT_FILE = "privacy_report.json"
+# The report section of exact, unprivatized data counts: operator-side, never exported.
+OPERATOR_SIDE_KEY = "operator_side"
 # Keys never written next to a released model: knowing the noise draws would undo the privacy.
 _SECRET_KEY = re.compile(r"seed|generator|rng", re.IGNORECASE)
 
 
 def _scrub(obj: Any) -> Any:
-    """Drop (recursively) every dict entry whose key names a seed or generator state."""
+    """Drop (recursively) every dict entry whose key names a seed or generator state, and the
+    operator-side counts."""
     if isinstance(obj, dict):
-        return {k: _scrub(v) for k, v in obj.items() if not _SECRET_KEY.search(str(k))}
+        return {k: _scrub(v) for k, v in obj.items()
+                if k != OPERATOR_SIDE_KEY and not _SECRET_KEY.search(str(k))}
     if isinstance(obj, list | tuple):
         return [_scrub(v) for v in obj]
     return obj

@@ -18,10 +18,10 @@ from tqdm import tqdm
 def read_prompts(path: Path, field: str) -> list[dict]:
     if not path.is_file():
         raise ValueError(f"--prompts file {str(path)!r} does not exist")
+    from lit_dp.data.jsonl import jsonl_lines
+
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, line in jsonl_lines(path):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:

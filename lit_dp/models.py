@@ -368,3 +368,11 @@ def parameter_summary(model: nn.Module) -> dict[str, int | float]:
         "trainable": trainable,
         "trainable_fraction": trainable / total if total else 0.0,
     }
+
+
+def disable_progress_bars() -> None:
+    """Turn off transformers' progress bars (weight loading, shard writing): the CLI's output is
+    the run's own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

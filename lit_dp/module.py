@@ -1,20 +1,23 @@
 """DPCausalLM: a Hugging Face causal LM trained with DP-Adam-AC under manual optimization.
 
-The DP step (DESIGN.md) is written once, in ``_dp_step``, as numbered steps. Callbacks read the
+The DP step is written once, in ``_dp_step``, as numbered steps. Callbacks read the
 ``DPStepRecord`` it leaves in ``last_record``; nothing else about the step leaks out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from torchmetrics.aggregation import MeanMetric
 
-from lit_dp import models
+from lit_dp import distributed, models
 from lit_dp.distributed import all_gather_norms, all_reduce_sum_, broadcast_int, is_distributed
 from lit_dp.optim import DPAdamW
 from lit_dp.privacy.clipping import make_clip_estimator
@@ -202,7 +205,7 @@ class DPCausalLM(L.LightningModule):
         self._stop_reason = reason
 
     def configure_optimizers(self):
-        # May run more than once (checklist 18): it only builds the optimizer, never wraps the model.
+        # Lightning may call this more than once: it only builds the optimizer, never wraps the model.
         params = [p for p in self.model.parameters() if p.requires_grad]
         hp = self.hparams
         if hp.optimizer == "sgd":
@@ -217,6 +220,8 @@ class DPCausalLM(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
+        if self._trainer is not None:  # before Lightning's own DDP could wrap the model
+            distributed.check_dp_strategy(self.trainer)
         if dm is not None and hasattr(dm, "num_units"):
             self._num_units = int(dm.num_units)
         if stage == "fit" and self.private and self.noise_multiplier == "auto":
@@ -434,24 +439,15 @@ class DPCausalLM(L.LightningModule):
 
     # --- end of fit: export the EMA model ----------------------------------------------------
     def on_fit_end(self) -> None:
-        from pathlib import Path
-
         log_dir = Path(self.trainer.log_dir or ".")  # a collective under DDP: all ranks ask
         if self.hparams.export_dir is None or self.trainer.global_rank != 0:
             return
         out = log_dir / "export" if self.hparams.export_dir == "auto" else Path(self.hparams.export_dir)
-        report = None
-        report_path = log_dir / "privacy_report.json"
-        if report_path.exists():
-            import json
-
-            report = json.loads(report_path.read_text())
+        report_path = log_dir / "privacy_report.json"  # export_model keeps its public part only
+        report = json.loads(report_path.read_text()) if report_path.exists() else None
         tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
         ema = self._ema()
-        if ema is not None:
-            with ema.swapped(self):
-                self.export_path = models.export_model(self.model, tokenizer, out, privacy_report=report)
-        else:
+        with ema.swapped(self) if ema is not None else contextlib.nullcontext():
             self.export_path = models.export_model(self.model, tokenizer, out, privacy_report=report)
 
     # --- privacy description (for the report) and checkpoints --------------------------------
@@ -480,7 +476,6 @@ class DPCausalLM(L.LightningModule):
             "noise_multiplier_accounted": self.noise_multiplier,
             "optimizer": self.hparams.optimizer,
             "noise_correction": bool(self.hparams.noise_correction),
-            "num_nonfinite_zeroed": self.num_nonfinite_total,
             "covers": covers,
             "not_covered": not_covered,
         }

@@ -4,9 +4,11 @@ clear error naming the field, before training and without leaving a checkpoint."
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from lit_dp.cli import LitDPCLI, check_trainer_config, main
 from lit_dp.plan import format_plan, make_plan, read_config
@@ -32,19 +34,77 @@ def test_every_config_parses(config, capsys):
     assert "model:" in printed and "privacy:" in printed
 
 
-def test_tiny_config_end_to_end(tmp_path, monkeypatch, capsys):
+def test_quiet_output_drops_what_is_not_about_the_run():
+    """Lightning's tips and absent-accelerator lines and third-party deprecation warnings go;
+    Lightning's other lines, lit_dp's warnings and Lightning's config deprecations stay."""
+    import logging
+    import warnings
+
+    from lightning.fabric.utilities.rank_zero import LightningDeprecationWarning
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from lit_dp.callbacks.accounting import check_delta
+    from lit_dp.cli import quiet_third_party_output
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    log.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            quiet_third_party_output()
+            for line in ("💡 Tip: For seamless cloud logging, try installing [litlogger]",
+                         "GPU available: False, used: False", "TPU available: False, using: 0 TPU cores",
+                         "GPU available: True (cuda), used: True", "`Trainer.fit` stopped: `max_steps=4` reached."):
+                rank_zero_info(line)
+            warnings.warn_explicit("`x` is deprecated", FutureWarning, "torch/_pytree.py", 21,
+                                   module="torch.utils._pytree")
+            warnings.warn_explicit("old", DeprecationWarning, "transformers/x.py", 1, module="transformers.x")
+            warnings.warn_explicit("precision=16 is deprecated", LightningDeprecationWarning,
+                                   "lightning/x.py", 1, module="lightning.pytorch.x")
+            check_delta(1e-4, 256)  # lit_dp's own warning
+    finally:
+        log.removeHandler(handler)
+    assert [r.getMessage() for r in records] == [
+        "GPU available: True (cuda), used: True", "`Trainer.fit` stopped: `max_steps=4` reached."]
+    messages = [str(w.message) for w in caught]
+    assert messages[0] == "precision=16 is deprecated" and "privacy.delta=0.0001" in messages[1]
+    assert len(messages) == 2
+
+
+# Exact data-dependent counts: the run directory's report only, never the exported one.
+OPERATOR_SIDE = {"num_records", "num_validation", "num_test", "truncated", "records_without_labels",
+                 "num_nonfinite_zeroed"}
+
+
+def _keys(obj) -> set[str]:
+    """Every dict key of a JSON document, at any depth."""
+    if isinstance(obj, dict):
+        return set(obj) | {k for v in obj.values() for k in _keys(v)}
+    if isinstance(obj, list):
+        return {k for v in obj for k in _keys(v)}
+    return set()
+
+
+def test_tiny_config_end_to_end(tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     overrides = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
                  "--data.init_args.sampling_seed", "3"]
     plan = make_plan(read_config(["--config", TINY, *overrides]))  # before fit, as a user would
-    cli = LitDPCLI(args=["fit", "--config", TINY, *overrides])
-    out = capsys.readouterr().out
+    cli = LitDPCLI(args=["fit", "--config", TINY, *overrides, "--trainer.default_root_dir", "root"])
+    out, err = capfd.readouterr()
     assert "privacy: epsilon = " in out and "validation loss: before = " in out
     assert "accountant: PLD (RDP, looser, would bound the same steps at epsilon = " in out
-    report = json.loads((Path(cli.trainer.log_dir) / "privacy_report.json").read_text())
+    assert "Writing model shards" not in out + err  # transformers' progress bar at export
+    log_dir = Path(cli.trainer.log_dir)
+    assert log_dir == Path("root") / "lit_dp" / "version_0"  # follows trainer.default_root_dir
+    assert not Path("runs").exists()
+    report = json.loads((log_dir / "privacy_report.json").read_text())
     assert 0.98 * 8.0 <= report["epsilon"] <= 8.0
     assert report["steps"] == 4
     assert report["privacy_unit"] == "example"
+    assert report["delta"] == 1e-5  # min(1e-5, 1/256^1.1 = 0.0022)
     # The PLD accountant calibrated the run; RDP is reported beside it, larger for the same sigma.
     assert report["accountant"] == "pld" and "privacy loss distributions" in report["accountant_description"]
     assert report["epsilon_pld"] == report["epsilon"] < report["epsilon_rdp"]
@@ -57,16 +117,29 @@ def test_tiny_config_end_to_end(tmp_path, monkeypatch, capsys):
     printed = format_plan(plan)
     assert f"{report['noise_multiplier']:.6g}" in printed and f"{report['epsilon']:.4f}" in printed
     assert f"{report['delta']:.4g}" in printed and f"{report['epsilon_rdp']:.4f}" in printed
-    export = Path(cli.trainer.log_dir) / "export"
-    assert (export / "config.json").exists() and (export / "privacy_report.json").exists()
+    assert set(report["operator_side"]) == OPERATOR_SIDE
+    assert report["operator_side"]["num_records"] == 256
+    assert any("operator_side" in item and "never exported" in item for item in report["not_covered"])
+    export = log_dir / "export"
+    assert (export / "config.json").exists()
+    exported = json.loads((export / "privacy_report.json").read_text())
+    assert not _keys(exported) & (OPERATOR_SIDE | {"operator_side"})
+    assert not any(re.search("seed|generator|rng", k, re.IGNORECASE) for k in _keys(exported))
+    # Everything else is the run report: what epsilon covers and public configuration.
+    assert set(exported) == set(report) - {"operator_side"}
+    assert exported["epsilon"] == report["epsilon"] and exported["data"]["num_units"] == 256
     from lit_dp.models import load_model
 
     reloaded = load_model(str(export))
     assert sum(p.numel() for p in reloaded.parameters()) == sum(
         p.numel() for p in cli.model.model.parameters()
     )
-    events = list(Path(cli.trainer.log_dir).glob("events.out.tfevents.*"))
+    events = list(log_dir.glob("events.out.tfevents.*"))
     assert events, "TensorBoard events missing"
+    # Checkpoints by default: last.ckpt at the final step, loadable.
+    last = torch.load(log_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 4 and "lit_dp" in last
+    assert "checkpoint: " in out and "last.ckpt" in out
 
 
 def _no_checkpoint(root: Path) -> bool:
@@ -85,9 +158,15 @@ def _no_checkpoint(root: Path) -> bool:
         (["--data.init_args.num_train", "0"], "empty"),
         (["--trainer.strategy", "fsdp"], "strategy"),
         (["--trainer.accumulate_grad_batches", "2"], "accumulate_grad_batches"),
+        (["--trainer.min_steps", "3"], "trainer.min_steps=3"),
+        (["--trainer.min_epochs", "2"], "trainer.min_epochs=2"),
+        (["--trainer.precision", "16-mixed"], "trainer.precision='16-mixed'"),
+        (["--trainer.precision", "16"], "bf16-mixed"),
+        (["--ckpt_path", "last"], "ckpt_path=last: no checkpoint found"),
     ],
     ids=["negative-sigma", "clip-zero", "delta-too-large", "sample-rate-gt-1", "missing-model",
-         "unreachable-epsilon", "empty-dataset", "fsdp", "grad-accumulation"],
+         "unreachable-epsilon", "empty-dataset", "fsdp", "grad-accumulation", "min-steps-with-budget",
+         "min-epochs-with-budget", "fp16-mixed", "fp16-legacy-name", "resume-without-checkpoint"],
 )
 def test_bad_input_fails_before_training(overrides, match, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -113,10 +192,67 @@ def test_bad_jsonl_fails_before_training(content, match, tmp_path, monkeypatch):
     assert _no_checkpoint(tmp_path)
 
 
-def test_ddp_is_mapped_to_the_dp_strategy():
-    cfg = {"strategy": "ddp"}
+@pytest.mark.parametrize(
+    ("cfg", "strategy"),
+    [
+        ({"strategy": "ddp"}, "dp_ddp"),
+        ({"strategy": "auto", "accelerator": "cpu", "devices": 1}, "auto"),
+        ({"strategy": "auto", "accelerator": "cpu", "devices": 2}, "dp_ddp"),
+        ({"accelerator": "cpu", "devices": "2"}, "dp_ddp"),
+        ({"strategy": "auto", "accelerator": "gpu", "devices": [0, 1]}, "dp_ddp"),
+        ({"strategy": "auto", "accelerator": "gpu", "devices": "0,1"}, "dp_ddp"),
+        ({"strategy": "auto", "accelerator": "cpu", "devices": 1, "num_nodes": 2}, "dp_ddp"),
+        ({"strategy": "single_device", "accelerator": "cpu", "devices": 2}, "dp_ddp"),
+        ({"strategy": "auto", "accelerator": "cpu", "devices": "auto"}, "auto"),
+        ({"strategy": "ddp_spawn", "devices": 2}, "dp_ddp_spawn"),
+    ],
+    ids=["ddp", "one-device", "two-devices", "two-devices-str", "gpu-list", "gpu-str-list",
+         "two-nodes", "single-device-name", "cpu-auto", "spawn"],
+)
+def test_every_multi_process_run_is_mapped_to_the_dp_strategy(cfg, strategy):
     check_trainer_config(cfg)
-    assert cfg["strategy"] == "dp_ddp"
+    assert cfg["strategy"] == strategy
+
+
+def test_two_devices_without_a_strategy_build_the_dp_strategy(tmp_path, monkeypatch):
+    from lit_dp.distributed import DPDDPStrategy
+
+    monkeypatch.chdir(tmp_path)
+    cli = LitDPCLI(args=["--config", TINY, "--trainer.devices", "2"], run=False)
+    assert type(cli.trainer.strategy) is DPDDPStrategy and cli.trainer.num_devices == 2
+
+
+def test_lightning_ddp_is_refused_at_setup():
+    """Outside the CLI, a multi-process run on Lightning's own DDP stops before the model
+    could be wrapped in DistributedDataParallel."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lit_dp.distributed import DPDDPStrategy, check_dp_strategy
+
+    with pytest.raises(ValueError, match=r"trainer\.strategy=DDPStrategy runs 2 processes"):
+        check_dp_strategy(SimpleNamespace(world_size=2, strategy=DDPStrategy()))
+    check_dp_strategy(SimpleNamespace(world_size=2, strategy=DPDDPStrategy()))
+    check_dp_strategy(SimpleNamespace(world_size=1, strategy=DDPStrategy()))
+
+
+def test_enable_checkpointing_false_turns_the_checkpoint_callback_off(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = LitDPCLI(args=["--config", TINY, "--trainer.enable_checkpointing", "false"], run=False)
+    assert cli.trainer.checkpoint_callback is None
+    cli = LitDPCLI(args=["--config", TINY], run=False)
+    from lit_dp.checkpoint import DPModelCheckpoint
+
+    assert isinstance(cli.trainer.checkpoint_callback, DPModelCheckpoint)
+
+
+def test_generate_reads_a_prompt_file_written_on_windows(tmp_path):
+    from lit_dp.generate import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "Hello", "id": 1}\r\n\r\n{"prompt": "Bye", "id": 2}\r\n')
+    assert read_prompts(path, "prompt") == [{"prompt": "Hello", "id": 1}, {"prompt": "Bye", "id": 2}]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])

@@ -1,8 +1,9 @@
-"""DDP on 2 CPU processes (checklist 1): clipped sums are all-reduced, raw gradients never are,
+"""DDP on 2 CPU processes: clipped sums are all-reduced, raw gradients never are,
 and the noise is one draw shared by every rank."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,21 @@ def _fit(tmp: Path, *extra: str) -> None:
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(args, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_devices_without_a_strategy_run_dp_ddp_unwrapped(tmp_path):
+    """`--trainer.devices 2` alone: Lightning's "auto" would run its own DDP, which wraps the
+    model in DistributedDataParallel and all-reduces raw gradients; lit_dp maps it to dp_ddp."""
+    quiet = ["--model.noise_multiplier", "0", "--privacy.target_epsilon", "null"]
+    _fit(tmp_path / "auto", *quiet, "--trainer.devices", "2")
+    for rank in (0, 1):
+        info = json.loads((tmp_path / "auto" / f"strategy_rank{rank}.json").read_text())
+        assert info == {"strategy": "DPDDPStrategy", "world_size": 2, "ddp_wrapped": False}
+    r0 = torch.load(tmp_path / "auto" / "grads_rank0.pt")
+    r1 = torch.load(tmp_path / "auto" / "grads_rank1.pt")
+    for a, b in zip(r0, r1, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # one privatized gradient on both ranks
 
 
 @pytest.mark.slow

@@ -268,6 +268,7 @@ REPORT = {
     "delta": 1e-5,
     "noise_seed": 123,
     "state": {"generator_state": [1, 2], "rng": 5, "steps": 10},
+    "operator_side": {"num_records": 40, "truncated": 1},
 }
 
 
@@ -276,7 +277,8 @@ def test_export_plain_reloads_with_same_logits_and_report_beside(tmp_path):
     out = export_model(model, tiny_tokenizer(), tmp_path / "export", privacy_report=REPORT)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     report = json.loads((out / "privacy_report.json").read_text())
-    assert report == {"epsilon": 3.0, "delta": 1e-5, "state": {"steps": 10}}  # no seeds/states
+    # no seeds, generator states or operator-side counts
+    assert report == {"epsilon": 3.0, "delta": 1e-5, "state": {"steps": 10}}
     assert "seed" not in (out / "config.json").read_text()
     hf = AutoModelForCausalLM.from_pretrained(out)
     torch.testing.assert_close(logits(hf), logits(model), rtol=0, atol=0)

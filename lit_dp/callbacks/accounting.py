@@ -16,25 +16,63 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lit_dp.export import OPERATOR_SIDE_KEY
 from lit_dp.privacy.accountant import RDPAccountant
 from lit_dp.privacy.budget import ACCOUNTANTS, calibrate_noise_multiplier, make_accountant
 
+_OPERATOR_SIDE_NOTE = (
+    "operator_side counts {} (exact, not privatized: at group level num_records / num_units is "
+    "how many records users hold): in the run directory's report only, never exported"
+)
+# A delta above this lets a mechanism release some unit's data in the clear with a probability
+# that is no longer negligible (delta is roughly that probability, per unit).
+MAX_DEFAULT_DELTA = 1e-5
+
 
 def default_delta(num_units: int) -> float:
-    """PAPER.md default: delta = 1 / N^1.1 (strictly below 1/N)."""
-    return 1.0 / num_units**1.1
+    """The default delta: min(1e-5, 1 / N^1.1). 1/N^1.1 alone is strictly below 1/N but large
+    for small N (0.0022 at N = 256, 0.065 for 12 users: a real chance of a full leak)."""
+    return min(MAX_DEFAULT_DELTA, 1.0 / num_units**1.1)
 
 
 def check_delta(delta: float, num_units: int) -> None:
-    """delta must lie in (0, 1/N): a larger delta allows releasing one unit in the clear."""
+    """delta must lie in (0, 1/N): a larger delta allows releasing one unit in the clear. An
+    explicit delta above 1e-5 is allowed (a user may need it for a comparison) with a warning."""
     if not 0.0 < delta < 1.0:
         raise ValueError(f"privacy.delta={delta} must be in (0, 1)")
     if delta >= 1.0 / num_units:
         raise ValueError(
             f"privacy.delta={delta:g} must be below 1/N = {1.0 / num_units:g} for N={num_units} "
-            f"privacy units; leave it unset for the default 1/N^1.1 = {default_delta(num_units):.3g}"
+            f"privacy units; leave it unset for the default min(1e-5, 1/N^1.1) = "
+            f"{default_delta(num_units):.3g}"
+        )
+    if delta > MAX_DEFAULT_DELTA:
+        rank_zero_warn(
+            f"privacy.delta={delta:g} is above 1e-5: with probability up to about delta the "
+            f"guarantee fails for a unit (N={num_units}); leave privacy.delta unset for the default "
+            f"min(1e-5, 1/N^1.1) = {default_delta(num_units):.3g} unless you need this value"
+        )
+
+
+def _refuse_minimum_length(trainer: L.Trainer, target_epsilon: float) -> None:
+    """The budget stop cannot end a run that Lightning must continue: with min_steps or
+    min_epochs, Lightning overrides ``should_stop`` until they are met, while every batch after
+    the stop is skipped (so no step is ever taken again): the run would never end."""
+    given = {name: getattr(trainer, name) for name in ("min_steps", "min_epochs")}
+    # Lightning sets min_epochs = 1 itself when only min_steps is given; name what the user set.
+    if given["min_steps"]:
+        given.pop("min_epochs")
+    given = {name: value for name, value in given.items() if value}
+    if given:
+        fields = " and ".join(f"trainer.{name}={value}" for name, value in given.items())
+        raise ValueError(
+            f"{fields} cannot be combined with the budget stop of privacy.target_epsilon="
+            f"{target_epsilon}: Lightning keeps a stopped run going until the minimum is reached, "
+            "and no step may be taken past the budget, so the run would never end. Unset "
+            f"{' and '.join(f'trainer.{name}' for name in given)} (trainer.max_steps sets the length), "
+            "or set privacy.target_epsilon: null"
         )
 
 
@@ -46,7 +84,8 @@ class PrivacyAccounting(L.Callback):
             is calibrated before training so that the planned ``trainer.max_steps`` end at this
             epsilon; with a fixed noise multiplier, training stops before the first step that would
             exceed it. ``null`` = no budget (epsilon is still reported).
-        delta: target delta; ``null`` = 1/N^1.1 for N privacy units. Must be below 1/N.
+        delta: target delta; ``null`` = min(1e-5, 1/N^1.1) for N privacy units. Must be below
+            1/N; a value above 1e-5 is warned about.
         accountant: "pld" (privacy loss distributions: the tighter epsilon, so less noise for
             the same budget) or "rdp" (Renyi DP). Calibration, the budget stop, the logged
             epsilon and the report's ``epsilon`` use it; the report adds ``epsilon_rdp``.
@@ -65,7 +104,7 @@ class PrivacyAccounting(L.Callback):
         if target_epsilon is not None and not (target_epsilon > 0 and math.isfinite(target_epsilon)):
             raise ValueError(f"privacy.target_epsilon={target_epsilon} must be a positive number or null")
         if delta is not None and not 0.0 < delta < 1.0:
-            raise ValueError(f"privacy.delta={delta} must be in (0, 1) or null for 1/N^1.1")
+            raise ValueError(f"privacy.delta={delta} must be in (0, 1) or null for min(1e-5, 1/N^1.1)")
         if log_epsilon_every_n_steps < 1:
             raise ValueError("privacy.log_epsilon_every_n_steps must be >= 1")
         self.target_epsilon = target_epsilon
@@ -93,6 +132,8 @@ class PrivacyAccounting(L.Callback):
             raise ValueError("data: the training set is empty; add records or fix the path")
         if not pl_module.private:
             return
+        if self.target_epsilon is not None:
+            _refuse_minimum_length(trainer, self.target_epsilon)
         self.delta = self.delta_arg if self.delta_arg is not None else default_delta(self.num_units)
         check_delta(self.delta, self.num_units)
         steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
@@ -205,8 +246,11 @@ class PrivacyAccounting(L.Callback):
     # --- report ------------------------------------------------------------------------------
     def report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         dm = trainer.datamodule
-        data = dm.data_report() if dm is not None and hasattr(dm, "data_report") else {}
+        data = dict(dm.data_report()) if dm is not None and hasattr(dm, "data_report") else {}
         mech = pl_module.privacy_description()
+        # Exact data-dependent counts: this run directory's report only (export drops them).
+        operator_side = {**data.pop(OPERATOR_SIDE_KEY, {}),
+                         "num_nonfinite_zeroed": int(getattr(pl_module, "num_nonfinite_total", 0))}
         private = bool(pl_module.private)
         eps, eps_rdp, order = float("inf"), float("inf"), None
         if private and self.accountant.total_steps > 0:
@@ -238,8 +282,9 @@ class PrivacyAccounting(L.Callback):
             "clipping": mech["clipping"],
             "mechanism": mech,
             "covers": mech["covers"],
-            "not_covered": mech["not_covered"],
+            "not_covered": [*mech["not_covered"], _OPERATOR_SIDE_NOTE.format(sorted(operator_side))],
             "data": data,
+            OPERATOR_SIDE_KEY: operator_side,
             "stop_reason": self.stop_reason,
         }
 

@@ -33,6 +33,7 @@ from lit_dp.data.encoding import (
     encode_records,
     tokenizer_fingerprint,
 )
+from lit_dp.export import OPERATOR_SIDE_KEY
 from lit_dp.privacy.sampling import PoissonBatchSampler, SampleRateSchedule
 
 _CACHE_VERSION = 1
@@ -363,17 +364,24 @@ class DPDataModule(L.LightningDataModule):
 
     # --- reporting and state ---------------------------------------------------------------
     def data_report(self) -> dict[str, Any]:
+        """The data part of the privacy report. Top level: configuration and N, the number of
+        privacy units (public: the accounted sample rate q = expected batch size / N states it).
+        ``operator_side``: exact counts that depend on the data beyond N and that epsilon does
+        not cover (at group level, num_records / N is how many records users hold); they stay
+        in the run directory's report and are never exported."""
         train = self.encoded.get("train", [])
         return {
             "dataset": self.dataset_name(), "privacy_unit": self.privacy_unit,
             "group_key": self.group_key if self.privacy_unit == "group" else None,
-            "num_units": self.num_units, "num_records": len(train),
-            "num_validation": len(self.encoded.get("validation", [])),
-            "num_test": len(self.encoded.get("test", [])),
-            "truncated": self.num_truncated,  # records cut to max_length, all splits
-            "max_length": self.max_length, "loss_on": self.loss_on,
-            # Rows whose labels are all -100 (e.g. a prompt cut by truncation) give no gradient.
-            "records_without_labels": sum(all(x == -100 for x in lab) for _, lab in train),
+            "num_units": self.num_units, "max_length": self.max_length, "loss_on": self.loss_on,
+            OPERATOR_SIDE_KEY: {
+                "num_records": len(train),
+                "num_validation": len(self.encoded.get("validation", [])),
+                "num_test": len(self.encoded.get("test", [])),
+                "truncated": self.num_truncated,  # records cut to max_length, all splits
+                # Rows whose labels are all -100 (e.g. a prompt cut by truncation): no gradient.
+                "records_without_labels": sum(all(x == -100 for x in lab) for _, lab in train),
+            },
         }
 
     def schedule_description(self) -> dict[str, Any]:
@@ -392,7 +400,7 @@ class DPDataModule(L.LightningDataModule):
 
 
 class SyntheticDataModule(DPDataModule):
-    """The synthetic ``emails`` or ``records`` dataset (PAPER.md), optionally with canaries.
+    """The synthetic ``emails`` or ``records`` dataset, optionally with canaries.
 
     Args:
         dataset: "emails" (reply in the mailbox owner's style) or "records" (private registry

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,51 +18,59 @@ def _check_file(path: str | Path, field: str) -> Path:
     return p
 
 
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a JSONL file as any editor writes it: UTF-8 with or without a
+    byte-order mark (Windows tools add one), lines ended by LF, CRLF or CR. Only those three end
+    a line (U+2028 inside a JSON string does not); blank lines are skipped."""
+    with path.open(encoding="utf-8-sig", newline=None) as fh:  # newline=None: any line end
+        for lineno, line in enumerate(fh, start=1):
+            if line.strip():
+                yield lineno, line
+
+
 def read_jsonl(path: str | Path, *, prompt_field: str = "prompt", response_field: str = "response",
                text_field: str = "text", group_key: str | None = None,
                field: str = "train_path", line_numbers: list[int] | None = None) -> list[dict[str, Any]]:
     """Records of one JSONL file, normalized to {prompt, response} or {text} (+ group key).
 
     A line with ``prompt_field`` or ``response_field`` must have both as strings; otherwise it
-    must have ``text_field``. Blank lines are skipped; ``line_numbers``, if given, receives each
-    record's line number. Raises ValueError naming the file, line
+    must have ``text_field``. Files written on Windows (byte-order mark, CRLF) read as any other;
+    blank lines are skipped; ``line_numbers``, if given, receives each record's line number.
+    Raises ValueError naming the file, line
     and field (and the fields present) for anything that cannot be trained on.
     """
     p = _check_file(path, field)
     records = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"data: {p}:{lineno} is not valid JSON ({err.msg}, column {err.colno})") from err
-            if not isinstance(obj, dict):
-                raise ValueError(f"data: {p}:{lineno} must be a JSON object, got {type(obj).__name__}")
-            where = f"data: {p}:{lineno}"
-            if prompt_field in obj or response_field in obj:
-                for name in (prompt_field, response_field):
-                    if not isinstance(obj.get(name), str):
-                        what = "is missing" if name not in obj else "has a non-string"
-                        raise ValueError(f"{where} {what} string field {name!r} (fields present: "
-                                         f"{sorted(obj)}); set data.prompt_field/response_field")
-                rec: dict[str, Any] = {"prompt": obj[prompt_field], "response": obj[response_field]}
-            elif isinstance(obj.get(text_field), str):
-                rec = {"text": obj[text_field]}
-            else:
-                raise ValueError(
-                    f"{where} has neither {prompt_field!r}/{response_field!r} nor {text_field!r} "
-                    f"(fields present: {sorted(obj)}); set data.prompt_field/response_field/text_field"
-                )
-            if group_key is not None:
-                if group_key not in obj:
-                    raise ValueError(f"{where} is missing group_key field {group_key!r} "
-                                     f"(fields present: {sorted(obj)})")
-                rec[group_key] = obj[group_key]
-            records.append(rec)
-            if line_numbers is not None:
-                line_numbers.append(lineno)
+    for lineno, line in jsonl_lines(p):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"data: {p}:{lineno} is not valid JSON ({err.msg}, column {err.colno})") from err
+        if not isinstance(obj, dict):
+            raise ValueError(f"data: {p}:{lineno} must be a JSON object, got {type(obj).__name__}")
+        where = f"data: {p}:{lineno}"
+        if prompt_field in obj or response_field in obj:
+            for name in (prompt_field, response_field):
+                if not isinstance(obj.get(name), str):
+                    what = "is missing" if name not in obj else "has a non-string"
+                    raise ValueError(f"{where} {what} string field {name!r} (fields present: "
+                                     f"{sorted(obj)}); set data.prompt_field/response_field")
+            rec: dict[str, Any] = {"prompt": obj[prompt_field], "response": obj[response_field]}
+        elif isinstance(obj.get(text_field), str):
+            rec = {"text": obj[text_field]}
+        else:
+            raise ValueError(
+                f"{where} has neither {prompt_field!r}/{response_field!r} nor {text_field!r} "
+                f"(fields present: {sorted(obj)}); set data.prompt_field/response_field/text_field"
+            )
+        if group_key is not None:
+            if group_key not in obj:
+                raise ValueError(f"{where} is missing group_key field {group_key!r} "
+                                 f"(fields present: {sorted(obj)})")
+            rec[group_key] = obj[group_key]
+        records.append(rec)
+        if line_numbers is not None:
+            line_numbers.append(lineno)
     if not records:
         raise ValueError(f"data.{field}: file {str(p)!r} is empty; it needs at least one JSON record")
     return records

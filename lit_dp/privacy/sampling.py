@@ -152,11 +152,48 @@ def _step_seed(seed: int, step: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+_UNIFORM_BITS = 53  # uniform integers in [0, 2^53): exact in int64 and in float64 arithmetic
+
+
+def inclusion_thresholds(sample_rate: float, *, bits: int = _UNIFORM_BITS) -> tuple[int, int]:
+    """Integer thresholds ``(whole, tie)`` of the exact Bernoulli(q) draw of :func:`poisson_draw`.
+
+    ``q * 2^bits = whole + tie / 2^bits + r`` with integers whole, tie in [0, 2^bits). A unit is
+    in when its first uniform integer U in [0, 2^bits) is below ``whole``, or equals it
+    (probability 2^-bits) and a second uniform integer is below ``tie``, so the realized
+    inclusion probability is whole / 2^bits + tie / 4^bits = q - r / 2^bits. Every step is exact
+    in float64 (scaling by a power of two, taking the integer part), and r = 0 for every float64
+    q >= 2^-54 with bits=53: the realized probability is exactly the accounted q (a float32
+    ``rand() < q`` realizes ceil(q 2^24) / 2^24 instead, 1.3 % high at q = 1e-6). Below 2^-54,
+    r > 0: the realized rate is lower than q, never higher, by less than 2^-106.
+    """
+    scaled = float(sample_rate) * 2.0**bits
+    whole = math.floor(scaled)
+    return whole, math.floor((scaled - whole) * 2.0**bits)
+
+
+def bernoulli_draw(num_units: int, sample_rate: float, *, generator: torch.Generator,
+                   bits: int = _UNIFORM_BITS) -> torch.Tensor:
+    """(num_units,) bool: independent Bernoulli(q) with realized probability exactly q (see
+    :func:`inclusion_thresholds`), drawn from ``generator`` on the CPU."""
+    whole, tie = inclusion_thresholds(sample_rate, bits=bits)
+    u = torch.randint(0, 2**bits, (num_units,), generator=generator, dtype=torch.int64)
+    keep = u < whole
+    if tie:
+        # The second draw only for units exactly at the threshold (probability 2^-bits each): its
+        # length is a function of the first draw, so the whole draw stays a function of the seed.
+        at = torch.nonzero(u == whole).flatten()
+        if at.numel():
+            v = torch.randint(0, 2**bits, (at.numel(),), generator=generator, dtype=torch.int64)
+            keep[at[v < tie]] = True
+    return keep
+
+
 def poisson_draw(num_units: int, sample_rate: float, *, seed: int, step: int) -> torch.Tensor:
     """Sorted indices (int64) of the units in step ``step``'s batch: independent Bernoulli(q)
-    per unit from a CPU generator seeded by (seed, step) only."""
+    per unit, with realized probability exactly q, from a CPU generator seeded by (seed, step)."""
     gen = torch.Generator().manual_seed(_step_seed(seed, step))
-    return torch.nonzero(torch.rand(num_units, generator=gen) < sample_rate).flatten()
+    return torch.nonzero(bernoulli_draw(num_units, sample_rate, generator=gen)).flatten()
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:

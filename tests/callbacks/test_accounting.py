@@ -1,11 +1,19 @@
-"""PrivacyAccounting's state: both ledgers survive a checkpoint, the accountant of a checkpoint
-must match the run's, and checkpoints from before the accountant was selectable load as RDP."""
+"""PrivacyAccounting: both ledgers survive a checkpoint, the accountant of a checkpoint must match
+the run's (checkpoints from before the accountant was selectable load as RDP), the default delta,
+explicit deltas, and the refusal of a budget stop that Lightning's min_steps / min_epochs would
+turn into an endless run."""
 
 from __future__ import annotations
 
+import warnings
+
+import lightning as L
 import pytest
 
-from lit_dp.callbacks.accounting import PrivacyAccounting
+from lit_dp.callbacks.accounting import PrivacyAccounting, check_delta, default_delta
+from lit_dp.data import SyntheticDataModule
+from lit_dp.models import tiny_tokenizer
+from lit_dp.module import DPCausalLM
 from lit_dp.privacy.accountant import RDPAccountant
 from lit_dp.privacy.pld import PLDAccountant
 
@@ -58,3 +66,53 @@ def test_checkpoint_without_accountant_name_is_an_rdp_ledger():
 def test_unknown_accountant_is_refused():
     with pytest.raises(ValueError, match=r"privacy\.accountant='gdp'"):
         PrivacyAccounting(accountant="gdp")  # type: ignore[arg-type]
+
+
+
+@pytest.mark.parametrize(
+    ("num_units", "expected"),
+    [(12, 1e-5), (256, 1e-5), (35_000, 1e-5), (36_000, 1 / 36_000**1.1),
+     (10**7, 1 / (10**7) ** 1.1)],
+    ids=["12-users", "N256", "N35k", "N36k", "N1e7"],
+)
+def test_default_delta_is_min_of_1e5_and_inverse_n_pow_1_1(num_units, expected):
+    # 1/N^1.1 alone: 0.065 for 12 users, 0.0022 at N = 256; it drops below 1e-5 at N ~ 35,112.
+    assert default_delta(num_units) == pytest.approx(expected, rel=1e-12)
+    assert default_delta(num_units) < 1 / num_units
+    check_delta(default_delta(num_units), num_units)  # the default never warns or fails
+
+
+def test_explicit_delta_above_1e5_warns_and_at_or_above_1_over_n_fails():
+    with pytest.warns(UserWarning, match=r"privacy.delta=0.0001 is above 1e-5"):
+        check_delta(1e-4, 256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_delta(1e-5, 256)
+        check_delta(1e-6, 256)
+    with pytest.raises(ValueError, match=r"privacy.delta=0.004 must be below 1/N = 0.00390625"):
+        check_delta(1 / 250, 256)
+
+
+@pytest.mark.parametrize(("limits", "named"),
+                         [({"min_steps": 3}, "trainer.min_steps=3"),
+                          ({"min_epochs": 2}, "trainer.min_epochs=2")],
+                         ids=["min_steps", "min_epochs"])
+def test_budget_stop_with_a_minimum_length_is_refused_before_training(tmp_path, limits, named):
+    dm = SyntheticDataModule(tokenizer=tiny_tokenizer(), num_train=32, num_val=0, num_test=0,
+                             max_length=512, expected_batch_size=8.0, sampling_seed=0)
+    module = DPCausalLM(model="tiny-qwen2", noise_multiplier=1.0, clipping="fixed",
+                        eval_before_fit=False, export_dir=None)
+    trainer = L.Trainer(max_steps=50, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, default_root_dir=tmp_path,
+                        callbacks=[PrivacyAccounting(target_epsilon=3.0)], **limits)
+    with pytest.raises(ValueError, match=rf"{named} cannot be combined with the budget stop"):
+        trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 0
+    # Without a budget, the minimum length is allowed.
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, default_root_dir=tmp_path,
+                        callbacks=[PrivacyAccounting(target_epsilon=None)], min_steps=1)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2

@@ -263,9 +263,10 @@ def test_truncate_counts_in_report():
     with pytest.warns(UserWarning, match="1 of 3 training records have no token to learn"):
         dm.setup("fit")
     rep = dm.data_report()
-    assert rep["truncated"] == 2
-    assert rep["max_length"] == 40 and rep["num_records"] == 3 and rep["num_units"] == 3
-    assert rep["records_without_labels"] == 1  # the cut prompt lost its whole response
+    counts = rep["operator_side"]  # exact data-dependent counts: never exported
+    assert counts["truncated"] == 2
+    assert rep["max_length"] == 40 and counts["num_records"] == 3 and rep["num_units"] == 3
+    assert counts["records_without_labels"] == 1  # the cut prompt lost its whole response
     assert rep["privacy_unit"] == "example" and rep["group_key"] is None
     assert all(len(ids) <= 40 and len(lab) == len(ids) for ids, lab in dm.encoded["train"])
 
@@ -351,7 +352,8 @@ def test_group_units_sample_whole_groups():
     dm.setup("fit")
     assert dm.num_units == 3
     rep = dm.data_report()
-    assert rep["privacy_unit"] == "group" and rep["group_key"] == "user" and rep["num_records"] == 6
+    assert rep["privacy_unit"] == "group" and rep["group_key"] == "user"
+    assert rep["operator_side"]["num_records"] == 6 and "num_records" not in rep
     members = {0: [0, 2, 5], 1: [1, 4], 2: [3]}  # unit id (first-seen order) -> record indices
     encoded = dm.encoded["train"]
     seen = set()
@@ -695,5 +697,29 @@ def test_jsonl_unhashable_group_key(tmp_path):
     rows = [{**qa(i), "user": ["org", i % 2]} for i in range(4)]
     p = write_jsonl(tmp_path / "d.jsonl", rows)
     dm = jsonl_dm(p, privacy_unit="group", group_key="user", val_fraction=0.0)
+    dm.setup("fit")
+    assert dm.num_units == 2
+
+
+@pytest.mark.parametrize(("bom", "newline"), [(True, "\r\n"), (False, "\r\n"), (True, "\n"), (False, "\r")],
+                         ids=["bom-crlf", "crlf", "bom-lf", "cr"])
+def test_jsonl_written_on_windows_reads_like_lf(tmp_path, bom, newline):
+    """A byte-order mark and CRLF (or CR) line ends change nothing: same records, same line
+    numbers as the LF file; U+2028 inside a string is not a line end."""
+    records = [qa(0, user="a"), {"text": "line\u2028separator", "user": "b"}, qa(2, user="a")]
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    lf = tmp_path / "lf.jsonl"
+    lf.write_bytes(("\n".join(lines[:2]) + "\n\n" + lines[2] + "\n").encode())
+    win = tmp_path / "win.jsonl"
+    text = newline.join(lines[:2]) + newline * 2 + lines[2] + newline
+    win.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
+    from lit_dp.data.jsonl import read_jsonl
+
+    got_lines, want_lines = [], []
+    got = read_jsonl(win, group_key="user", line_numbers=got_lines)
+    assert got == read_jsonl(lf, group_key="user", line_numbers=want_lines)
+    assert got_lines == want_lines == [1, 2, 4]
+    assert got[1]["text"] == "line\u2028separator" and got[0]["prompt"] == "question 0?"
+    dm = jsonl_dm(str(win), val_fraction=0.0, privacy_unit="group", group_key="user")
     dm.setup("fit")
     assert dm.num_units == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import pickle
+from fractions import Fraction
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from lit_dp.privacy.sampling import (
     PoissonBatch,
     PoissonBatchSampler,
     SampleRateSchedule,
+    bernoulli_draw,
+    inclusion_thresholds,
     poisson_draw,
 )
 
@@ -32,6 +35,32 @@ def test_inclusion_frequency_matches_q(q):
     assert abs(counts.sum().item() - total * q) < 5 * math.sqrt(total * q * (1 - q))
     # Per unit: Binomial(steps, q); every one of the 200 units within 6 sigma.
     assert (counts - steps * q).abs().max().item() < 6 * math.sqrt(steps * q * (1 - q))
+
+
+@pytest.mark.parametrize("q", [1e-6, 0.3, 0.123456789, 2.0**-54, 1.0],
+                         ids=["q1e-6", "q0.3", "q-irregular", "q2^-54", "q1"])
+def test_realized_inclusion_probability_equals_the_accounted_rate(q):
+    """The draw includes a unit when U < whole, or U == whole and V < tie (U, V uniform integers
+    in [0, 2^53)): its probability, in exact rational arithmetic, is the float64 q itself."""
+    whole, tie = inclusion_thresholds(q)
+    realized = Fraction(whole, 2**53) + Fraction(1, 2**53) * Fraction(tie, 2**53)
+    assert realized == Fraction(q)
+
+
+def test_float32_threshold_would_overstate_the_rate_at_1e_6():
+    """What the exact draw fixes: a float32 rand() < q realizes ceil(q 2^24) / 2^24."""
+    q = 1e-6
+    assert Fraction(math.ceil(Fraction(q) * 2**24), 2**24) / Fraction(q) > 1.01
+
+
+def test_two_stage_draw_realizes_the_exact_rate():
+    """With 4-bit uniforms, q = 77/256 needs the tie draw: P = 4/16 + (1/16)(13/16) = 77/256.
+    A one-stage rule would give 4/16 or 5/16; 400k draws tell them apart by > 15 sigma."""
+    q, n = 77 / 256, 400_000
+    assert inclusion_thresholds(q, bits=4) == (4, 13)
+    gen = torch.Generator().manual_seed(0)
+    rate = bernoulli_draw(n, q, generator=gen, bits=4).double().mean().item()
+    assert abs(rate - q) < 5 * math.sqrt(q * (1 - q) / n)
 
 
 def test_batch_sizes_are_binomial_not_fixed():

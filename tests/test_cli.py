@@ -12,6 +12,7 @@ import torch
 
 from lit_dp.cli import LitDPCLI, check_trainer_config, main
 from lit_dp.plan import format_plan, make_plan, read_config
+from lit_dp.privacy.pld import PLDAccountant
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
@@ -279,8 +280,14 @@ def test_plan_works_on_every_config_without_the_model(config, capsys, monkeypatc
 
 
 def test_plan_reports_the_budget_stop_and_fit_errors(capsys):
-    main(["plan", "--config", TINY, "--model.noise_multiplier", "0.5", "--trainer.max_steps", "100"])
-    assert "budget stop                   after 10 of 100 steps" in capsys.readouterr().out
+    main(["plan", "--config", TINY, "--model.noise_multiplier", "0.8", "--trainer.max_steps", "100"])
+    # Independent reference: step a PLD ledger at tiny.yaml's q = 32/256 until epsilon passes 8.
+    ledger, steps = PLDAccountant(), 0
+    while ledger.peek_epsilon(delta=1e-5, noise_multiplier=0.8, sample_rate=32 / 256) <= 8.0:
+        ledger.step(noise_multiplier=0.8, sample_rate=32 / 256)
+        steps += 1
+    assert 0 < steps < 100
+    assert f"budget stop                   after {steps} of 100 steps" in capsys.readouterr().out
     with pytest.raises(ValueError, match="delta"):
         main(["plan", "--config", TINY, "--privacy.delta", "0.01"])
     with pytest.raises(ValueError, match="too small for private quantile"):

@@ -1,5 +1,5 @@
 """``python -m lit_dp`` == ``lit-dp``."""
 
-from lit_dp.cli import main
+from lit_dp.commands import main
 
 main()

@@ -14,7 +14,6 @@ end; ``--ckpt_path last`` resumes the newest run in its own directory.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -237,9 +236,9 @@ def run_summary(trainer, model: DPCausalLM, log_dir: Path) -> str:
     """The lines a person reads at the end of a run: epsilon, losses before/after, files."""
     acct = next((cb for cb in trainer.callbacks if isinstance(cb, PrivacyAccounting)), None)
     lines = ["", "=" * 72, "lit_dp run summary"]
-    report_path = log_dir / (acct.report_name if acct else "privacy_report.json")
-    if report_path.exists():
-        report = json.loads(report_path.read_text())
+    report = model.privacy_report  # handed over in memory by PrivacyAccounting at the end of fit
+    if report is not None:
+        report_path = getattr(acct, "report_path", log_dir / "privacy_report.json")
         if report["private"]:
             eps = report["epsilon"]
             eps_s = "inf" if eps is None else f"{eps:.4f}"
@@ -273,24 +272,3 @@ def run_summary(trainer, model: DPCausalLM, log_dir: Path) -> str:
         lines.append(f"checkpoint: {last} (--ckpt_path last resumes from it)")
     lines.append("=" * 72)
     return "\n".join(lines)
-
-
-def main(args: list[str] | None = None) -> None:
-    import sys
-
-    argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["generate"]:
-        from lit_dp.generate import main as generate_main
-
-        generate_main(argv[1:])
-        return
-    if argv[:1] == ["plan"]:  # parses the config like fit, builds no model, trains nothing
-        from lit_dp.plan import main as plan_main
-
-        plan_main(argv[1:])
-        return
-    LitDPCLI(args=args)
-
-
-if __name__ == "__main__":
-    main()

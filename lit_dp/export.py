@@ -1,7 +1,8 @@
 """Export a trained model as a Hugging Face directory, and generate text with it.
 
-No transformers import here (only ``lit_dp.models`` and ``lit_dp.bitnet`` have one); this file
-only calls methods of the model and tokenizer. Both functions are re-exported by ``lit_dp.models``.
+This file only calls methods of the model and tokenizer; it asks ``lit_dp.lora`` and
+``lit_dp.bitnet`` what kind of model it holds. Both functions are re-exported by
+``lit_dp.models``.
 
 Export layout (``out_dir``):
 - ``config.json``, ``model.safetensors``, ``generation_config.json``: ``from_pretrained(out_dir)``.
@@ -32,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_dp.bitnet import has_bitnet_qat
+from lit_dp.lora import is_lora
 from lit_dp.sources import BITNET_QAT_FLAG, LORA_ADAPTER_DIR
 
 PRIVACY_REPORT_FILE = "privacy_report.json"
@@ -80,8 +83,6 @@ def export_model(
 ) -> Path:
     """Write ``model`` (+ ``tokenizer``, + ``privacy_report``) as a HF directory; see the module
     docstring for the layout. Returns ``out_dir`` as a Path. Never mutates ``model``."""
-    from lit_dp.models import has_bitnet_qat, is_lora
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in (out / LORA_ADAPTER_DIR, out / PRIVACY_REPORT_FILE):  # from an earlier export

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -154,6 +155,8 @@ class DPCausalLM(L.LightningModule):
         self._num_units: int | None = None
         self.num_nonfinite_total = 0
         self.val_history: list[dict[str, float]] = []
+        self._evaluation_weights: Callable[[], AbstractContextManager[None]] | None = None
+        self.privacy_report: dict[str, Any] | None = None
         self.val_loss_ema, self.val_loss_raw = MeanMetric(), MeanMetric()
         from torchmetrics.text import Perplexity
 
@@ -350,12 +353,23 @@ class DPCausalLM(L.LightningModule):
         return float(finite.mean()) if finite.numel() else math.nan
 
     # --- evaluation --------------------------------------------------------------------------
-    def _ema(self):
-        from lit_dp.callbacks.ema import EMAWeights
+    def use_evaluation_weights(
+        self, swap: Callable[[], AbstractContextManager[None]] | None
+    ) -> None:
+        """Evaluate and export with the weights that ``swap()`` loads in for the duration of its
+        context (and restores on exit); None = the raw weights. The EMA callback installs its
+        swap at setup, so this module never looks the callback up."""
+        self._evaluation_weights = swap
 
-        if self._trainer is None:
-            return None
-        return next((cb for cb in self.trainer.callbacks if isinstance(cb, EMAWeights)), None)
+    def evaluation_weights(self) -> AbstractContextManager[None]:
+        """Context in which ``self.model`` holds the weights that are evaluated and exported."""
+        swap = self._evaluation_weights
+        return swap() if swap is not None else contextlib.nullcontext()
+
+    def set_privacy_report(self, report: dict[str, Any] | None) -> None:
+        """The run's privacy report, handed over in memory by the accounting callback at the end
+        of fit; the export keeps its public part (see ``lit_dp.export``)."""
+        self.privacy_report = report
 
     def _eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -367,19 +381,15 @@ class DPCausalLM(L.LightningModule):
         return token_nll, logits, int((labels != -100).sum())
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        nll_raw, _, tokens = self._eval_loss(batch)
-        ema = self._ema()
-        if ema is not None:
-            with ema.swapped(self):
+        nll_raw, logits, tokens = self._eval_loss(batch)
+        nll = nll_raw
+        if self._evaluation_weights is not None:  # val/loss and perplexity: evaluation weights
+            with self.evaluation_weights():
                 nll, logits, _ = self._eval_loss(batch)
-        else:
-            nll, logits = nll_raw, None
         if tokens == 0:
             return
         self.val_loss_raw.update(nll_raw / tokens, weight=tokens)
         self.val_loss_ema.update(nll / tokens, weight=tokens)
-        if logits is None:
-            logits = self._eval_loss(batch)[1]
         self.val_perplexity.update(logits[:, :-1].float(), batch["labels"][:, 1:])
 
     def on_validation_epoch_end(self) -> None:
@@ -429,12 +439,10 @@ class DPCausalLM(L.LightningModule):
         if not self.hparams.eval_before_fit:
             return
         raw = self._evaluate()
-        ema = self._ema()
-        if ema is not None:
-            with ema.swapped(self):
+        ema_loss = raw
+        if self._evaluation_weights is not None:
+            with self.evaluation_weights():
                 ema_loss = self._evaluate()
-        else:
-            ema_loss = raw
         self.val_history.append({"step": int(self.global_step), "loss_ema": ema_loss, "loss_raw": raw})
 
     # --- end of fit: export the EMA model ----------------------------------------------------
@@ -443,12 +451,11 @@ class DPCausalLM(L.LightningModule):
         if self.hparams.export_dir is None or self.trainer.global_rank != 0:
             return
         out = log_dir / "export" if self.hparams.export_dir == "auto" else Path(self.hparams.export_dir)
-        report_path = log_dir / "privacy_report.json"  # export_model keeps its public part only
-        report = json.loads(report_path.read_text()) if report_path.exists() else None
         tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
-        ema = self._ema()
-        with ema.swapped(self) if ema is not None else contextlib.nullcontext():
-            self.export_path = models.export_model(self.model, tokenizer, out, privacy_report=report)
+        with self.evaluation_weights():  # export_model keeps the report's public part only
+            self.export_path = models.export_model(
+                self.model, tokenizer, out, privacy_report=self.privacy_report
+            )
 
     # --- privacy description (for the report) and checkpoints --------------------------------
     def privacy_description(self) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_dp.cli import LitDPCLI, check_trainer_config, main
+from lit_dp.cli import LitDPCLI, check_trainer_config
+from lit_dp.commands import main
 from lit_dp.plan import format_plan, make_plan, read_config
 from lit_dp.privacy.pld import PLDAccountant
 

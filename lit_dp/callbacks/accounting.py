@@ -119,6 +119,7 @@ class PrivacyAccounting(L.Callback):
         self.stop_reason: str | None = None
         self.calibrated_noise_multiplier: float | None = None
         self.num_units: int | None = None
+        self.last_report: dict[str, Any] | None = None  # rank 0: the report last written
 
     # --- planning, before any step -----------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -213,6 +214,9 @@ class PrivacyAccounting(L.Callback):
         if self.stop_reason is None:
             self.stop_reason = f"completed: {trainer.global_step} steps (trainer limits reached)"
         self.write_report(trainer, pl_module)
+        hand_over = getattr(pl_module, "set_privacy_report", None)
+        if hand_over is not None:  # the module's export keeps the report's public part
+            hand_over(self.last_report)
 
     def epsilon(self) -> float:
         if self.accountant.total_steps == 0:
@@ -296,8 +300,11 @@ class PrivacyAccounting(L.Callback):
         if trainer.global_rank != 0:
             return path
         log_dir.mkdir(parents=True, exist_ok=True)
+        # A JSON round trip: the report in memory is exactly what the file holds.
+        text = json.dumps(self.report(trainer, pl_module), indent=2, default=str)
+        self.last_report = json.loads(text)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.report(trainer, pl_module), indent=2, default=str))
+        tmp.write_text(text)
         os.replace(tmp, path)
         self.report_path = path
         return path

@@ -6,6 +6,7 @@ The EMA is a function of the (private) weights only, so it is covered by the sam
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -61,6 +62,17 @@ class EMAWeights(L.Callback):
         self._pending_state = state_dict  # applied once the model is on its device
 
     # --- hooks -------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # The module evaluates and exports inside this swap (val/loss, the "after" loss, export).
+        install = getattr(pl_module, "use_evaluation_weights", None)
+        if install is not None:
+            install(functools.partial(self.swapped, pl_module))
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        install = getattr(pl_module, "use_evaluation_weights", None)
+        if install is not None:
+            install(None)
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._ensure_init(pl_module)
 

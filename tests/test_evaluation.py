@@ -1,0 +1,85 @@
+"""Evaluation and export weights, and the privacy report's hand-over to the export.
+
+The EMA callback installs its weight swap on the module at setup (and removes it at teardown);
+the module evaluates and exports inside that swap without looking the callback up. The report
+reaches the export in memory, whatever file name the run directory's copy has.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from test_module import make_dm, make_module, make_trainer
+
+from lit_dp.callbacks.accounting import PrivacyAccounting
+from lit_dp.callbacks.clip_lr import ClipDrivenLR
+from lit_dp.callbacks.ema import EMAWeights
+
+
+def _token_mean_nll(model: torch.nn.Module, loader) -> float:
+    """Independent reference: summed shifted cross-entropy over label tokens / label tokens."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            total += float(torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                ignore_index=-100, reduction="sum"))
+            count += int((labels != -100).sum())
+    return total / count
+
+
+def test_after_loss_uses_the_ema_weights_the_callback_swaps_in(tmp_path):
+    dm = make_dm()
+    module = make_module(eval_before_fit=True, lr=5e-2)
+    ema = EMAWeights(decay=0.5)
+    trainer = make_trainer(tmp_path, max_steps=4)
+    trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, EMAWeights)] + [ema]
+    trainer.fit(module, datamodule=dm)
+    after = module.val_history[-1]
+    loader = dm.val_dataloader()
+    raw = _token_mean_nll(module.model, loader)
+    with torch.no_grad():  # load the EMA shadow by hand, not through the callback's swap
+        for n, p in module.model.named_parameters():
+            if p.requires_grad:
+                p.copy_(ema.shadow[n])
+    ema_loss = _token_mean_nll(module.model, loader)
+    assert abs(ema_loss - raw) > 1e-4, "the EMA and raw weights should differ after 4 steps"
+    assert abs(after["loss_raw"] - raw) < 1e-5
+    assert abs(after["loss_ema"] - ema_loss) < 1e-5
+    # The swap is the callback's: installed at setup, removed at teardown (fit has ended).
+    assert module._evaluation_weights is None
+    with module.evaluation_weights():  # now the identity: nothing is swapped in
+        for n, p in module.model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p, ema.shadow[n])  # the hand-loaded values stay
+
+
+def test_without_ema_the_evaluated_weights_are_the_raw_ones(tmp_path):
+    dm = make_dm()
+    module = make_module(eval_before_fit=True, lr=5e-2)
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, EMAWeights)]
+    trainer.fit(module, datamodule=dm)
+    after = module.val_history[-1]
+    assert after["loss_ema"] == after["loss_raw"]
+    assert abs(after["loss_raw"] - _token_mean_nll(module.model, dm.val_dataloader())) < 1e-5
+
+
+def test_export_receives_the_report_in_memory_under_any_report_name(tmp_path):
+    dm = make_dm()
+    module = make_module(export_dir=str(tmp_path / "export"))
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.callbacks[:] = [EMAWeights(decay=0.9), ClipDrivenLR(),
+                            PrivacyAccounting(target_epsilon=None, report_name="audit.json")]
+    trainer.fit(module, datamodule=dm)
+    assert not (tmp_path / "privacy_report.json").exists()
+    run_report = json.loads((tmp_path / "audit.json").read_text())
+    exported = json.loads((tmp_path / "export" / "privacy_report.json").read_text())
+    assert module.privacy_report == run_report
+    # The export keeps the report minus its operator-side counts (see lit_dp.export).
+    assert set(exported) == set(run_report) - {"operator_side"}
+    assert exported["epsilon"] == run_report["epsilon"] > 0
+    assert exported["ledger"] == run_report["ledger"]

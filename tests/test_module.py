@@ -285,7 +285,7 @@ def test_micro_batches_never_split_a_unit():
 
 
 def test_configure_optimizers_twice_never_wraps_or_hooks_the_model():
-    """Checklist 18: Lightning may call configure_optimizers more than once."""
+    """Lightning may call configure_optimizers more than once; it must never wrap or hook the model."""
     module = make_module()
     model_type = type(module.model)
     hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.model.modules())

@@ -1,4 +1,4 @@
-"""Clip-driven learning-rate multiplier on top of a base schedule (PAPER.md).
+"""Clip-driven learning-rate multiplier on top of a base schedule (DP-Adam-AC; docs/method.md).
 
 gamma_{t+1} = clamp(gamma_t * up,   gamma_min, gamma_max)  if clip_rate < rho* - band
             = clamp(gamma_t * down, gamma_min, gamma_max)  if clip_rate > rho* + band
@@ -57,7 +57,7 @@ class ClipDrivenLR(L.Callback):
         warmup_steps: linear warm-up steps (0 = none).
         min_lr_ratio: final lr / base lr for the cosine schedule.
         adaptive: apply the clip-driven multiplier gamma (False = base schedule only).
-        target_clip_rate: rho*, the clip rate the multiplier steers toward (PAPER.md: 0.2).
+        target_clip_rate: rho*, the clip rate the multiplier steers toward (the paper's example: 0.2).
         band: no change while |clip_rate - rho*| <= band.
         up: factor when the clip rate is below rho* - band.
         down: factor when the clip rate is above rho* + band.

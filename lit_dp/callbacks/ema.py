@@ -25,7 +25,7 @@ class EMAWeights(L.Callback):
     """Keeps an exponential moving average of every trainable parameter of ``pl_module.model``.
 
     Args:
-        decay: EMA decay d in [0, 1). PAPER.md default 0.999, with warm-up (see ``ema_decay``).
+        decay: EMA decay d in [0, 1), with warm-up (see ``ema_decay``); default 0.999.
         evaluate_with_ema: swap the EMA weights in for test and predict (validation computes
             both EMA and raw losses; see ``DPCausalLM.validation_step``).
     """

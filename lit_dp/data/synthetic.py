@@ -1,4 +1,4 @@
-"""The two synthetic datasets of PAPER.md, generated from a seed (pure Python, no downloads).
+"""The two synthetic datasets, ``emails`` and ``records``, generated from a seed (pure Python).
 
 ``emails``: an assistant's mailbox. Each record's prompt is an incoming email (sender, subject,
 body with names, dates, amounts, phone numbers, codes); the response is the mailbox owner's reply.

@@ -2,9 +2,10 @@
 
 The one noise formula of lit_dp: the Gaussian mechanism adds, once per optimizer step, noise of
 standard deviation ``std = noise_multiplier * max_grad_norm`` (sigma * C, in gradient-norm units)
-to every coordinate of the clipped gradient sum. Noise is always drawn in fp32 (checklist 7) and
-from a ``torch.Generator`` that the caller owns, so that it can be seeded identically on every
-DDP rank (checklist 1) and checkpointed (checklist 17).
+to every coordinate of the clipped gradient sum. Noise is always drawn in fp32 (a bf16 draw would
+round a small std away) and from a ``torch.Generator`` that the caller owns, so that it can be
+seeded identically on every DDP rank (one draw per step, never one per rank) and checkpointed (a
+resumed run continues the same noise stream).
 
 The noise seed and generator state are secret operator-side state: they belong in checkpoints,
 never in an exported model.
@@ -123,7 +124,7 @@ def add_noise_(
     advance), so a sigma = 0 run costs no full-model draw and its sums stay bitwise unchanged.
 
     Args:
-        grads: parameter name -> clipped gradient sum, fp32 or fp64 (checklist 7: the sums are
+        grads: parameter name -> clipped gradient sum, fp32 or fp64 (the sums are
             accumulated in fp32, never in the model's bf16). Modified in place.
         noise_multiplier: sigma >= 0 applied to this sum (the raised gradient multiplier when the
             clip bound is a private quantile, see ``ClipBoundEstimator.grad_noise_multiplier``).

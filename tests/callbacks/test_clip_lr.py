@@ -1,4 +1,4 @@
-"""Clip-driven LR multiplier (PAPER.md rule) and base schedules."""
+"""Clip-driven LR multiplier (DP-Adam-AC's rule, docs/method.md) and base schedules."""
 
 import math
 from types import SimpleNamespace

@@ -93,7 +93,7 @@ def test_noise_is_fp32_for_bf16_grads():
     assert noise.dtype == torch.float32
     assert noise.shape == t.shape
     assert noise.device == gen.device
-    # A bf16 sum would round noise away; add_noise_ refuses it (checklist 7).
+    # A bf16 sum would round noise away; add_noise_ refuses it.
     with pytest.raises(TypeError, match="fp32"):
         add_noise_({"w": t}, noise_multiplier=1.0, max_grad_norm=1.0, generator=gen)
 

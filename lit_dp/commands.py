@@ -26,7 +26,26 @@ def main(args: list[str] | None = None) -> None:
         return
     from lit_dp.cli import LitDPCLI
 
-    LitDPCLI(args=args)
+    try:
+        LitDPCLI(args=args)
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """End a multi-process run's process group while every rank is still alive.
+
+    Left to interpreter shutdown, the gloo group's threads can be torn down after the objects they
+    use, and the process aborts ("terminate called without an active exception") after a run that
+    finished: the barrier lets every rank finish its last collective, then the group is destroyed.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

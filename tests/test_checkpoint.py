@@ -217,8 +217,12 @@ def test_cli_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(t
     rep_a = json.loads((a / "privacy_report.json").read_text())
     rep_b = json.loads((b / "privacy_report.json").read_text())
     assert rep_a["steps"] == rep_b["steps"] == 6
-    assert rep_b["epsilon"] == pytest.approx(rep_a["epsilon"], rel=1e-12)
-    assert rep_b["ledger"] == rep_a["ledger"]
+    assert rep_b["ledger"] == rep_a["ledger"]  # the same steps, rates and noise, exactly
+    # The resumed PLD is recomposed from that ledger with equal steps as one self-composition
+    # (an FFT power) where the uninterrupted run convolved step by step: the same pessimistic
+    # bound, rounded in another order (seen: 1.3e-11 relative).
+    assert rep_b["epsilon"] == pytest.approx(rep_a["epsilon"], rel=1e-9)
+    assert rep_b["epsilon_rdp"] == pytest.approx(rep_a["epsilon_rdp"], rel=1e-12)
     exported_a = load_file(a / "export" / "model.safetensors")
     exported_b = load_file(b / "export" / "model.safetensors")
     assert exported_a.keys() == exported_b.keys()

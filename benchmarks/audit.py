@@ -36,6 +36,7 @@ import os
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _meta import provenance  # benchmarks/ is sys.path[0] when run as a script
 
-from lit_dp import ClipDrivenLR, DPCausalLM, EMAWeights, PrivacyAccounting, SyntheticDataModule
+from lit_dp import (
+    ClipDrivenLR,
+    DPAdamW,
+    DPCausalLM,
+    EMAWeights,
+    PrivacyAccounting,
+    SyntheticDataModule,
+)
 from lit_dp.data.encoding import collate_rows, encode_records
 from lit_dp.data.synthetic import plant_canaries
+from lit_dp.privacy.clipping import PrivateQuantile
 
 
 class AuditDataModule(SyntheticDataModule):
@@ -184,10 +193,11 @@ def run_one(cfg: dict[str, Any], epsilon: float | None, args, unit: str = "examp
                          sampling_seed=args.seed, data_seed=args.seed)
     private = epsilon is not None
     module = DPCausalLM(model=args.model, private=private, noise_multiplier="auto" if private else 0.0,
-                        lr=cfg["lr"], eval_before_fit=False, export_dir=None,
+                        optimizer=partial(DPAdamW, lr=cfg["lr"]), eval_before_fit=False, export_dir=None,
                         # divisor 4 (default 20): the quantile count noise (std B/divisor) must
                         # exceed sigma/2, which the small audit batches need (B = 16 here).
-                        count_noise_divisor=args.count_noise_divisor, noise_seed=args.seed, max_physical_batch_size=cfg["batch"] * 2)
+                        clipping=PrivateQuantile(count_noise_divisor=args.count_noise_divisor),
+                        noise_seed=args.seed, max_physical_batch_size=cfg["batch"] * 2)
     ema = EMAWeights(decay=0.99)
     trainer = L.Trainer(max_steps=cfg["steps"], accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -29,6 +29,7 @@ import logging
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,13 @@ from _meta import provenance  # benchmarks/ is sys.path[0] when run as a script
 
 from lit_dp import (
     ClipDrivenLR,
+    DPAdamW,
     DPCausalLM,
     EMAWeights,
     PrivacyAccounting,
     SyntheticDataModule,
 )
+from lit_dp.privacy.clipping import ClipBoundEstimator, FixedClip, PrivateQuantile
 
 SIGMAS = (0.0, 0.5, 1.0, 2.0)
 C0 = 1.0  # the clip bound at step 0 (fixed clipping keeps it)
@@ -113,15 +116,24 @@ def run_one(cfg: dict[str, Any], model_kw: dict[str, Any], *, dataset: str, sigm
         num_val=cfg["num_val"], num_test=0, max_length=cfg["max_length"],
         expected_batch_size=cfg["batch"], sampling_seed=seed,
     )
-    kw: dict[str, Any] = dict(
-        model_kw, private=private, noise_multiplier=sigma if private else 0.0, lr=cfg["lr"],
-        clipping="private_quantile", max_grad_norm=C0, count_noise_divisor=cfg["count_noise_divisor"],
-        max_physical_batch_size=cfg["physical"], noise_seed=seed, eval_before_fit=True, export_dir=None,
+    ov = dict(overrides or {})
+    # The overrides name the ablated part; here they become the module's components.
+    if ov.pop("clipping", "private_quantile") == "fixed":
+        clip: ClipBoundEstimator = FixedClip(max_grad_norm=C0)
+    else:
+        clip = PrivateQuantile(initial_clip=C0, count_noise_divisor=cfg["count_noise_divisor"])
+    if ov.pop("optimizer", "adamw") == "sgd":
+        optimizer = partial(torch.optim.SGD, lr=cfg["sgd_lr"], momentum=ov.pop("momentum", 0.0))
+    else:
+        optimizer = partial(DPAdamW, lr=cfg["lr"], noise_correction=ov.pop("noise_correction", False),
+                            variance_floor=ov.pop("variance_floor", 1e-8))
+    if ov:
+        raise ValueError(f"unknown ablation overrides {sorted(ov)}")
+    module = DPCausalLM(
+        **model_kw, private=private, noise_multiplier=sigma if private else 0.0, clipping=clip,
+        optimizer=optimizer, max_physical_batch_size=cfg["physical"], noise_seed=seed,
+        eval_before_fit=True, export_dir=None,
     )
-    kw.update(overrides or {})
-    if kw.get("optimizer") == "sgd":
-        kw["lr"] = cfg["sgd_lr"]
-    module = DPCausalLM(**kw)
     log, acct = TrainLog(), PrivacyAccounting(target_epsilon=target_eps)
     callbacks = [EMAWeights(decay=cfg["ema"]), ClipDrivenLR(adaptive=adaptive_lr), log, acct]
     trainer = L.Trainer(
@@ -134,7 +146,10 @@ def run_one(cfg: dict[str, Any], model_kw: dict[str, Any], *, dataset: str, sigm
     start = time.time()
     trainer.fit(module, datamodule=dm)
     return {
-        "dataset": dataset, "model": kw, "seed": seed, "private": private,
+        "dataset": dataset,
+        "model": {**model_kw, "clipping": module.clip.describe(), "optimizer": repr(optimizer),
+                  "max_physical_batch_size": cfg["physical"]},
+        "seed": seed, "private": private,
         "noise_multiplier": float(module.noise_multiplier) if private else 0.0,
         "epsilon": acct.epsilon() if private else None, "delta": acct.delta if private else None,
         "clip_driven_lr": adaptive_lr, "steps": int(trainer.global_step),

@@ -1,9 +1,11 @@
 """Step-time benchmark: one full DP training step of lit_dp against non-private and Opacus.
 
-Each method runs the real optimizer step on the same model and batch (STYLE item 15):
+Each method runs the real optimizer step on the same model and batch:
 
     nonprivate    forward, mean per-row loss, backward, torch.optim.AdamW step
-    fast          per_example_clip(engine="fast") + add_noise_ + divide + DPAdamW step
+    fast          lit_dp.privacy.privatize(engine="fast") + DPAdamW step: training's own step
+                  (micro-batches of DPCausalLM's default max_physical_batch_size, clipped sums,
+                  noise, division by the expected batch size, private-quantile clip update)
     vmap          the same with engine="vmap"
     opacus_hooks  opacus GradSampleModule (per-sample grads by hooks) + DPOptimizer(AdamW)
     opacus_ghost  opacus GradSampleModuleFastGradientClipping(use_ghost_clipping=True)
@@ -106,6 +108,15 @@ def _loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return per_example_losses(logits, batch["labels"])  # (B,) fp32
 
 
+def training_max_rows() -> int:
+    """Rows per physical micro-batch that training uses by default (DPCausalLM's default)."""
+    import inspect
+
+    from lit_dp.module import DPCausalLM
+
+    return int(inspect.signature(DPCausalLM).parameters["max_physical_batch_size"].default)
+
+
 def make_step(method: str, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
     """A closure doing one full optimizer step of ``method`` on ``model`` (modified in place)."""
     rows = int(batch["input_ids"].shape[0])
@@ -119,19 +130,26 @@ def make_step(method: str, model: torch.nn.Module, batch: dict[str, torch.Tensor
 
         return step
     if method in ("fast", "vmap"):
+        # Training's own step: lit_dp.privacy.privatize (micro-batches of the module's default
+        # size, clipped sums, noise, division by the expected batch size, the private-quantile
+        # clip-bound update) and then the DPAdamW step, as DPCausalLM._dp_step runs them.
         from lit_dp.optim import DPAdamW
-        from lit_dp.privacy.noise import add_noise_, make_generator
-        from lit_dp.privacy.per_sample import per_example_clip
+        from lit_dp.privacy.clipping import PrivateQuantile
+        from lit_dp.privacy.mechanism import privatize
+        from lit_dp.privacy.noise import make_generator
 
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         opt = DPAdamW(params.values(), lr=LR)
         gen, _ = make_generator(0)
+        clip = PrivateQuantile(initial_clip=CLIP)
+        max_rows = training_max_rows()
 
         def step() -> None:
-            out = per_example_clip(model, batch, max_grad_norm=CLIP, engine=method)
-            add_noise_(out.grads, noise_multiplier=SIGMA, max_grad_norm=CLIP, generator=gen)
+            out = privatize(model, batch, clip=clip, noise_multiplier=SIGMA,
+                            expected_batch_size=rows, generator=gen, engine=method,
+                            max_rows=max_rows)
             for n, p in params.items():
-                p.grad = (out.grads[n] / rows).to(p.dtype)
+                p.grad = out.grads[n].to(p.dtype)
             opt.step()
             opt.zero_grad(set_to_none=True)
 

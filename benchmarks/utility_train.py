@@ -18,14 +18,23 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
-from lit_dp import ClipDrivenLR, DPCausalLM, EMAWeights, PrivacyAccounting, SyntheticDataModule
+from lit_dp import (
+    ClipDrivenLR,
+    DPAdamW,
+    DPCausalLM,
+    EMAWeights,
+    PrivacyAccounting,
+    SyntheticDataModule,
+)
 from lit_dp.callbacks.ema import ema_decay
+from lit_dp.privacy.clipping import FixedClip, PrivateQuantile
 
 
 @dataclass(frozen=True)
@@ -92,16 +101,17 @@ class Trace(L.Callback):
 
 class NoiseFloor(L.Callback):
     """Sets DP-AdamBC's variance floor to (sigma C / E[B])^2, the per-coordinate variance of the
-    noise in the averaged gradient, once PrivacyAccounting has calibrated sigma (setup runs before
-    configure_optimizers; list this callback after PrivacyAccounting)."""
+    noise in the averaged gradient, in every optimizer group at the start of training (after
+    PrivacyAccounting has calibrated sigma in setup and the optimizer has been built)."""
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit":
-            return
+    def on_train_start(self, trainer, pl_module) -> None:
         dm = trainer.datamodule
         expected = dm.schedule.rate(0) * dm.num_units
         std = float(pl_module.noise_multiplier) * float(pl_module.clip.max_grad_norm) / expected
-        pl_module.hparams.variance_floor = self.floor = std**2
+        self.floor = std**2
+        for opt in trainer.optimizers:  # built by now: set DPAdamW's floor in every group
+            for group in opt.param_groups:
+                group["variance_floor"] = self.floor
 
 
 class EMASweep(L.Callback):
@@ -186,9 +196,11 @@ def train_one(spec: Any, recipe: Any, organism: Path) -> list[dict[str, Any]]:
     module = DPCausalLM(
         model=str(organism), lora_rank=recipe.lora_rank, lora_alpha=recipe.lora_alpha,
         private=variant.private, noise_multiplier="auto" if variant.private else 0.0,
-        clipping=variant.clipping, max_grad_norm=recipe.max_grad_norm,
-        target_clip_rate=recipe.target_clip_rate, optimizer=variant.optimizer,
-        momentum=variant.momentum, lr=spec.lr, noise_correction=variant.noise_correction,
+        clipping=FixedClip(recipe.max_grad_norm) if variant.clipping == "fixed" else PrivateQuantile(
+            initial_clip=recipe.max_grad_norm, target_clip_rate=recipe.target_clip_rate),
+        optimizer=partial(torch.optim.SGD, lr=spec.lr, momentum=variant.momentum)
+        if variant.optimizer == "sgd"
+        else partial(DPAdamW, lr=spec.lr, noise_correction=variant.noise_correction),
         noise_seed=spec.seed, max_physical_batch_size=recipe.max_physical_batch_size,
         eval_before_fit=True, export_dir=None,
     )

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from lit_dp.optim import DPAdamW
     from lit_dp.privacy.accountant import RDPAccountant
     from lit_dp.privacy.budget import calibrate_noise_multiplier
+    from lit_dp.privacy.mechanism import PrivateStep, privatize
     from lit_dp.privacy.per_sample import clipped_grad_sum
     from lit_dp.privacy.pld import PLDAccountant
 
@@ -31,10 +32,12 @@ _SOURCES = {
     "JSONLDataModule": "lit_dp.data",
     "PLDAccountant": "lit_dp.privacy.pld",
     "PrivacyAccounting": "lit_dp.callbacks.accounting",
+    "PrivateStep": "lit_dp.privacy.mechanism",
     "RDPAccountant": "lit_dp.privacy.accountant",
     "SyntheticDataModule": "lit_dp.data",
     "calibrate_noise_multiplier": "lit_dp.privacy.budget",
     "clipped_grad_sum": "lit_dp.privacy.per_sample",
+    "privatize": "lit_dp.privacy.mechanism",
 }
 
 __all__ = [
@@ -46,10 +49,12 @@ __all__ = [
     "JSONLDataModule",
     "PLDAccountant",
     "PrivacyAccounting",
+    "PrivateStep",
     "RDPAccountant",
     "SyntheticDataModule",
     "calibrate_noise_multiplier",
     "clipped_grad_sum",
+    "privatize",
 ]
 __version__ = "0.1.0"
 

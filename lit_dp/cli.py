@@ -160,11 +160,11 @@ def resolve_last_checkpoint(cfg) -> str:
 
 
 class LitDPCLI(LightningCLI):
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         quiet_third_party_output()
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"default_env": False})
-        super().__init__(DPCausalLM, DPDataModule, *args, subclass_mode_data=True, **kwargs)
+        super().__init__(DPCausalLM, DPDataModule, subclass_mode_data=True, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(EMAWeights, "ema")
@@ -172,7 +172,6 @@ class LitDPCLI(LightningCLI):
         parser.add_lightning_class_args(PrivacyAccounting, "privacy")
         parser.add_lightning_class_args(DPModelCheckpoint, "checkpoint")
         parser.link_arguments("model.model", "data.init_args.tokenizer")
-        parser.link_arguments("model.target_clip_rate", "clip_lr.target_clip_rate")
         parser.set_defaults(
             {
                 "trainer.use_distributed_sampler": False,

@@ -2,8 +2,9 @@
 
 ``DPDDPStrategy`` is Lightning's DDP strategy without the DistributedDataParallel wrapper: DDP's
 own gradient hook would average raw per-rank gradients, which is exactly what DP must not do.
-The DP step instead sums the clipped per-unit gradients across ranks (``all_reduce_sum_``), then
-every rank adds the same noise draw (identical generators, seeded from rank 0).
+The DP step instead sums the clipped per-unit gradients across ranks (the collectives live in
+``lit_dp.privacy.collectives``, re-exported here), then every rank adds the same noise draw
+(identical generators, seeded from rank 0).
 """
 
 from __future__ import annotations
@@ -13,9 +14,21 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
+from lit_dp.privacy.collectives import (
+    all_gather_norms,
+    all_reduce_sum_,
+    broadcast_int,
+    is_distributed,
+)
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+__all__ = [
+    "DPDDPStrategy",
+    "all_gather_norms",
+    "all_reduce_sum_",
+    "broadcast_int",
+    "check_dp_strategy",
+    "is_distributed",
+]
 
 
 class DPDDPStrategy(DDPStrategy):
@@ -45,40 +58,3 @@ def check_dp_strategy(trainer) -> None:
             "without lit_dp's DP exchange; use trainer.strategy: dp_ddp (the lit-dp CLI maps "
             "every multi-device run to it)"
         )
-
-
-def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
-    """In-place sum across ranks of a list of tensors (flattened into one buffer per dtype)."""
-    if not is_distributed() or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t))
-        offset += n
-
-
-def all_gather_norms(norms: torch.Tensor) -> torch.Tensor:
-    """Concatenate the per-unit norms of every rank (variable lengths), rank order."""
-    if not is_distributed():
-        return norms
-    size = torch.tensor([norms.numel()], device=norms.device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.full((longest,), float("nan"), device=norms.device, dtype=norms.dtype)
-    padded[: norms.numel()] = norms
-    gathered = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes, strict=True)])
-
-
-def broadcast_int(value: int, device: torch.device) -> int:
-    """Rank 0's value on every rank (used for the noise seed)."""
-    if not is_distributed():
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.broadcast(t, src=0)
-    return int(t.item())

@@ -1,57 +1,40 @@
 """DPCausalLM: a Hugging Face causal LM trained with DP-Adam-AC under manual optimization.
 
-The DP step is written once, in ``_dp_step``, as numbered steps. Callbacks read the
-``DPStepRecord`` it leaves in ``last_record``; nothing else about the step leaks out.
+The DP mechanism is written once, in ``lit_dp.privacy.mechanism.privatize``; ``_dp_step`` calls it
+and hands the private gradient to the optimizer. Callbacks read the ``DPStepRecord`` it leaves in
+``last_record``; nothing else about the step leaks out.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torchmetrics.aggregation import MeanMetric
 
 from lit_dp import distributed, models
-from lit_dp.distributed import all_gather_norms, all_reduce_sum_, broadcast_int, is_distributed
 from lit_dp.optim import DPAdamW
-from lit_dp.privacy.clipping import make_clip_estimator
-from lit_dp.privacy.noise import add_noise_, make_generator
-from lit_dp.privacy.per_sample import ENGINES, per_example_clip, per_example_losses
+from lit_dp.privacy.clipping import ClipBoundEstimator, FixedClip, PrivateQuantile
+from lit_dp.privacy.collectives import all_reduce_sum_, broadcast_int, is_distributed
+from lit_dp.privacy.mechanism import privatize, split_micro_batches
+from lit_dp.privacy.noise import make_generator
+from lit_dp.privacy.per_sample import ENGINES, per_example_losses
 from lit_dp.step_record import DPStepRecord
-
-_MODEL_KEYS = ("input_ids", "attention_mask", "labels")
-
-
-def split_micro_batches(batch: dict[str, Any], max_rows: int) -> list[dict[str, torch.Tensor]]:
-    """Physical micro-batches of at most ``max_rows`` rows that never split a privacy unit.
-
-    Rows of one unit (``unit_ids``) are contiguous; a unit larger than ``max_rows`` goes alone.
-    """
-    rows = batch["input_ids"].shape[0]
-    unit_ids = batch.get("unit_ids")
-    if unit_ids is None:
-        bounds = [*list(range(0, rows, max_rows)), rows]
-    else:
-        starts = [0] + [i for i in range(1, rows) if unit_ids[i] != unit_ids[i - 1]] + [rows]
-        bounds = [0]
-        for unit_start, unit_end in itertools.pairwise(starts):
-            # Close the current micro-batch before a unit that would overflow it.
-            if unit_end - bounds[-1] > max_rows and unit_start > bounds[-1]:
-                bounds.append(unit_start)
-        bounds.append(rows)
-    keys = [*_MODEL_KEYS, "unit_ids"] if unit_ids is not None else list(_MODEL_KEYS)
-    return [{k: batch[k][a:b] for k in keys} for a, b in itertools.pairwise(bounds)]
 
 
 class DPCausalLM(L.LightningModule):
     """Causal LM fine-tuning with DP-Adam-AC (or the non-private baseline with ``private: false``).
+
+    The clip-bound estimator and the optimizer are components: each is built from its own class
+    (in a config, ``class_path`` and ``init_args``) and validates its own fields.
 
     Args:
         model: model source: "smollm2-135m-instruct" (embedded default), "tiny-qwen2",
@@ -65,27 +48,16 @@ class DPCausalLM(L.LightningModule):
         private: false runs the same loop without clipping, noise or accounting (baseline).
         noise_multiplier: sigma, noise std in units of the clip bound; "auto" calibrates it to
             privacy.target_epsilon over trainer.max_steps.
-        clipping: "private_quantile" (default; Andrew et al. 2021, covered by epsilon),
-            "fixed", or "history_percentile" (the paper's; uses raw norms: NOT covered).
-        max_grad_norm: C, the clip bound per privacy unit (initial value for adaptive modes).
-        target_clip_rate: rho*, the fraction of units the adaptive bound aims to clip.
-        clip_learning_rate: eta of the private quantile's geometric update.
-        count_noise_divisor: private quantile count noise std = expected batch size / divisor.
-        history_size: H, the history buffer length of "history_percentile".
-        min_clip: lower clamp of adaptive C.
-        max_clip: upper clamp of adaptive C.
+        clipping: the clip-bound estimator (``lit_dp.privacy.clipping``): ``PrivateQuantile``
+            (default; Andrew et al. 2021, covered by epsilon), ``FixedClip``, or
+            ``HistoryPercentile`` (the paper's rule; uses raw norms: NOT covered by epsilon).
+            None builds a fresh ``PrivateQuantile()``.
+        optimizer: a callable taking the trainable parameters and returning the optimizer, e.g.
+            ``DPAdamW`` (default: ``lit_dp.optim.DPAdamW`` with its defaults) or
+            ``torch.optim.SGD`` (the DP-SGD baseline); both receive the same clipped, noised,
+            averaged gradient. DP-AdamBC is ``DPAdamW(noise_correction=True)``.
         engine: per-unit clipping engine: "fast" (book-keeping ghost clipping), "vmap", "loop".
         max_physical_batch_size: rows per forward/backward; bounds memory, not the math.
-        lr: base learning rate of DPAdamW (times schedule and clip-driven multiplier).
-        betas: Adam betas.
-        eps: Adam epsilon.
-        weight_decay: decoupled weight decay.
-        noise_correction: DP-AdamBC second-moment noise-variance correction.
-        variance_floor: lower bound of the noise-corrected second moment (DP-AdamBC's gamma);
-            a coordinate whose corrected moment is at the floor steps by lr * m / sqrt(floor).
-        optimizer: "adamw" (DPAdamW, the paper's) or "sgd" (DP-SGD with ``momentum``), the
-            baseline; both receive the same clipped, noised, averaged gradient.
-        momentum: SGD momentum (optimizer="sgd" only).
         noise_seed: seed of the noise generator; null draws it from OS entropy (recommended;
             a fixed seed is for tests and reproducibility studies only).
         diagnostics: also log raw (non-private) per-unit norm statistics; named in the report.
@@ -104,24 +76,10 @@ class DPCausalLM(L.LightningModule):
         lora_target_modules: list[str] | None = None,
         private: bool = True,
         noise_multiplier: float | Literal["auto"] = "auto",
-        clipping: Literal["private_quantile", "fixed", "history_percentile"] = "private_quantile",
-        max_grad_norm: float = 1.0,
-        target_clip_rate: float = 0.2,
-        clip_learning_rate: float = 0.2,
-        count_noise_divisor: float = 20.0,
-        history_size: int = 1000,
-        min_clip: float = 0.01,
-        max_clip: float = 100.0,
+        clipping: ClipBoundEstimator | None = None,
+        optimizer: OptimizerCallable | None = None,
         engine: Literal["fast", "vmap", "loop"] = "fast",
         max_physical_batch_size: int = 16,
-        lr: float = 5e-4,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        noise_correction: bool = False,
-        variance_floor: float = 1e-8,
-        optimizer: Literal["adamw", "sgd"] = "adamw",
-        momentum: float = 0.0,
         noise_seed: int | None = None,
         diagnostics: bool = False,
         eval_before_fit: bool = True,
@@ -129,24 +87,24 @@ class DPCausalLM(L.LightningModule):
     ) -> None:
         super().__init__()
         self._validate(locals())
-        self.save_hyperparameters()
+        # The components are described in the privacy report, not pickled into hparams.
+        self.save_hyperparameters(ignore=["clipping", "optimizer"])
         self.private = private
         self.noise_multiplier: float | str = noise_multiplier if private else 0.0
         self.engine = engine
         self.max_physical_batch_size = max_physical_batch_size
         self.diagnostics = diagnostics
-        self.model = models.load_model(model, dtype=dtype, bitnet=bitnet)
+        self.model: Any = models.load_model(model, dtype=dtype, bitnet=bitnet)
         self.model.train()  # from_pretrained returns eval mode; our models have no dropout
         if lora_rank > 0:
             self.model = models.apply_lora(
                 self.model, rank=lora_rank, alpha=lora_alpha, target_modules=lora_target_modules
             )
-        clip_kind = clipping if private else "fixed"  # the non-private step never clips
-        self.clip = make_clip_estimator(
-            clip_kind,
-            **self._clip_kwargs(clip_kind, max_grad_norm, target_clip_rate, clip_learning_rate,
-                                count_noise_divisor, history_size, min_clip, max_clip),
-        )
+        clip = PrivateQuantile() if clipping is None else clipping
+        if not private:  # the non-private step never clips: nothing adaptive to describe or save
+            clip = FixedClip(max_grad_norm=clip.max_grad_norm)
+        self.clip: ClipBoundEstimator = clip
+        self._optimizer_factory: OptimizerCallable = DPAdamW if optimizer is None else optimizer
         self.automatic_optimization = False
         self.last_record: DPStepRecord | None = None
         self._stop_reason: str | None = None
@@ -168,36 +126,22 @@ class DPCausalLM(L.LightningModule):
         sigma = args["noise_multiplier"]
         if sigma != "auto" and not (isinstance(sigma, int | float) and sigma >= 0 and math.isfinite(sigma)):
             raise ValueError(f"model.noise_multiplier={sigma!r} must be a number >= 0 or 'auto'")
-        if not (args["max_grad_norm"] > 0 and math.isfinite(args["max_grad_norm"])):
-            raise ValueError(f"model.max_grad_norm={args['max_grad_norm']} must be a positive number")
+        if args["clipping"] is not None and not isinstance(args["clipping"], ClipBoundEstimator):
+            raise TypeError(
+                f"model.clipping={args['clipping']!r} must be a clip-bound estimator, e.g. "
+                "lit_dp.privacy.clipping.PrivateQuantile(...) or FixedClip(max_grad_norm=1.0)"
+            )
+        if args["optimizer"] is not None and not callable(args["optimizer"]):
+            raise TypeError(
+                f"model.optimizer={args['optimizer']!r} must be a callable taking the parameters, "
+                "e.g. lit_dp.optim.DPAdamW or functools.partial(torch.optim.SGD, lr=0.05)"
+            )
         if args["engine"] not in ENGINES:
             raise ValueError(f"model.engine={args['engine']!r} must be one of {ENGINES}")
         if args["max_physical_batch_size"] < 1:
             raise ValueError("model.max_physical_batch_size must be >= 1")
         if args["lora_rank"] < 0:
             raise ValueError("model.lora_rank must be >= 0 (0 = train all weights)")
-        if args["lr"] < 0:
-            raise ValueError(f"model.lr={args['lr']} must be >= 0")
-        if args["optimizer"] not in ("adamw", "sgd"):
-            raise ValueError(f"model.optimizer={args['optimizer']!r} must be 'adamw' or 'sgd'")
-        if args["optimizer"] == "sgd" and args["noise_correction"]:
-            raise ValueError(
-                "model.noise_correction corrects Adam's second moment; set it to false with "
-                "model.optimizer=sgd"
-            )
-        if args["optimizer"] != "sgd" and args["momentum"] != 0.0:
-            raise ValueError("model.momentum is used by optimizer=sgd only; leave it at 0.0")
-        if not 0.0 <= args["momentum"] < 1.0:
-            raise ValueError(f"model.momentum={args['momentum']} must be in [0, 1)")
-
-    @staticmethod
-    def _clip_kwargs(kind, c, rho, eta, divisor, history, cmin, cmax) -> dict[str, Any]:
-        if kind == "fixed":
-            return {"max_grad_norm": c}
-        common = {"initial_clip": c, "target_clip_rate": rho, "min_clip": cmin, "max_clip": cmax}
-        if kind == "private_quantile":
-            return {**common, "learning_rate": eta, "count_noise_divisor": divisor}
-        return {**common, "history_size": history}
 
     def set_noise_multiplier(self, value: float) -> None:
         """Set sigma (called by PrivacyAccounting after calibrating ``noise_multiplier: auto``)."""
@@ -210,19 +154,34 @@ class DPCausalLM(L.LightningModule):
     def configure_optimizers(self):
         # Lightning may call this more than once: it only builds the optimizer, never wraps the model.
         params = [p for p in self.model.parameters() if p.requires_grad]
-        hp = self.hparams
-        if hp.optimizer == "sgd":
-            return torch.optim.SGD(
-                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+        opt = self._optimizer_factory(params)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(
+                f"model.optimizer built {type(opt).__name__}, not a torch.optim.Optimizer"
             )
-        return DPAdamW(
-            params, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
-            weight_decay=hp.weight_decay, noise_correction=hp.noise_correction and self.private,
-            variance_floor=hp.variance_floor,
-        )
+        if not self.private:  # no noise to correct: DP-AdamBC's correction is plain AdamW
+            for group in opt.param_groups:
+                if group.get("noise_correction"):
+                    group["noise_correction"] = False
+        return opt
+
+    @property
+    def noise_correction(self) -> bool:
+        """Whether the optimizer corrects its second moment for the noise (DP-AdamBC)."""
+        return any(g.get("noise_correction", False) for g in self._optimizer().param_groups)
+
+    def _optimizer(self) -> LightningOptimizer:
+        opt = self.optimizers()
+        if isinstance(opt, list):
+            raise RuntimeError(f"DPCausalLM trains with one optimizer, got {len(opt)}")
+        return opt
+
+    def _datamodule(self) -> Any:
+        """The trainer's datamodule (None outside a trainer or without one)."""
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm = self._datamodule()
         if self._trainer is not None:  # before Lightning's own DDP could wrap the model
             distributed.check_dp_strategy(self.trainer)
         if dm is not None and hasattr(dm, "num_units"):
@@ -232,7 +191,7 @@ class DPCausalLM(L.LightningModule):
                 "model.noise_multiplier=auto needs the PrivacyAccounting callback (privacy: section) "
                 "to calibrate it; give a number or run through the lit-dp CLI"
             )
-        self.model.config.use_cache = False
+        self.model.config.use_cache = False  # a Hugging Face model (lit_dp.models.load_model)
         if stage == "fit" and self.private and dm is not None and getattr(dm, "schedule", None):
             # Fail before the first step if the mechanism cannot be built (e.g. private
             # quantile clipping with too small an expected batch for its count noise).
@@ -243,7 +202,7 @@ class DPCausalLM(L.LightningModule):
 
     def _generator(self) -> torch.Generator:
         if self._noise_generator is None:
-            seed = self.hparams.noise_seed
+            seed = self.hparams["noise_seed"]
             gen, seed = make_generator(seed, device=self.device)
             seed = broadcast_int(seed, self.device)  # identical noise on every rank
             gen.manual_seed(seed)
@@ -276,55 +235,35 @@ class DPCausalLM(L.LightningModule):
         sample_rate = float(batch["sample_rate"])
         expected = sample_rate * self._num_units
         sigma = float(self.noise_multiplier)
-        c = float(self.clip.max_grad_norm)
-        grad_sigma = self.clip.grad_noise_multiplier(noise_multiplier=sigma, expected_batch_size=expected)
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-
-        # 1-3. Per-unit gradients clipped to C and summed over physical micro-batches (fp32).
-        sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-        norms, losses, nonfinite = [], [], 0
-        for micro in split_micro_batches(batch, self.max_physical_batch_size):
-            out = per_example_clip(self.model, micro, max_grad_norm=c, engine=self.engine)
-            torch._foreach_add_([sums[n] for n in out.grads], list(out.grads.values()))
-            norms.append(out.norms)
-            losses.append(out.losses)
-            nonfinite += out.num_nonfinite
-        norms_t = torch.cat(norms) if norms else torch.zeros(0, device=self.device)
-        losses_t = torch.cat(losses) if losses else torch.zeros(0, device=self.device)
-        # ... and across ranks: clipped sums only, never raw gradients.
-        stats = torch.tensor([float(norms_t.numel()), float(nonfinite)], device=self.device)
-        all_reduce_sum_([*sums.values(), stats])
-        all_norms = all_gather_norms(norms_t)
-
-        # 4. One Gaussian draw of std grad_sigma * C per coordinate (identical on every rank).
-        generator = self._generator()
-        add_noise_(sums, noise_multiplier=grad_sigma, max_grad_norm=c, generator=generator)
-
-        # 5. Divide by the expected batch size q * N, never the realized one.
-        for n, p in params.items():
-            p.grad = (sums[n] / expected).to(p.dtype)
-
-        # 6. DPAdamW step (lr set by ClipDrivenLR), then the clip bound from privatized counts.
-        opt = self.optimizers()
-        if self.hparams.noise_correction:
-            opt.optimizer.set_noise_std(grad_sigma * c / expected)
+        # 1-6. Clip, sum (across ranks), noise, divide by q * N, update C: lit_dp.privacy.mechanism.
+        step = privatize(
+            self.model, batch, clip=self.clip, noise_multiplier=sigma, expected_batch_size=expected,
+            generator=self._generator(), engine=self.engine, max_rows=self.max_physical_batch_size,
+        )
+        # 7. The optimizer step (lr set by ClipDrivenLR): post-processing of the private gradient.
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                p.grad = step.grads[n].to(p.dtype)
+        opt = self._optimizer()
+        if self.noise_correction:
+            cast(DPAdamW, opt.optimizer).set_noise_std(step.noise_std)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        clip_rate = self.clip.update(norms=all_norms, expected_batch_size=expected, generator=generator)
-        if self.diagnostics and all_norms.numel():
-            finite = all_norms[torch.isfinite(all_norms)]
+        if self.diagnostics and step.norms.numel():
+            finite = step.norms[torch.isfinite(step.norms)]
             self.log("diagnostics/raw_norm_median", finite.median() if finite.numel() else math.nan)
-            self.log("diagnostics/raw_clip_fraction", (all_norms > c).float().mean())
+            self.log("diagnostics/raw_clip_fraction", (step.norms > step.max_grad_norm).float().mean())
         return DPStepRecord(
             step=self.global_step - 1, private=True, sample_rate=sample_rate,
-            noise_multiplier=sigma, grad_noise_multiplier=grad_sigma, max_grad_norm=c,
-            expected_batch_size=expected, clip_rate=clip_rate, batch_size=int(stats[0].item()),
-            loss=self._mean_loss(losses_t), num_nonfinite=int(stats[1].item()),
+            noise_multiplier=sigma, grad_noise_multiplier=step.grad_noise_multiplier,
+            max_grad_norm=step.max_grad_norm, expected_batch_size=expected,
+            clip_rate=step.clip_rate, batch_size=step.batch_size,
+            loss=self._mean_loss(step.losses), num_nonfinite=step.num_nonfinite,
         )
 
     def _nonprivate_step(self, batch: dict[str, Any]) -> DPStepRecord:
         rows = int(batch["input_ids"].shape[0])
-        opt = self.optimizers()
+        opt = self._optimizer()
         losses = []
         for micro in split_micro_batches(batch, self.max_physical_batch_size):
             logits = self.model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits
@@ -414,7 +353,7 @@ class DPCausalLM(L.LightningModule):
     @torch.no_grad()
     def _evaluate(self) -> float:
         """Token-mean validation loss of the current weights over the whole validation set."""
-        dm = self.trainer.datamodule
+        dm = self._datamodule()
         loader = dm.val_dataloader() if dm is not None else None
         if loader is None:
             return math.nan
@@ -430,13 +369,13 @@ class DPCausalLM(L.LightningModule):
 
     def on_train_start(self) -> None:
         # The "before" loss: at step 0 the EMA weights equal the raw weights.
-        if self.hparams.eval_before_fit and self.global_step == 0:
+        if self.hparams["eval_before_fit"] and self.global_step == 0:
             loss = self._evaluate()
             self.val_history.append({"step": 0, "loss_ema": loss, "loss_raw": loss})
 
     def on_train_end(self) -> None:
         # The "after" loss, whatever the trainer's validation interval: EMA and raw weights.
-        if not self.hparams.eval_before_fit:
+        if not self.hparams["eval_before_fit"]:
             return
         raw = self._evaluate()
         ema_loss = raw
@@ -448,10 +387,10 @@ class DPCausalLM(L.LightningModule):
     # --- end of fit: export the EMA model ----------------------------------------------------
     def on_fit_end(self) -> None:
         log_dir = Path(self.trainer.log_dir or ".")  # a collective under DDP: all ranks ask
-        if self.hparams.export_dir is None or self.trainer.global_rank != 0:
+        if self.hparams["export_dir"] is None or self.trainer.global_rank != 0:
             return
-        out = log_dir / "export" if self.hparams.export_dir == "auto" else Path(self.hparams.export_dir)
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        out = log_dir / "export" if self.hparams["export_dir"] == "auto" else Path(self.hparams["export_dir"])
+        tokenizer = getattr(self._datamodule(), "tokenizer", None)
         with self.evaluation_weights():  # export_model keeps the report's public part only
             self.export_path = models.export_model(
                 self.model, tokenizer, out, privacy_report=self.privacy_report
@@ -481,11 +420,21 @@ class DPCausalLM(L.LightningModule):
             "clipping": clip,
             "engine": self.engine,
             "noise_multiplier_accounted": self.noise_multiplier,
-            "optimizer": self.hparams.optimizer,
-            "noise_correction": bool(self.hparams.noise_correction),
+            "optimizer": self._optimizer_name(),
+            "noise_correction": self._noise_correction_configured(),
             "covers": covers,
             "not_covered": not_covered,
         }
+
+    def _optimizer_name(self) -> str:
+        factory = self._optimizer_factory
+        cls = getattr(factory, "func", factory)  # functools.partial or jsonargparse's callable
+        return getattr(cls, "__name__", type(cls).__name__)
+
+    def _noise_correction_configured(self) -> bool:
+        if self._trainer is not None and self.trainer.optimizers:
+            return self.noise_correction
+        return False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lit_dp"] = {

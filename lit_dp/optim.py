@@ -76,10 +76,10 @@ class DPAdamW(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
+        lr: float = 5e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 0.01,
+        weight_decay: float = 0.0,
         noise_correction: bool = False,
         variance_floor: float = 1e-8,
     ) -> None:

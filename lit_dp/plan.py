@@ -105,6 +105,8 @@ def make_plan(config: Any) -> PrivacyPlan:
     accounting = PrivacyAccounting(**config.privacy.as_dict())  # validates the privacy section
     dm = instantiate_class((), config.data.as_dict())
     num_units, schedule = dm.units_and_schedule()
+    # The clip-bound estimator as fit builds it (validates its fields the same way).
+    clip = PrivateQuantile() if model.clipping is None else instantiate_class((), model.clipping.as_dict())
     max_steps = trainer_cfg.max_steps
     plan = PrivacyPlan(
         private=bool(model.private),
@@ -115,7 +117,7 @@ def make_plan(config: Any) -> PrivacyPlan:
         steps=max_steps if max_steps and max_steps > 0 else None,
         target_epsilon=accounting.target_epsilon,
         accountant=accounting.accountant_name,
-        max_grad_norm=float(model.max_grad_norm),
+        max_grad_norm=float(clip.max_grad_norm),
     )
     if not plan.private:
         return plan
@@ -151,17 +153,12 @@ def make_plan(config: Any) -> PrivacyPlan:
     plan.sigma = plan.noise_multiplier.get(plan.accountant)
     if plan.sigma is None and not plan.calibrated:
         plan.sigma = float(model.noise_multiplier)
-    if plan.sigma is not None and model.clipping == "private_quantile":
-        quantile = PrivateQuantile(
-            initial_clip=model.max_grad_norm, target_clip_rate=model.target_clip_rate,
-            learning_rate=model.clip_learning_rate, count_noise_divisor=model.count_noise_divisor,
-            min_clip=model.min_clip, max_clip=model.max_clip,
-        )  # fmt: skip
+    if plan.sigma is not None and isinstance(clip, PrivateQuantile):
         # The check fit makes before its first step (ValueError: batch too small for the count).
-        quantile.grad_noise_multiplier(
+        clip.grad_noise_multiplier(
             noise_multiplier=plan.sigma, expected_batch_size=plan.expected_batch_size(0)
         )
-        plan.count_noise_divisor = quantile.count_noise_divisor
+        plan.count_noise_divisor = clip.count_noise_divisor
     return plan
 
 
@@ -238,7 +235,7 @@ def format_plan(plan: PrivacyPlan, source: str = "") -> str:
     if share is not None and count_std is not None:
         rows += [
             ("quantile count noise std",
-             [f"{count_std:.4g} units = E[B] / model.count_noise_divisor (step 0)"]),
+             [f"{count_std:.4g} units = E[B] / count_noise_divisor (step 0)"]),
             ("count noise share", [f"{100 * share:.2f} % of the accounted noise "
                                    "= (sigma / (2 count std))^2"]),
         ]  # fmt: skip

@@ -30,6 +30,7 @@ from lit_dp.cli import resolve_last_checkpoint
 from lit_dp.data import SyntheticDataModule
 from lit_dp.models import tiny_tokenizer
 from lit_dp.module import DPCausalLM
+from lit_dp.privacy.clipping import FixedClip
 
 
 def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -84,7 +85,7 @@ def test_save_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
 def _fit(root: Path, *, max_steps: int, callback: DPModelCheckpoint, plugins=None) -> L.Trainer:
     dm = SyntheticDataModule(tokenizer=tiny_tokenizer(), num_train=32, num_val=2, num_test=0,
                              max_length=512, expected_batch_size=4.0, sampling_seed=1)
-    module = DPCausalLM(model="tiny-qwen2", noise_multiplier=1.0, clipping="fixed", noise_seed=1,
+    module = DPCausalLM(model="tiny-qwen2", noise_multiplier=1.0, clipping=FixedClip(1.0), noise_seed=1,
                         eval_before_fit=False, export_dir=None, max_physical_batch_size=8)
     trainer = L.Trainer(
         max_steps=max_steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,

@@ -152,7 +152,7 @@ def _no_checkpoint(root: Path) -> bool:
     "overrides,match",
     [
         (["--model.noise_multiplier", "-1"], "noise_multiplier"),
-        (["--model.max_grad_norm", "0"], "max_grad_norm"),
+        (["--model.clipping", "FixedClip", "--model.clipping.max_grad_norm", "0"], "max_grad_norm"),
         (["--privacy.delta", "0.01"], "delta"),
         (["--data.init_args.expected_batch_size", "null", "--data.init_args.sample_rate", "1.5"], "sample_rate"),
         (["--model.model", "./no/such/model"], "no/such/model"),

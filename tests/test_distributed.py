@@ -19,7 +19,7 @@ def _fit(tmp: Path, *extra: str) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     args = [
         sys.executable, "-m", "lit_dp", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
-        "--model.clipping", "fixed", "--trainer.max_steps", "2", "--model.eval_before_fit", "false",
+        "--model.clipping", "FixedClip", "--trainer.max_steps", "2", "--model.eval_before_fit", "false",
         "--data.init_args.sampling_seed", "5", "--model.noise_seed", "1", "--model.export_dir", "null",
         "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
         "--trainer.callbacks+=ddp_grad_dump.GradDump", f"--trainer.callbacks.dirpath={tmp}", *extra,

@@ -3,6 +3,7 @@ on the emails data, export, reload, generate. Marked slow (~1-2 minutes on 2 CPU
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 
@@ -20,9 +21,12 @@ def test_smollm2_dp_finetune_export_reload_generate(tmp_path):
 
     from lit_dp import ClipDrivenLR, DPCausalLM, EMAWeights, PrivacyAccounting, SyntheticDataModule
     from lit_dp.models import generate, load_model, load_tokenizer
+    from lit_dp.optim import DPAdamW
+    from lit_dp.privacy.clipping import FixedClip
 
     module = DPCausalLM(model="smollm2-135m-instruct", lora_rank=8, lora_alpha=16.0,
-                        noise_multiplier=0.6, clipping="fixed", max_grad_norm=1.0, lr=3e-3,
+                        noise_multiplier=0.6, clipping=FixedClip(max_grad_norm=1.0),
+                        optimizer=functools.partial(DPAdamW, lr=3e-3),
                         max_physical_batch_size=8, noise_seed=0, export_dir=str(tmp_path / "export"))
     dm = SyntheticDataModule(tokenizer="smollm2-135m-instruct", num_train=64, num_val=8, num_test=0,
                              max_length=256, expected_batch_size=12, sampling_seed=0)

@@ -125,8 +125,8 @@ def test_noise_correction_matches_hand_derivation():
 
 def test_zero_noise_std_with_tiny_floor_equals_adamw():
     ours_p, ref_p = _params(), _params()
-    ours = DPAdamW(ours_p, lr=1e-2, noise_correction=True, variance_floor=1e-30)
-    ref = torch.optim.AdamW(ref_p, lr=1e-2, foreach=False)
+    ours = DPAdamW(ours_p, lr=1e-2, weight_decay=0.01, noise_correction=True, variance_floor=1e-30)
+    ref = torch.optim.AdamW(ref_p, lr=1e-2, weight_decay=0.01, foreach=False)
     for t in range(5):
         grads = _grads(t)
         _set_grads(ours_p, grads)

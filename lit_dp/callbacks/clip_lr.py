@@ -48,6 +48,9 @@ def base_schedule(
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+DEFAULT_TARGET_CLIP_RATE = 0.2  # with an estimator that has no target (FixedClip)
+
+
 class ClipDrivenLR(L.Callback):
     """Sets every param group's lr before each step to base_lr * schedule(t) * gamma_t.
 
@@ -57,7 +60,8 @@ class ClipDrivenLR(L.Callback):
         warmup_steps: linear warm-up steps (0 = none).
         min_lr_ratio: final lr / base lr for the cosine schedule.
         adaptive: apply the clip-driven multiplier gamma (False = base schedule only).
-        target_clip_rate: rho*, the clip rate the multiplier steers toward (the paper's example: 0.2).
+        target_clip_rate: rho*, the clip rate the multiplier steers toward; null (default) takes
+            the clip-bound estimator's own target (``model.clipping``), else 0.2.
         band: no change while |clip_rate - rho*| <= band.
         up: factor when the clip rate is below rho* - band.
         down: factor when the clip rate is above rho* + band.
@@ -71,7 +75,7 @@ class ClipDrivenLR(L.Callback):
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
         adaptive: bool = True,
-        target_clip_rate: float = 0.2,
+        target_clip_rate: float | None = None,
         band: float = 0.1,
         up: float = 1.01,
         down: float = 0.995,
@@ -81,7 +85,7 @@ class ClipDrivenLR(L.Callback):
         checks = {
             "clip_lr.warmup_steps": warmup_steps >= 0,
             "clip_lr.min_lr_ratio": 0.0 <= min_lr_ratio <= 1.0,
-            "clip_lr.target_clip_rate": 0.0 < target_clip_rate < 1.0,
+            "clip_lr.target_clip_rate": target_clip_rate is None or 0.0 < target_clip_rate < 1.0,
             "clip_lr.band": band >= 0.0,
             "clip_lr.up": up >= 1.0,
             "clip_lr.down": 0.0 < down <= 1.0,
@@ -95,10 +99,19 @@ class ClipDrivenLR(L.Callback):
         self.schedule, self.warmup_steps, self.min_lr_ratio = schedule, warmup_steps, min_lr_ratio
         self.adaptive = adaptive
         self.rule = dict(
-            target_clip_rate=target_clip_rate, band=band, up=up, down=down,
+            target_clip_rate=DEFAULT_TARGET_CLIP_RATE if target_clip_rate is None else target_clip_rate,
+            band=band, up=up, down=down,
             gamma_min=gamma_min, gamma_max=gamma_max,
         )
+        self.target_clip_rate = target_clip_rate
         self.gamma = 1.0
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Steer toward the estimator's target unless one was given here."""
+        target = self.target_clip_rate
+        if target is None:
+            target = getattr(getattr(pl_module, "clip", None), "target_clip_rate", None)
+        self.rule["target_clip_rate"] = DEFAULT_TARGET_CLIP_RATE if target is None else float(target)
 
     def state_dict(self) -> dict[str, Any]:
         return {"gamma": self.gamma}

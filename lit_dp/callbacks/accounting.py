@@ -13,7 +13,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -21,6 +21,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lit_dp.export import OPERATOR_SIDE_KEY
 from lit_dp.privacy.accountant import RDPAccountant
 from lit_dp.privacy.budget import ACCOUNTANTS, calibrate_noise_multiplier, make_accountant
+
+if TYPE_CHECKING:
+    from lit_dp.data.datamodule import DPDataModule
+    from lit_dp.module import DPCausalLM
 
 _OPERATOR_SIDE_NOTE = (
     "operator_side counts {} (exact, not privatized: at group level num_records / num_units is "
@@ -54,6 +58,13 @@ def check_delta(delta: float, num_units: int) -> None:
             f"guarantee fails for a unit (N={num_units}); leave privacy.delta unset for the default "
             f"min(1e-5, 1/N^1.1) = {default_delta(num_units):.3g} unless you need this value"
         )
+
+
+def _datamodule(trainer: L.Trainer) -> DPDataModule | None:
+    """The trainer's DataModule: Lightning attaches ``trainer.datamodule`` at run time (None
+    without one). This callback expects a lit_dp DataModule: ``setup`` refuses one without
+    ``num_units``."""
+    return cast("DPDataModule | None", getattr(trainer, "datamodule", None))
 
 
 def _refuse_minimum_length(trainer: L.Trainer, target_epsilon: float) -> None:
@@ -125,31 +136,38 @@ class PrivacyAccounting(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        dm = trainer.datamodule
+        module = cast("DPCausalLM", pl_module)  # the hook is typed for any LightningModule
+        dm = _datamodule(trainer)
         if dm is None or not hasattr(dm, "num_units"):
             raise ValueError("lit_dp needs a lit_dp DataModule (it defines the privacy units)")
         self.num_units = int(dm.num_units)
         if self.num_units < 1:
             raise ValueError("data: the training set is empty; add records or fix the path")
-        if not pl_module.private:
+        if not module.private:
             return
         if self.target_epsilon is not None:
             _refuse_minimum_length(trainer, self.target_epsilon)
         self.delta = self.delta_arg if self.delta_arg is not None else default_delta(self.num_units)
         check_delta(self.delta, self.num_units)
         steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        sigma = pl_module.noise_multiplier
+        sigma = module.noise_multiplier
         if sigma == "auto":
-            sigma = self.calibrate(schedule=dm.schedule, steps=steps, delta=self.delta)
-            self.calibrated_noise_multiplier = sigma
-            pl_module.set_noise_multiplier(sigma)
+            calibrated = self.calibrate(schedule=dm.schedule, steps=steps, delta=self.delta)
+            self.calibrated_noise_multiplier = calibrated
+            module.set_noise_multiplier(calibrated)
             rank_zero_info(
-                f"lit_dp: calibrated noise_multiplier={sigma:.4f} for epsilon={self.target_epsilon} "
-                f"({self.accountant_name.upper()} accountant)"
+                f"lit_dp: calibrated noise_multiplier={calibrated:.4f} for "
+                f"epsilon={self.target_epsilon} ({self.accountant_name.upper()} accountant)"
             )
         elif self.target_epsilon is not None:
+            schedule = dm.schedule
+            if schedule is None:
+                raise RuntimeError(
+                    "PrivacyAccounting.setup: the DataModule has no sample-rate schedule yet; "
+                    "its setup('fit') sets it and must run before this callback's"
+                )
             first = make_accountant(self.accountant_name).peek_epsilon(
-                delta=self.delta, noise_multiplier=float(sigma), sample_rate=dm.schedule.rate(0)
+                delta=self.delta, noise_multiplier=float(sigma), sample_rate=schedule.rate(0)
             )
             if first > self.target_epsilon:
                 raise ValueError(
@@ -186,7 +204,7 @@ class PrivacyAccounting(L.Callback):
         if not pl_module.private or self.target_epsilon is None:
             return
         eps_next = self.accountant.peek_epsilon(
-            delta=self.delta,
+            delta=self._delta(),
             noise_multiplier=float(pl_module.noise_multiplier),
             sample_rate=float(batch["sample_rate"]),
         )
@@ -221,7 +239,16 @@ class PrivacyAccounting(L.Callback):
     def epsilon(self) -> float:
         if self.accountant.total_steps == 0:
             return 0.0
-        return float(self.accountant.get_epsilon(self.delta))
+        return float(self.accountant.get_epsilon(self._delta()))
+
+    def _delta(self) -> float:
+        """The run's delta, set by ``setup('fit')`` for a private run (or assigned directly)."""
+        if self.delta is None:
+            raise RuntimeError(
+                "PrivacyAccounting: delta is not set yet; setup('fit') of a private run sets it "
+                "from privacy.delta or the number of privacy units"
+            )
+        return self.delta
 
     # --- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -248,8 +275,8 @@ class PrivacyAccounting(L.Callback):
         self.calibrated_noise_multiplier = state_dict.get("calibrated_noise_multiplier")
 
     # --- report ------------------------------------------------------------------------------
-    def report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        dm = trainer.datamodule
+    def report(self, trainer: L.Trainer, pl_module: DPCausalLM) -> dict[str, Any]:
+        dm = _datamodule(trainer)
         data = dict(dm.data_report()) if dm is not None and hasattr(dm, "data_report") else {}
         mech = pl_module.privacy_description()
         # Exact data-dependent counts: this run directory's report only (export drops them).
@@ -258,8 +285,9 @@ class PrivacyAccounting(L.Callback):
         private = bool(pl_module.private)
         eps, eps_rdp, order = float("inf"), float("inf"), None
         if private and self.accountant.total_steps > 0:
-            eps = self.accountant.get_epsilon(self.delta)
-            eps_rdp, order = self.rdp.get_privacy_spent(delta=self.delta)
+            delta = self._delta()
+            eps = self.accountant.get_epsilon(delta)
+            eps_rdp, order = self.rdp.get_privacy_spent(delta=delta)
         elif private:
             eps = eps_rdp = 0.0
         history = [list(h) for h in self.accountant.history]
@@ -277,7 +305,7 @@ class PrivacyAccounting(L.Callback):
             "steps": int(self.accountant.total_steps) if private else int(trainer.global_step),
             "noise_multiplier": sigmas[0] if len(sigmas) == 1 else sigmas,
             "calibrated_noise_multiplier": self.calibrated_noise_multiplier,
-            "sample_rate": rates[0] if len(rates) == 1 else {"schedule": dm.schedule_description() if hasattr(dm, "schedule_description") else None, "distinct_rates": rates},
+            "sample_rate": rates[0] if len(rates) == 1 else {"schedule": dm.schedule_description() if dm is not None and hasattr(dm, "schedule_description") else None, "distinct_rates": rates},
             "ledger": history,
             "num_units": self.num_units,
             "privacy_unit": data.get("privacy_unit", "example"),
@@ -292,7 +320,7 @@ class PrivacyAccounting(L.Callback):
             "stop_reason": self.stop_reason,
         }
 
-    def write_report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+    def write_report(self, trainer: L.Trainer, pl_module: DPCausalLM) -> Path:
         # trainer.log_dir is a collective under DDP: every rank asks, rank 0 writes.
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         path = log_dir / self.report_name

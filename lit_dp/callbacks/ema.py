@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from lit_dp.module import DPCausalLM
 
 
 def ema_decay(step: int, *, decay: float) -> float:
@@ -37,13 +40,14 @@ class EMAWeights(L.Callback):
         self.evaluate_with_ema = evaluate_with_ema
         self.shadow: dict[str, torch.Tensor] = {}
         self._pending_state: dict[str, Any] | None = None
+        self._ctx: AbstractContextManager[None] | None = None  # the EMA swap of test / predict
 
     # --- state -------------------------------------------------------------------------------
     @staticmethod
     def _trainable(module: nn.Module) -> dict[str, nn.Parameter]:
         return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
-    def _ensure_init(self, pl_module: L.LightningModule) -> None:
+    def _ensure_init(self, pl_module: DPCausalLM) -> None:
         params = self._trainable(pl_module.model)
         if self._pending_state is not None:
             saved = self._pending_state["shadow"]
@@ -66,7 +70,7 @@ class EMAWeights(L.Callback):
         # The module evaluates and exports inside this swap (val/loss, the "after" loss, export).
         install = getattr(pl_module, "use_evaluation_weights", None)
         if install is not None:
-            install(functools.partial(self.swapped, pl_module))
+            install(functools.partial(self.swapped, cast("DPCausalLM", pl_module)))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         install = getattr(pl_module, "use_evaluation_weights", None)
@@ -74,7 +78,7 @@ class EMAWeights(L.Callback):
             install(None)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._ensure_init(pl_module)
+        self._ensure_init(cast("DPCausalLM", pl_module))  # the hook is typed for any module
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -89,7 +93,7 @@ class EMAWeights(L.Callback):
         torch._foreach_lerp_(shadow, current, 1.0 - d)  # ema += (1 - d) * (theta - ema)
 
     @contextmanager
-    def swapped(self, pl_module: L.LightningModule) -> Iterator[None]:
+    def swapped(self, pl_module: DPCausalLM) -> Iterator[None]:
         """Temporarily load the EMA weights into ``pl_module.model`` (restored on exit)."""
         self._ensure_init(pl_module)
         params = self._trainable(pl_module.model)
@@ -104,13 +108,13 @@ class EMAWeights(L.Callback):
                 for n, p in params.items():
                     p.copy_(backup[n])
 
-    def _swap_in(self, pl_module: L.LightningModule) -> None:
+    def _swap_in(self, pl_module: DPCausalLM) -> None:
         if self.evaluate_with_ema:
             self._ctx = self.swapped(pl_module)
             self._ctx.__enter__()
 
     def _swap_out(self) -> None:
-        ctx = getattr(self, "_ctx", None)
+        ctx = self._ctx
         if ctx is not None:
             ctx.__exit__(None, None, None)
             self._ctx = None

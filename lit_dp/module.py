@@ -2,25 +2,21 @@
 
 The DP mechanism is written once, in ``lit_dp.privacy.mechanism.privatize``; ``_dp_step`` calls it
 and hands the private gradient to the optimizer. Callbacks read the ``DPStepRecord`` it leaves in
-``last_record``; nothing else about the step leaks out.
+``last_record``; nothing else about the step leaks out. Validation, test, the before/after losses
+and the export live in the base class, ``lit_dp.evaluation.CausalLMEvaluation``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any, Literal, cast
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from torchmetrics.aggregation import MeanMetric
 
 from lit_dp import distributed, models
+from lit_dp.evaluation import CausalLMEvaluation
 from lit_dp.optim import DPAdamW
 from lit_dp.privacy.clipping import ClipBoundEstimator, FixedClip, PrivateQuantile
 from lit_dp.privacy.collectives import all_reduce_sum_, broadcast_int, is_distributed
@@ -30,7 +26,7 @@ from lit_dp.privacy.per_sample import ENGINES, per_example_losses
 from lit_dp.step_record import DPStepRecord
 
 
-class DPCausalLM(L.LightningModule):
+class DPCausalLM(CausalLMEvaluation):
     """Causal LM fine-tuning with DP-Adam-AC (or the non-private baseline with ``private: false``).
 
     The clip-bound estimator and the optimizer are components: each is built from its own class
@@ -85,7 +81,7 @@ class DPCausalLM(L.LightningModule):
         eval_before_fit: bool = True,
         export_dir: str | None = "auto",
     ) -> None:
-        super().__init__()
+        super().__init__()  # the evaluation state (metrics, history, evaluation weights)
         self._validate(locals())
         # The components are described in the privacy report, not pickled into hparams.
         self.save_hyperparameters(ignore=["clipping", "optimizer"])
@@ -112,13 +108,6 @@ class DPCausalLM(L.LightningModule):
         self._pending_generator_state: torch.Tensor | None = None
         self._num_units: int | None = None
         self.num_nonfinite_total = 0
-        self.val_history: list[dict[str, float]] = []
-        self._evaluation_weights: Callable[[], AbstractContextManager[None]] | None = None
-        self.privacy_report: dict[str, Any] | None = None
-        self.val_loss_ema, self.val_loss_raw = MeanMetric(), MeanMetric()
-        from torchmetrics.text import Perplexity
-
-        self.val_perplexity = Perplexity(ignore_index=-100)
 
     # --- configuration -----------------------------------------------------------------------
     @staticmethod
@@ -175,10 +164,6 @@ class DPCausalLM(L.LightningModule):
         if isinstance(opt, list):
             raise RuntimeError(f"DPCausalLM trains with one optimizer, got {len(opt)}")
         return opt
-
-    def _datamodule(self) -> Any:
-        """The trainer's datamodule (None outside a trainer or without one)."""
-        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
 
     def setup(self, stage: str) -> None:
         dm = self._datamodule()
@@ -290,111 +275,6 @@ class DPCausalLM(L.LightningModule):
     def _mean_loss(losses: torch.Tensor) -> float:
         finite = losses[torch.isfinite(losses)]
         return float(finite.mean()) if finite.numel() else math.nan
-
-    # --- evaluation --------------------------------------------------------------------------
-    def use_evaluation_weights(
-        self, swap: Callable[[], AbstractContextManager[None]] | None
-    ) -> None:
-        """Evaluate and export with the weights that ``swap()`` loads in for the duration of its
-        context (and restores on exit); None = the raw weights. The EMA callback installs its
-        swap at setup, so this module never looks the callback up."""
-        self._evaluation_weights = swap
-
-    def evaluation_weights(self) -> AbstractContextManager[None]:
-        """Context in which ``self.model`` holds the weights that are evaluated and exported."""
-        swap = self._evaluation_weights
-        return swap() if swap is not None else contextlib.nullcontext()
-
-    def set_privacy_report(self, report: dict[str, Any] | None) -> None:
-        """The run's privacy report, handed over in memory by the accounting callback at the end
-        of fit; the export keeps its public part (see ``lit_dp.export``)."""
-        self.privacy_report = report
-
-    def _eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        token_nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-            ignore_index=-100, reduction="sum",
-        )
-        return token_nll, logits, int((labels != -100).sum())
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        nll_raw, logits, tokens = self._eval_loss(batch)
-        nll = nll_raw
-        if self._evaluation_weights is not None:  # val/loss and perplexity: evaluation weights
-            with self.evaluation_weights():
-                nll, logits, _ = self._eval_loss(batch)
-        if tokens == 0:
-            return
-        self.val_loss_raw.update(nll_raw / tokens, weight=tokens)
-        self.val_loss_ema.update(nll / tokens, weight=tokens)
-        self.val_perplexity.update(logits[:, :-1].float(), batch["labels"][:, 1:])
-
-    def on_validation_epoch_end(self) -> None:
-        if self.val_loss_ema.update_count == 0:
-            return
-        ema_loss, raw_loss = self.val_loss_ema.compute(), self.val_loss_raw.compute()
-        ppl = self.val_perplexity.compute()
-        for metric in (self.val_loss_ema, self.val_loss_raw, self.val_perplexity):
-            metric.reset()
-        if self.trainer.sanity_checking:
-            return
-        self.log_dict({"val/loss": ema_loss, "val/loss_raw": raw_loss, "val/perplexity": ppl})
-        self.val_history.append(
-            {"step": int(self.global_step), "loss_ema": float(ema_loss), "loss_raw": float(raw_loss)}
-        )
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        nll, _, tokens = self._eval_loss(batch)
-        if tokens:
-            self.log("test/loss", nll / tokens, batch_size=tokens)
-
-    @torch.no_grad()
-    def _evaluate(self) -> float:
-        """Token-mean validation loss of the current weights over the whole validation set."""
-        dm = self._datamodule()
-        loader = dm.val_dataloader() if dm is not None else None
-        if loader is None:
-            return math.nan
-        was_training = self.model.training
-        self.model.eval()
-        total, count = 0.0, 0
-        for batch in loader:
-            batch = self.transfer_batch_to_device(batch, self.device, 0)
-            nll, _, tokens = self._eval_loss(batch)
-            total, count = total + float(nll), count + tokens
-        self.model.train(was_training)
-        return total / count if count else math.nan
-
-    def on_train_start(self) -> None:
-        # The "before" loss: at step 0 the EMA weights equal the raw weights.
-        if self.hparams["eval_before_fit"] and self.global_step == 0:
-            loss = self._evaluate()
-            self.val_history.append({"step": 0, "loss_ema": loss, "loss_raw": loss})
-
-    def on_train_end(self) -> None:
-        # The "after" loss, whatever the trainer's validation interval: EMA and raw weights.
-        if not self.hparams["eval_before_fit"]:
-            return
-        raw = self._evaluate()
-        ema_loss = raw
-        if self._evaluation_weights is not None:
-            with self.evaluation_weights():
-                ema_loss = self._evaluate()
-        self.val_history.append({"step": int(self.global_step), "loss_ema": ema_loss, "loss_raw": raw})
-
-    # --- end of fit: export the EMA model ----------------------------------------------------
-    def on_fit_end(self) -> None:
-        log_dir = Path(self.trainer.log_dir or ".")  # a collective under DDP: all ranks ask
-        if self.hparams["export_dir"] is None or self.trainer.global_rank != 0:
-            return
-        out = log_dir / "export" if self.hparams["export_dir"] == "auto" else Path(self.hparams["export_dir"])
-        tokenizer = getattr(self._datamodule(), "tokenizer", None)
-        with self.evaluation_weights():  # export_model keeps the report's public part only
-            self.export_path = models.export_model(
-                self.model, tokenizer, out, privacy_report=self.privacy_report
-            )
 
     # --- privacy description (for the report) and checkpoints --------------------------------
     def privacy_description(self) -> dict[str, Any]:

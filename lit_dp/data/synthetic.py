@@ -21,6 +21,8 @@ import math
 import random
 from typing import Any
 
+# Word tables, kept as compact as they read: the formatter leaves them alone.
+# fmt: off
 FIRST = ["Alice", "Bruno", "Chen", "Dana", "Emeka", "Fatima", "Georg", "Hana", "Ivan", "Julia",
          "Kofi", "Lena", "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara",
          "Umar", "Vera", "Wei", "Ximena", "Yusuf", "Zoe", "Aiko", "Bilal", "Carmen", "Dmitri"]
@@ -86,6 +88,7 @@ TOPICS = [
     ("Signed {project} contract", "could you send me the signed {project} contract by {date}? I am on {phone}.",
      "I will send the signed {project} contract by {date}."),
 ]
+# fmt: on
 
 CANARY_TEMPLATE = "My account number is {secret}."
 CANARY_PREFIX = "My account number is "
@@ -179,6 +182,7 @@ def _emails(rng: random.Random, num_records: int, num_users: int) -> list[dict[s
 
 
 # --- records: one question per (person, attribute) -------------------------------------------
+# fmt: off
 QUESTIONS = {
     "account": (["What is the account number of {p}?", "Which account number belongs to {p}?"],
                 "The account number of {p} is {v}."),
@@ -192,6 +196,7 @@ QUESTIONS = {
     "blood_type": (["What is the blood type of {p}?", "Which blood group does {p} have?"],
                    "The blood type of {p} is {v}."),
 }
+# fmt: on
 
 
 def _person(rng: random.Random) -> dict[str, str]:

@@ -193,9 +193,10 @@ def append_runs(path: Path, records: list[dict[str, Any]]) -> int:
 
 
 def check_or_create(path: Path, recipe: Recipe, make: Callable[[], dict[str, Any]], *,
-                    allow_mixed: bool) -> dict[str, Any]:
+                    allow_mixed: bool, fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
     """Create the results file (``make()`` gives its setup), or check that it holds the same
-    study from the same commit."""
+    study from the same commit and the same pretrained organisms (``fingerprints``: model name
+    -> hash of its weights; a rebuilt organism need not be bit-identical to the first build)."""
     commit = git_commit(*CODE_PATHS)
     with _lock(path):
         data = load_results(path)
@@ -207,6 +208,14 @@ def check_or_create(path: Path, recipe: Recipe, make: Callable[[], dict[str, Any
         if data["_meta"]["study"] != recipe.identity():
             raise SystemExit(f"{path} holds a different study (recipe or organism config "
                              "changed); use another --out, or move the file away to start over")
+        for name, digest in (fingerprints or {}).items():
+            recorded = data["setup"]["models"].get(name, {}).get("weights_sha256")
+            if recorded is not None and recorded != digest:
+                raise SystemExit(
+                    f"{path} was started with another {name} organism (weights sha256 "
+                    f"{recorded[:12]}..., the cached one is {digest[:12]}...): pretraining is not "
+                    "bit-reproducible across machines and thread counts. Use another --out, or "
+                    "restore the organism the file was made with")
         first = data["_meta"]["provenance"]["commit"]
         if commit != first:
             if not allow_mixed:
@@ -223,7 +232,7 @@ def check_or_create(path: Path, recipe: Recipe, make: Callable[[], dict[str, Any
 
 def make_setup(recipe: Recipe, organisms: dict[str, Path], *, device: str = "cpu") -> dict[str, Any]:
     """Models, private data, run length, delta, and each organism's pretrained losses."""
-    from utility_organisms import mean_token_nll, organism_info
+    from utility_organisms import mean_token_nll, organism_fingerprint, organism_info
 
     from lit_dp.callbacks.accounting import default_delta
     from lit_dp.data.encoding import encode_records
@@ -242,6 +251,7 @@ def make_setup(recipe: Recipe, organisms: dict[str, Path], *, device: str = "cpu
             "organism": info["key"], "config": info["config"], "parameters": info["parameters"],
             "vocab_size": info["vocab_size"], "pretrain_seconds": info["pretrain_seconds"],
             "pretrain_device": info["device"], "pretrained_val_loss_public_emails": info["public_val_loss"],
+            "weights_sha256": organism_fingerprint(path),
             "pretrained_val_loss": mean_token_nll(model, rows, pad_id=tok.pad_token_id,
                                                   device=device),
         }
@@ -301,7 +311,7 @@ def print_plan(recipe: Recipe, runs: list[dict[str, Any]], args: argparse.Namesp
 
 def run_study(recipe: Recipe, out: Path, args: argparse.Namespace) -> None:
     import torch
-    from utility_organisms import build_organism
+    from utility_organisms import build_organism, organism_fingerprint
     from utility_train import train_one
 
     device = "cuda" if recipe.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
@@ -310,6 +320,7 @@ def run_study(recipe: Recipe, out: Path, args: argparse.Namespace) -> None:
     organisms = {m: build_organism(c, root, device=device) for m, c in recipe.organisms.items()}
     print(f"organisms ready ({time.time() - start:.0f} s)", flush=True)
     check_or_create(out, recipe, lambda: make_setup(recipe, organisms, device=device),
+                    fingerprints={m: organism_fingerprint(p) for m, p in organisms.items()},
                     allow_mixed=args.allow_mixed_commits)
     commit = git_commit(*CODE_PATHS)
     ran, session = 0, time.time()

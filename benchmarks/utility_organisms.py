@@ -93,6 +93,18 @@ def organism_dir(cfg: OrganismConfig, root: Path) -> Path:
     return root / cfg.key()
 
 
+def organism_fingerprint(path: Path) -> str:
+    """sha256 of the organism's weight files (what the study's results depend on)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def organism_info(path: Path) -> dict[str, Any]:
     """The build record of a cached organism (config, sizes, pretraining losses, time)."""
     return json.loads((path / INFO_FILE).read_text())

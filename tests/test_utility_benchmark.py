@@ -109,6 +109,21 @@ def test_claims_share_a_study_between_processes(tmp_path):
     assert utility.spec_key(second) not in json.loads(claims_file.read_text())
 
 
+def test_a_results_file_refuses_another_organism(tmp_path):
+    """Runs of one file share their organisms: a cache rebuilt with other weights (pretraining is
+    not bit-reproducible across machines) is refused, the same weights are accepted."""
+    recipe = utility.RECIPES["cpu"]
+    out = tmp_path / "utility.json"
+    setup = {"models": {"slm": {"weights_sha256": "a" * 64}}}
+    utility.check_or_create(out, recipe, lambda: setup, allow_mixed=False,
+                            fingerprints={"slm": "a" * 64})
+    utility.check_or_create(out, recipe, lambda: setup, allow_mixed=False,
+                            fingerprints={"slm": "a" * 64})
+    with pytest.raises(SystemExit, match="another slm organism"):
+        utility.check_or_create(out, recipe, lambda: setup, allow_mixed=False,
+                                fingerprints={"slm": "b" * 64})
+
+
 @pytest.fixture
 def restore_threads():
     import torch

@@ -1,5 +1,5 @@
 """Batch schedules: each class validates its own fields, yields the sample rates q_t = E[B]_t / N
-(or the rates given) for N privacy units."""
+(or the rates given) for N privacy units, and a DataModule builds its default afresh."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from lit_dp.data import (
     BatchSchedule,
     ConstantBatchSize,
     ConstantSampleRate,
+    DPDataModule,
     LinearBatchSizeRamp,
     LinearSampleRateRamp,
 )
 from lit_dp.data.batch_schedule import DEFAULT_EXPECTED_BATCH_SIZE
+from lit_dp.models import tiny_tokenizer
 from lit_dp.privacy.sampling import SampleRateSchedule
 
 
@@ -130,3 +132,26 @@ def test_describe_is_the_config_entry(schedule):
     assert type(rebuilt) is type(schedule) and rebuilt.describe() == desc
     assert rebuilt.sample_rates(32) == schedule.sample_rates(32)
     assert type(schedule).__name__ in repr(schedule)
+
+
+# --- the DataModule's component ---------------------------------------------------------------
+class _DM(DPDataModule):
+    def load_records(self):
+        return {"train": [{"text": f"record {i}"} for i in range(32)], "validation": [], "test": []}
+
+
+def test_default_schedules_are_distinct_objects():
+    a, b = _DM(tokenizer=tiny_tokenizer()), _DM(tokenizer=tiny_tokenizer())
+    assert isinstance(a.batch_schedule, ConstantBatchSize)
+    assert a.batch_schedule is not b.batch_schedule
+    a.batch_schedule.expected_batch_size = 4.0  # changing one leaves the other at the default
+    assert b.batch_schedule.expected_batch_size == DEFAULT_EXPECTED_BATCH_SIZE
+    assert a.units_and_schedule()[1].rate(0) == 0.125  # 4 / 32
+    assert b.units_and_schedule()[1].rate(0) == 0.5  # 16 / 32
+
+
+def test_datamodule_uses_the_given_schedule():
+    schedule = LinearSampleRateRamp(start_rate=0.5, end_rate=0.25, ramp_steps=1)
+    dm = _DM(tokenizer=tiny_tokenizer(), batch_schedule=schedule)
+    assert dm.batch_schedule is schedule
+    assert dm.units_and_schedule() == (32, schedule.sample_rates(32))

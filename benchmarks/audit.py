@@ -56,6 +56,7 @@ from lit_dp import (
     PrivacyAccounting,
     SyntheticDataModule,
 )
+from lit_dp.data import ConstantBatchSize
 from lit_dp.data.encoding import collate_rows, encode_records
 from lit_dp.data.synthetic import plant_canaries
 from lit_dp.privacy.clipping import PrivateQuantile
@@ -189,8 +190,9 @@ def run_one(cfg: dict[str, Any], epsilon: float | None, args, unit: str = "examp
     # one user) then train on the same text; only the privacy unit differs.
     dm = AuditDataModule(plan=cfg["plan"], tokenizer=args.model, dataset="emails", num_train=cfg["num_train"],
                          num_val=0, num_test=cfg["num_test"], max_length=512, privacy_unit=unit,
-                         num_users=cfg["num_train"] + cfg["num_test"], expected_batch_size=cfg["batch"],
-                         sampling_seed=args.seed, data_seed=args.seed)
+                         num_users=cfg["num_train"] + cfg["num_test"],
+                         batch_schedule=ConstantBatchSize(cfg["batch"]), sampling_seed=args.seed,
+                         data_seed=args.seed)
     private = epsilon is not None
     module = DPCausalLM(model=args.model, private=private, noise_multiplier="auto" if private else 0.0,
                         optimizer=partial(DPAdamW, lr=cfg["lr"]), eval_before_fit=False, export_dir=None,

@@ -48,6 +48,7 @@ from lit_dp import (
     PrivacyAccounting,
     SyntheticDataModule,
 )
+from lit_dp.data import ConstantBatchSize
 from lit_dp.privacy.clipping import ClipBoundEstimator, FixedClip, PrivateQuantile
 
 SIGMAS = (0.0, 0.5, 1.0, 2.0)
@@ -114,7 +115,7 @@ def run_one(cfg: dict[str, Any], model_kw: dict[str, Any], *, dataset: str, sigm
     dm = SyntheticDataModule(
         tokenizer=model_kw["model"], dataset=dataset, num_train=cfg["num_train"],
         num_val=cfg["num_val"], num_test=0, max_length=cfg["max_length"],
-        expected_batch_size=cfg["batch"], sampling_seed=seed,
+        batch_schedule=ConstantBatchSize(cfg["batch"]), sampling_seed=seed,
     )
     ov = dict(overrides or {})
     # The overrides name the ablated part; here they become the module's components.

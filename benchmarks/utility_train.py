@@ -34,6 +34,7 @@ from lit_dp import (
     SyntheticDataModule,
 )
 from lit_dp.callbacks.ema import ema_decay
+from lit_dp.data import ConstantBatchSize
 from lit_dp.privacy.clipping import FixedClip, PrivateQuantile
 
 
@@ -190,7 +191,7 @@ def train_one(spec: Any, recipe: Any, organism: Path) -> list[dict[str, Any]]:
     dm = SyntheticDataModule(
         tokenizer=str(organism), dataset="records", num_train=recipe.num_train,
         num_val=recipe.num_val, num_test=0, data_seed=recipe.data_seed,
-        expected_batch_size=recipe.expected_batch_size, sampling_seed=spec.seed,
+        batch_schedule=ConstantBatchSize(recipe.expected_batch_size), sampling_seed=spec.seed,
         max_length=recipe.max_length, eval_batch_size=recipe.eval_batch_size,
     )
     module = DPCausalLM(

@@ -94,6 +94,15 @@ def read_config(args: list[str]) -> Any:
         return _ParseOnlyCLI(args=args, run=False).config
 
 
+def _instantiate(spec: Any) -> Any:
+    """Build a ``{"class_path", "init_args"}`` entry as the CLI does: nested entries first (a
+    DataModule's batch_schedule), other values as they are."""
+    if isinstance(spec, dict) and "class_path" in spec:
+        init_args = {k: _instantiate(v) for k, v in (spec.get("init_args") or {}).items()}
+        return instantiate_class((), {"class_path": spec["class_path"], "init_args": init_args})
+    return spec
+
+
 def make_plan(config: Any) -> PrivacyPlan:
     """Count units, calibrate or evaluate sigma under PLD and RDP, and the noise it implies.
 
@@ -103,7 +112,7 @@ def make_plan(config: Any) -> PrivacyPlan:
     """
     model, trainer_cfg = config.model, config.trainer
     accounting = PrivacyAccounting(**config.privacy.as_dict())  # validates the privacy section
-    dm = instantiate_class((), config.data.as_dict())
+    dm = _instantiate(config.data.as_dict())  # with its batch_schedule component
     num_units, schedule = dm.units_and_schedule()
     # The clip-bound estimator as fit builds it (validates its fields the same way).
     clip = PrivateQuantile() if model.clipping is None else instantiate_class((), model.clipping.as_dict())

@@ -27,7 +27,7 @@ from lit_dp.checkpoint import (
     find_last_checkpoint,
 )
 from lit_dp.cli import resolve_last_checkpoint
-from lit_dp.data import SyntheticDataModule
+from lit_dp.data import ConstantBatchSize, SyntheticDataModule
 from lit_dp.models import tiny_tokenizer
 from lit_dp.module import DPCausalLM
 from lit_dp.privacy.clipping import FixedClip
@@ -84,7 +84,7 @@ def test_save_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
 
 def _fit(root: Path, *, max_steps: int, callback: DPModelCheckpoint, plugins=None) -> L.Trainer:
     dm = SyntheticDataModule(tokenizer=tiny_tokenizer(), num_train=32, num_val=2, num_test=0,
-                             max_length=512, expected_batch_size=4.0, sampling_seed=1)
+                             max_length=512, batch_schedule=ConstantBatchSize(4.0), sampling_seed=1)
     module = DPCausalLM(model="tiny-qwen2", noise_multiplier=1.0, clipping=FixedClip(1.0), noise_seed=1,
                         eval_before_fit=False, export_dir=None, max_physical_batch_size=8)
     trainer = L.Trainer(
@@ -175,7 +175,8 @@ def test_resolving_last_continues_in_the_run_directory(tmp_path):
 _TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 _RUN = ["--config", _TINY, "--trainer.max_steps", "6", "--trainer.val_check_interval", "2",
         "--data.init_args.num_train", "64", "--data.init_args.num_val", "4",
-        "--data.init_args.expected_batch_size", "8", "--data.init_args.sampling_seed", "3",
+        "--data.init_args.batch_schedule.init_args.expected_batch_size", "8",
+        "--data.init_args.sampling_seed", "3",
         "--model.noise_seed", "5", "--trainer.enable_progress_bar", "false"]
 
 

@@ -224,7 +224,8 @@ def _no_checkpoint(root: Path) -> bool:
         (["--model.noise_multiplier", "-1"], "noise_multiplier"),
         (["--model.clipping", "FixedClip", "--model.clipping.max_grad_norm", "0"], "max_grad_norm"),
         (["--privacy.delta", "0.01"], "delta"),
-        (["--data.init_args.expected_batch_size", "null", "--data.init_args.sample_rate", "1.5"], "sample_rate"),
+        (["--data.init_args.batch_schedule", "lit_dp.data.ConstantSampleRate",
+          "--data.init_args.batch_schedule.init_args.sample_rate", "1.5"], "sample_rate"),
         (["--model.model", "./no/such/model"], "no/such/model"),
         (["--model.noise_multiplier", "0.1", "--privacy.target_epsilon", "0.5"], "target_epsilon"),
         (["--data.init_args.num_train", "0"], "empty"),
@@ -362,7 +363,21 @@ def test_plan_reports_the_budget_stop_and_fit_errors(capsys):
     with pytest.raises(ValueError, match="delta"):
         main(["plan", "--config", TINY, "--privacy.delta", "0.01"])
     with pytest.raises(ValueError, match="too small for private quantile"):
-        main(["plan", "--config", TINY, "--data.init_args.expected_batch_size", "2"])
+        main(["plan", "--config", TINY, "--data.init_args.batch_schedule.init_args.expected_batch_size", "2"])
+
+
+def test_plan_builds_the_batch_schedule_given_on_the_command_line():
+    # A component of the data module (class_path + init_args), as fit builds it: q_t = E[B]_t / N.
+    plan = make_plan(read_config([
+        "--config", TINY, "--model.clipping", "FixedClip",
+        "--data.init_args.batch_schedule", "lit_dp.data.LinearBatchSizeRamp",
+        "--data.init_args.batch_schedule.init_args.start", "16",
+        "--data.init_args.batch_schedule.init_args.end", "64",
+        "--data.init_args.batch_schedule.init_args.ramp_steps", "4",
+    ]))  # fmt: skip
+    assert plan.num_units == 256
+    assert plan.schedule.rates(6) == pytest.approx([0.0625, 0.109375, 0.15625, 0.203125, 0.25, 0.25])
+    assert "16 -> 64" in format_plan(plan, "tiny.yaml")
 
 
 def test_generate_subcommand_writes_responses(tmp_path, monkeypatch):

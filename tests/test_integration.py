@@ -20,6 +20,7 @@ def test_smollm2_dp_finetune_export_reload_generate(tmp_path):
     import lightning as L
 
     from lit_dp import ClipDrivenLR, DPCausalLM, EMAWeights, PrivacyAccounting, SyntheticDataModule
+    from lit_dp.data import ConstantBatchSize
     from lit_dp.models import generate, load_model, load_tokenizer
     from lit_dp.optim import DPAdamW
     from lit_dp.privacy.clipping import FixedClip
@@ -29,7 +30,7 @@ def test_smollm2_dp_finetune_export_reload_generate(tmp_path):
                         optimizer=functools.partial(DPAdamW, lr=3e-3),
                         max_physical_batch_size=8, noise_seed=0, export_dir=str(tmp_path / "export"))
     dm = SyntheticDataModule(tokenizer="smollm2-135m-instruct", num_train=64, num_val=8, num_test=0,
-                             max_length=256, expected_batch_size=12, sampling_seed=0)
+                             max_length=256, batch_schedule=ConstantBatchSize(12), sampling_seed=0)
     trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, use_distributed_sampler=False, limit_val_batches=0,
                         num_sanity_val_steps=0, default_root_dir=tmp_path,

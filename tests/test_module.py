@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from lit_dp.callbacks.accounting import PrivacyAccounting
 from lit_dp.callbacks.clip_lr import ClipDrivenLR
 from lit_dp.callbacks.ema import EMAWeights
-from lit_dp.data import SyntheticDataModule
+from lit_dp.data import ConstantBatchSize, SyntheticDataModule
 from lit_dp.models import tiny_tokenizer
 from lit_dp.module import DPCausalLM
 from lit_dp.optim import DPAdamW
@@ -28,7 +28,7 @@ from lit_dp.privacy.per_sample import per_example_losses
 def make_dm(num_train=32, expected=8.0, seed=1, **kw):
     return SyntheticDataModule(
         tokenizer=tiny_tokenizer(), num_train=num_train, num_val=4, num_test=4,
-        max_length=512, expected_batch_size=expected, sampling_seed=seed, **kw
+        max_length=512, batch_schedule=ConstantBatchSize(expected), sampling_seed=seed, **kw
     )
 
 

@@ -25,6 +25,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from lit_dp.data.batch_schedule import BatchSchedule, ConstantBatchSize
 from lit_dp.data.encoding import (
     PoissonCollate,
     Row,
@@ -37,7 +38,6 @@ from lit_dp.export import OPERATOR_SIDE_KEY
 from lit_dp.privacy.sampling import PoissonBatchSampler, SampleRateSchedule
 
 _CACHE_VERSION = 1
-DEFAULT_EXPECTED_BATCH_SIZE = 16.0
 
 
 def _positive(name: str, value: Any, *, allow_none: bool = True, integer: bool = False,
@@ -61,16 +61,10 @@ class DPDataModule(L.LightningDataModule):
         tokenizer: a tokenizer object, or a model source string loaded with
             ``lit_dp.models.load_tokenizer`` at setup (the CLI links it to model.model).
         max_length: longest training/eval record in tokens (prompt + response + special tokens).
-        expected_batch_size: expected Poisson batch size q * N, in privacy units; the sample
-            rate is q = expected_batch_size / N after setup. Set this or sample_rate, not both;
-            with both unset it is 16.
-        sample_rate: q, each unit's inclusion probability per step, in (0, 1].
-        schedule: "constant" (q every step) or "linear" (q ramps linearly from the value above to
-            the final one over ramp_steps steps, then stays there).
-        final_expected_batch_size: expected batch size at the end of a linear ramp (with
-            expected_batch_size).
-        final_sample_rate: sample rate at the end of a linear ramp (with sample_rate).
-        ramp_steps: steps of the linear ramp (>= 1 for schedule: linear).
+        batch_schedule: how many privacy units a step draws (``lit_dp.data.batch_schedule``):
+            ``ConstantBatchSize`` (q = expected_batch_size / N after setup), ``ConstantSampleRate``,
+            ``LinearBatchSizeRamp`` or ``LinearSampleRateRamp``; null = a fresh
+            ``ConstantBatchSize()`` (expected batch size 16).
         steps_per_epoch: batches per epoch; null = one expected pass over the data
             (ceil(1 / q) for a constant q). Only the epoch length: privacy counts steps.
         sampling_seed: Poisson sampling seed; null draws one from OS entropy (rank 0's under
@@ -92,12 +86,7 @@ class DPDataModule(L.LightningDataModule):
         self,
         tokenizer: Any = "smollm2-135m-instruct",
         max_length: int = 256,
-        expected_batch_size: float | None = None,
-        sample_rate: float | None = None,
-        schedule: Literal["constant", "linear"] = "constant",
-        final_expected_batch_size: float | None = None,
-        final_sample_rate: float | None = None,
-        ramp_steps: int = 0,
+        batch_schedule: BatchSchedule | None = None,
         steps_per_epoch: int | None = None,
         sampling_seed: int | None = None,
         privacy_unit: Literal["example", "group"] = "example",
@@ -114,35 +103,11 @@ class DPDataModule(L.LightningDataModule):
         if tokenizer is None or (not isinstance(tokenizer, str) and not callable(tokenizer)):
             raise ValueError(f"data.tokenizer={tokenizer!r} must be a tokenizer or a model source string")
         _positive("max_length", max_length, allow_none=False, integer=True, minimum=2, strict=False)
-        if expected_batch_size is not None and sample_rate is not None:
+        if batch_schedule is not None and not isinstance(batch_schedule, BatchSchedule):
             raise ValueError(
-                f"data.expected_batch_size={expected_batch_size} and data.sample_rate={sample_rate} "
-                "are both set; set exactly one (the other null)"
+                f"data.batch_schedule={batch_schedule!r} must be a batch schedule, e.g. "
+                "lit_dp.data.ConstantBatchSize(expected_batch_size=16) or ConstantSampleRate(sample_rate=0.01)"
             )
-        if expected_batch_size is None and sample_rate is None:
-            expected_batch_size = DEFAULT_EXPECTED_BATCH_SIZE
-        _positive("expected_batch_size", expected_batch_size)
-        if sample_rate is not None and (isinstance(sample_rate, bool) or not 0 < sample_rate <= 1):
-            raise ValueError(f"data.sample_rate={sample_rate!r} must be in (0, 1]")
-        if schedule not in ("constant", "linear"):
-            raise ValueError(f"data.schedule={schedule!r} must be 'constant' or 'linear'")
-        _positive("ramp_steps", ramp_steps, allow_none=False, integer=True, strict=False)
-        _positive("final_expected_batch_size", final_expected_batch_size)
-        if final_sample_rate is not None and (isinstance(final_sample_rate, bool) or not 0 < final_sample_rate <= 1):
-            raise ValueError(f"data.final_sample_rate={final_sample_rate!r} must be in (0, 1]")
-        # A linear ramp ends at a value of the same kind as its start.
-        finals = {"final_expected_batch_size": final_expected_batch_size, "final_sample_rate": final_sample_rate}
-        need = "final_sample_rate" if sample_rate is not None else "final_expected_batch_size"
-        other = "final_expected_batch_size" if sample_rate is not None else "final_sample_rate"
-        final = finals[need]
-        if schedule == "linear":
-            if finals[other] is not None:
-                raise ValueError(f"data.{other} does not match the start value; use data.{need}")
-            if final is None or ramp_steps < 1:
-                raise ValueError(f"data.schedule=linear needs data.{need} and data.ramp_steps >= 1")
-        elif final is not None or finals[other] is not None or ramp_steps:
-            raise ValueError("data.final_expected_batch_size/final_sample_rate/ramp_steps are only "
-                             "used with data.schedule: linear; set it or remove them")
         _positive("steps_per_epoch", steps_per_epoch, integer=True, minimum=1, strict=False)
         if sampling_seed is not None and (isinstance(sampling_seed, bool) or not isinstance(sampling_seed, int)):
             raise ValueError(f"data.sampling_seed={sampling_seed!r} must be an integer or null")
@@ -160,8 +125,8 @@ class DPDataModule(L.LightningDataModule):
         self._tokenizer_arg = tokenizer
         self.tokenizer = None if isinstance(tokenizer, str) else tokenizer
         self.max_length, self.truncate, self.loss_on = max_length, truncate, loss_on
-        self.expected_batch_size, self.sample_rate_arg = expected_batch_size, sample_rate
-        self.schedule_kind, self.final_value, self.ramp_steps = schedule, final, ramp_steps
+        # Built per instance: a default shared between DataModules would be one mutable object.
+        self.batch_schedule = ConstantBatchSize() if batch_schedule is None else batch_schedule
         self.steps_per_epoch = steps_per_epoch
         self.sampling_seed = sampling_seed if sampling_seed is not None else secrets.randbits(62)
         self.privacy_unit, self.group_key = privacy_unit, group_key
@@ -276,22 +241,7 @@ class DPDataModule(L.LightningDataModule):
         return n, self._make_schedule(n)
 
     def _make_schedule(self, n: int) -> SampleRateSchedule:
-        if self.sample_rate_arg is not None:
-            q0, q_end = self.sample_rate_arg, self.final_value
-        else:
-            for name, ebs in (("expected_batch_size", self.expected_batch_size),
-                              ("final_expected_batch_size", self.final_value)):
-                if ebs is not None and ebs > n:
-                    raise ValueError(
-                        f"data.{name}={ebs} exceeds the {n} privacy units ({self.privacy_unit} "
-                        "level); lower it (q = expected batch size / N must be <= 1)"
-                    )
-            q0 = float(self.expected_batch_size) / n  # type: ignore[arg-type]
-            q_end = None if self.final_value is None else float(self.final_value) / n
-        if self.schedule_kind == "linear":
-            return SampleRateSchedule.linear(start_rate=q0, end_rate=float(q_end),  # type: ignore[arg-type]
-                                             ramp_steps=self.ramp_steps)
-        return SampleRateSchedule.constant(q0)
+        return self.batch_schedule.sample_rates(n)
 
     def _make_units(self, train: list[dict[str, Any]]) -> list[list[int]]:
         if self.privacy_unit != "group":
@@ -364,8 +314,9 @@ class DPDataModule(L.LightningDataModule):
 
     # --- reporting and state ---------------------------------------------------------------
     def data_report(self) -> dict[str, Any]:
-        """The data part of the privacy report. Top level: configuration and N, the number of
-        privacy units (public: the accounted sample rate q = expected batch size / N states it).
+        """The data part of the privacy report. Top level: configuration (the batch schedule as
+        its config entry) and N, the number of privacy units (public: the accounted sample rate
+        q = expected batch size / N states it).
         ``operator_side``: exact counts that depend on the data beyond N and that epsilon does
         not cover (at group level, num_records / N is how many records users hold); they stay
         in the run directory's report and are never exported."""
@@ -374,6 +325,7 @@ class DPDataModule(L.LightningDataModule):
             "dataset": self.dataset_name(), "privacy_unit": self.privacy_unit,
             "group_key": self.group_key if self.privacy_unit == "group" else None,
             "num_units": self.num_units, "max_length": self.max_length, "loss_on": self.loss_on,
+            "batch_schedule": self.batch_schedule.describe(),
             OPERATOR_SIDE_KEY: {
                 "num_records": len(train),
                 "num_validation": len(self.encoded.get("validation", [])),

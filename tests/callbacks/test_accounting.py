@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 
 from lit_dp.callbacks.accounting import PrivacyAccounting, check_delta, default_delta
-from lit_dp.data import SyntheticDataModule
+from lit_dp.data import ConstantBatchSize, SyntheticDataModule
 from lit_dp.models import tiny_tokenizer
 from lit_dp.module import DPCausalLM
 from lit_dp.privacy.accountant import RDPAccountant
@@ -100,7 +100,7 @@ def test_explicit_delta_above_1e5_warns_and_at_or_above_1_over_n_fails():
                          ids=["min_steps", "min_epochs"])
 def test_budget_stop_with_a_minimum_length_is_refused_before_training(tmp_path, limits, named):
     dm = SyntheticDataModule(tokenizer=tiny_tokenizer(), num_train=32, num_val=0, num_test=0,
-                             max_length=512, expected_batch_size=8.0, sampling_seed=0)
+                             max_length=512, batch_schedule=ConstantBatchSize(8.0), sampling_seed=0)
     module = DPCausalLM(model="tiny-qwen2", noise_multiplier=1.0, clipping=FixedClip(1.0),
                         eval_before_fit=False, export_dir=None)
     trainer = L.Trainer(max_steps=50, accelerator="cpu", logger=False, enable_checkpointing=False,

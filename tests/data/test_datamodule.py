@@ -10,7 +10,14 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit_dp.data import DPDataModule, SyntheticDataModule
+from lit_dp.data import (
+    ConstantBatchSize,
+    ConstantSampleRate,
+    DPDataModule,
+    LinearBatchSizeRamp,
+    LinearSampleRateRamp,
+    SyntheticDataModule,
+)
 from lit_dp.data.encoding import collate_rows, encode_record, encode_records
 from lit_dp.models import tiny_tokenizer
 
@@ -132,7 +139,7 @@ def test_collate_empty_batch():
 
 def test_train_batch_padding_and_masking_with_template(tok):
     recs = [{"prompt": "p" * (i + 1), "response": "r" * (3 - i)} for i in range(3)]
-    dm = ListDataModule(recs, tokenizer=tok, sample_rate=1.0)
+    dm = ListDataModule(recs, tokenizer=tok, batch_schedule=ConstantSampleRate(1.0))
     dm.setup("fit")
     (b,) = list(dm.train_dataloader())
     assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
@@ -144,7 +151,7 @@ def test_train_batch_padding_and_masking_with_template(tok):
 
 # --- sample rate, schedule and arguments ---------------------------------------------------
 def test_sample_rate_from_expected_batch_size():
-    dm = ListDataModule([qa(i) for i in range(40)], expected_batch_size=4)
+    dm = ListDataModule([qa(i) for i in range(40)], batch_schedule=ConstantBatchSize(4))
     dm.setup("fit")
     assert dm.num_units == 40
     assert dm.schedule.rate(0) == pytest.approx(0.1, abs=1e-12)
@@ -158,18 +165,18 @@ def test_default_expected_batch_size_is_16():
 
 
 def test_explicit_sample_rate():
-    dm = ListDataModule([qa(i) for i in range(10)], sample_rate=0.3)
+    dm = ListDataModule([qa(i) for i in range(10)], batch_schedule=ConstantSampleRate(0.3))
     dm.setup("fit")
     assert dm.schedule.rate(0) == 0.3
 
 
 def test_linear_schedules():
-    dm = ListDataModule([qa(i) for i in range(20)], expected_batch_size=2, schedule="linear",
-                        final_expected_batch_size=10, ramp_steps=4)
+    dm = ListDataModule([qa(i) for i in range(20)],
+                        batch_schedule=LinearBatchSizeRamp(start=2, end=10, ramp_steps=4))
     dm.setup("fit")
     assert dm.schedule.rates(5) == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5], abs=1e-12)
-    dm = ListDataModule([qa(i) for i in range(20)], sample_rate=0.4, schedule="linear",
-                        final_sample_rate=0.2, ramp_steps=2)
+    dm = ListDataModule([qa(i) for i in range(20)],
+                        batch_schedule=LinearSampleRateRamp(start_rate=0.4, end_rate=0.2, ramp_steps=2))
     dm.setup("fit")
     assert dm.schedule.rates(3) == pytest.approx([0.4, 0.3, 0.2], abs=1e-12)
     batches = list(dm.train_dataloader())
@@ -179,9 +186,9 @@ def test_linear_schedules():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        pytest.param({"expected_batch_size": 4}, id="example-constant"),
-        pytest.param({"expected_batch_size": 2, "privacy_unit": "group", "group_key": "user"}, id="group"),
-        pytest.param({"sample_rate": 0.4, "schedule": "linear", "final_sample_rate": 0.2, "ramp_steps": 2},
+        pytest.param({"batch_schedule": ConstantBatchSize(4)}, id="example-constant"),
+        pytest.param({"batch_schedule": ConstantBatchSize(2), "privacy_unit": "group", "group_key": "user"}, id="group"),
+        pytest.param({"batch_schedule": LinearSampleRateRamp(start_rate=0.4, end_rate=0.2, ramp_steps=2)},
                      id="linear-rates"),
     ],
 )  # fmt: skip
@@ -196,33 +203,23 @@ def test_units_and_schedule_without_a_tokenizer_equal_setup(kwargs):
     assert planned[0] == (7 if kwargs.get("privacy_unit") == "group" else 40)
 
 
-@pytest.mark.parametrize("field", ["expected_batch_size", "final_expected_batch_size"])
+@pytest.mark.parametrize("field", ["expected_batch_size", "end"])
 def test_expected_batch_size_above_n_raises(field):
-    kw = {"expected_batch_size": 6} if field == "expected_batch_size" else {
-        "expected_batch_size": 2, "schedule": "linear", "final_expected_batch_size": 6, "ramp_steps": 2}
+    kw = {"batch_schedule": ConstantBatchSize(6) if field == "expected_batch_size"
+          else LinearBatchSizeRamp(start=2, end=6, ramp_steps=2)}
     dm = ListDataModule([qa(i) for i in range(5)], **kw)
     with pytest.raises(ValueError, match=rf"{field}=6 exceeds the 5 privacy units"):
         dm.setup("fit")
 
 
+# The batch schedules validate their own fields: tests/data/test_batch_schedule.py.
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"expected_batch_size": 4, "sample_rate": 0.1}, "set exactly one"),
-        ({"expected_batch_size": 0}, "expected_batch_size"),
-        ({"expected_batch_size": float("nan")}, "expected_batch_size"),
-        ({"sample_rate": 1.5}, "sample_rate"),
+        ({"batch_schedule": 16}, "batch_schedule"),
         ({"max_length": 1}, "max_length"),
         ({"privacy_unit": "user"}, "privacy_unit"),
         ({"privacy_unit": "group"}, "group_key"),
-        ({"schedule": "cosine"}, "schedule"),
-        ({"schedule": "linear"}, "final_expected_batch_size"),
-        ({"schedule": "linear", "sample_rate": 0.1, "ramp_steps": 2}, "final_sample_rate"),
-        ({"schedule": "linear", "final_expected_batch_size": 4, "ramp_steps": 0}, "ramp_steps"),
-        ({"schedule": "linear", "sample_rate": 0.1, "final_expected_batch_size": 4, "ramp_steps": 2},
-         "final_expected_batch_size"),
-        ({"final_expected_batch_size": 4}, "schedule: linear"),
-        ({"final_sample_rate": 1.5}, "final_sample_rate"),
         ({"steps_per_epoch": 0}, "steps_per_epoch"),
         ({"sampling_seed": 1.5}, "sampling_seed"),
         ({"eval_batch_size": 0}, "eval_batch_size"),
@@ -232,11 +229,9 @@ def test_expected_batch_size_above_n_raises(field):
         ({"tokenizer": ""}, "tokenizer"),
         ({"tokenizer": 3}, "tokenizer"),
     ],
-    ids=["both", "ebs-zero", "ebs-nan", "rate-gt-1", "max-length", "privacy-unit",
-         "group-no-key", "bad-schedule", "linear-no-final", "linear-no-final-rate",
-         "linear-no-ramp", "linear-mismatched-final", "final-without-linear", "final-rate-gt-1",
-         "steps-per-epoch", "float-seed", "eval-bs", "loss-on", "truncate", "workers",
-         "empty-tokenizer", "bad-tokenizer"],
+    ids=["not-a-schedule", "max-length", "privacy-unit", "group-no-key", "steps-per-epoch",
+         "float-seed", "eval-bs", "loss-on", "truncate", "workers", "empty-tokenizer",
+         "bad-tokenizer"],
 )
 def test_bad_args_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -250,7 +245,7 @@ def test_empty_training_set_raises():
 
 def test_too_long_record_names_index_and_max_length():
     recs = [{"prompt": "a", "response": "b"}, {"prompt": "a" * 50, "response": "b"}]
-    dm = ListDataModule(recs, expected_batch_size=1, max_length=40)
+    dm = ListDataModule(recs, batch_schedule=ConstantBatchSize(1), max_length=40)
     with pytest.raises(ValueError, match=r"train record 1 has \d+ tokens > data.max_length=40"):
         dm.setup("fit")
 
@@ -258,7 +253,7 @@ def test_too_long_record_names_index_and_max_length():
 def test_truncate_counts_in_report():
     recs = [{"prompt": "a", "response": "b"}, {"prompt": "a" * 50, "response": "b"},
             {"text": "z" * 40}]
-    dm = ListDataModule(recs, expected_batch_size=1, max_length=40, truncate=True)
+    dm = ListDataModule(recs, batch_schedule=ConstantBatchSize(1), max_length=40, truncate=True)
     with pytest.warns(UserWarning, match="1 of 3 training records have no token to learn"):
         dm.setup("fit")
     rep = dm.data_report()
@@ -272,7 +267,7 @@ def test_truncate_counts_in_report():
 
 def test_truncation_that_leaves_nothing_to_learn_is_refused():
     recs = [{"prompt": "a" * 50, "response": "b"}, {"prompt": "c" * 60, "response": "d"}]
-    dm = ListDataModule(recs, expected_batch_size=1, max_length=40, truncate=True)
+    dm = ListDataModule(recs, batch_schedule=ConstantBatchSize(1), max_length=40, truncate=True)
     with pytest.raises(ValueError, match=r"none of the 2 training records.*data\.max_length"):
         dm.setup("fit")
 
@@ -285,7 +280,7 @@ def test_tokenizer_source_string_is_loaded_lazily(monkeypatch):
         return tiny_tokenizer()
 
     monkeypatch.setattr("lit_dp.models.load_tokenizer", fake_load)
-    dm = ListDataModule([qa(i) for i in range(4)], tokenizer="tiny-qwen2", expected_batch_size=1)
+    dm = ListDataModule([qa(i) for i in range(4)], tokenizer="tiny-qwen2", batch_schedule=ConstantBatchSize(1))
     assert calls == [] and dm.tokenizer is None
     dm.setup("fit")
     assert calls == ["tiny-qwen2"] and dm.tokenizer is not None
@@ -293,7 +288,7 @@ def test_tokenizer_source_string_is_loaded_lazily(monkeypatch):
 
 def test_disk_cache_is_reused_and_keyed_by_max_length(tmp_path, monkeypatch):
     recs = [qa(i) for i in range(6)]
-    first = ListDataModule(recs, cache_dir=str(tmp_path), expected_batch_size=1)
+    first = ListDataModule(recs, cache_dir=str(tmp_path), batch_schedule=ConstantBatchSize(1))
     first.setup("fit")
     assert len(list(tmp_path.glob("tokens-*.json"))) == 1
 
@@ -301,16 +296,16 @@ def test_disk_cache_is_reused_and_keyed_by_max_length(tmp_path, monkeypatch):
         raise AssertionError("tokenized again")
 
     monkeypatch.setattr("lit_dp.data.datamodule.encode_records", boom)
-    again = ListDataModule(recs, cache_dir=str(tmp_path), expected_batch_size=1)
+    again = ListDataModule(recs, cache_dir=str(tmp_path), batch_schedule=ConstantBatchSize(1))
     again.setup("fit")
     assert again.encoded == first.encoded
     with pytest.raises(AssertionError, match="tokenized again"):
-        ListDataModule(recs, cache_dir=str(tmp_path), expected_batch_size=1, max_length=64).setup("fit")
+        ListDataModule(recs, cache_dir=str(tmp_path), batch_schedule=ConstantBatchSize(1), max_length=64).setup("fit")
 
 
 # --- training batches ----------------------------------------------------------------------
 def test_train_batches_keys_steps_and_epoch_length():
-    dm = ListDataModule([qa(i) for i in range(30)], expected_batch_size=6)
+    dm = ListDataModule([qa(i) for i in range(30)], batch_schedule=ConstantBatchSize(6))
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert loader.batch_sampler is dm._sampler
@@ -324,7 +319,7 @@ def test_train_batches_keys_steps_and_epoch_length():
         assert b["input_ids"].shape[0] == b["attention_mask"].sum(1).gt(0).sum()
     # The next epoch continues the global step.
     assert [b["step"] for b in loader] == [5, 6, 7, 8, 9]
-    dm = ListDataModule([qa(i) for i in range(30)], expected_batch_size=6, steps_per_epoch=3)
+    dm = ListDataModule([qa(i) for i in range(30)], batch_schedule=ConstantBatchSize(6), steps_per_epoch=3)
     dm.setup("fit")
     assert len(dm.train_dataloader()) == 3
 
@@ -332,7 +327,7 @@ def test_train_batches_keys_steps_and_epoch_length():
 @pytest.mark.parametrize("unit", ["example", "group"])
 def test_empty_train_batch(unit):
     recs = [qa(i, user=f"u{i}") for i in range(3)]
-    dm = ListDataModule(recs, sample_rate=1e-6, steps_per_epoch=3, privacy_unit=unit, group_key="user")
+    dm = ListDataModule(recs, batch_schedule=ConstantSampleRate(1e-6), steps_per_epoch=3, privacy_unit=unit, group_key="user")
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     assert [b["step"] for b in batches] == [0, 1, 2]  # empty batches are still steps
@@ -347,7 +342,7 @@ def test_empty_train_batch(unit):
 def test_group_units_sample_whole_groups():
     users = ["u0", "u1", "u0", "u2", "u1", "u0"]
     recs = [qa(i, user=u) for i, u in enumerate(users)]
-    dm = ListDataModule(recs, sample_rate=0.5, privacy_unit="group", group_key="user", steps_per_epoch=20)
+    dm = ListDataModule(recs, batch_schedule=ConstantSampleRate(0.5), privacy_unit="group", group_key="user", steps_per_epoch=20)
     dm.setup("fit")
     assert dm.num_units == 3
     rep = dm.data_report()
@@ -372,8 +367,8 @@ def test_group_units_sample_whole_groups():
 
 def test_num_units_example_vs_group():
     recs = [qa(i, user=f"u{i % 4}") for i in range(10)]
-    ex = ListDataModule(recs, expected_batch_size=1)
-    grp = ListDataModule(recs, expected_batch_size=1, privacy_unit="group", group_key="user")
+    ex = ListDataModule(recs, batch_schedule=ConstantBatchSize(1))
+    grp = ListDataModule(recs, batch_schedule=ConstantBatchSize(1), privacy_unit="group", group_key="user")
     ex.setup("fit")
     grp.setup("fit")
     assert (ex.num_units, grp.num_units) == (10, 4)
@@ -381,14 +376,14 @@ def test_num_units_example_vs_group():
 
 
 def test_group_record_without_group_field_raises():
-    dm = ListDataModule([qa(0, user="a"), qa(1)], expected_batch_size=1, privacy_unit="group",
+    dm = ListDataModule([qa(0, user="a"), qa(1)], batch_schedule=ConstantBatchSize(1), privacy_unit="group",
                         group_key="user")
     with pytest.raises(ValueError, match=r"record 1 has no group_key field 'user'"):
         dm.setup("fit")
 
 
 def test_example_units_have_no_unit_ids():
-    dm = ListDataModule([qa(i, user="a") for i in range(4)], sample_rate=1.0)
+    dm = ListDataModule([qa(i, user="a") for i in range(4)], batch_schedule=ConstantSampleRate(1.0))
     dm.setup("fit")
     (b,) = list(dm.train_dataloader())
     assert "unit_ids" not in b and b["input_ids"].shape[0] == 4
@@ -396,7 +391,7 @@ def test_example_units_have_no_unit_ids():
 
 def test_eval_loaders_are_sequential_without_sample_rate():
     dm = ListDataModule([qa(i) for i in range(4)], validation=[qa(i) for i in range(5)],
-                        expected_batch_size=1, eval_batch_size=2)
+                        batch_schedule=ConstantBatchSize(1), eval_batch_size=2)
     dm.setup("fit")
     val = list(dm.val_dataloader())
     assert [b["input_ids"].shape[0] for b in val] == [2, 2, 1]
@@ -410,12 +405,12 @@ def test_eval_loaders_are_sequential_without_sample_rate():
 # --- DDP shards and resume -----------------------------------------------------------------
 def test_ddp_ranks_shard_one_global_draw_with_rank0_seed():
     recs = [qa(i) for i in range(40)]
-    single = ListDataModule(recs, sample_rate=0.3, sampling_seed=1234, steps_per_epoch=4)
+    single = ListDataModule(recs, batch_schedule=ConstantSampleRate(0.3), sampling_seed=1234, steps_per_epoch=4)
     single.setup("fit")
     ref = list(single.train_dataloader())
     shards = []
     for rank in range(2):
-        dm = ListDataModule(recs, sample_rate=0.3, sampling_seed=None, steps_per_epoch=4)
+        dm = ListDataModule(recs, batch_schedule=ConstantSampleRate(0.3), sampling_seed=None, steps_per_epoch=4)
         dm.trainer = fake_trainer(rank=rank, world=2, seed_from_rank0=1234)
         dm.setup("fit")
         assert dm.sampling_seed == 1234  # every rank takes rank 0's seed
@@ -428,7 +423,7 @@ def test_ddp_ranks_shard_one_global_draw_with_rank0_seed():
 
 
 def test_distributed_sampler_is_refused():
-    dm = ListDataModule([qa(i) for i in range(4)], expected_batch_size=1)
+    dm = ListDataModule([qa(i) for i in range(4)], batch_schedule=ConstantBatchSize(1))
     dm.trainer = fake_trainer(world=2, distributed_sampler=True)
     dm.setup("fit")
     with pytest.raises(ValueError, match="use_distributed_sampler=False"):
@@ -437,10 +432,10 @@ def test_distributed_sampler_is_refused():
 
 def test_state_dict_resume_without_trainer():
     recs = [qa(i) for i in range(20)]
-    ref_dm = ListDataModule(recs, expected_batch_size=5, sampling_seed=11, steps_per_epoch=6)
+    ref_dm = ListDataModule(recs, batch_schedule=ConstantBatchSize(5), sampling_seed=11, steps_per_epoch=6)
     ref_dm.setup("fit")
     ref = list(ref_dm.train_dataloader())
-    run = ListDataModule(recs, expected_batch_size=5, sampling_seed=11, steps_per_epoch=6)
+    run = ListDataModule(recs, batch_schedule=ConstantBatchSize(5), sampling_seed=11, steps_per_epoch=6)
     run.setup("fit")
     it = iter(run.train_dataloader())
     for _ in range(2):
@@ -448,7 +443,7 @@ def test_state_dict_resume_without_trainer():
     state = run.state_dict()
     assert state == {"sampling_seed": 11, "next_step": 2}
 
-    dm = ListDataModule(recs, expected_batch_size=5, sampling_seed=999, steps_per_epoch=6)
+    dm = ListDataModule(recs, batch_schedule=ConstantBatchSize(5), sampling_seed=999, steps_per_epoch=6)
     dm.load_state_dict(state)  # Lightning: after setup, before train_dataloader
     dm.setup("fit")
     batches = list(dm.train_dataloader())
@@ -461,11 +456,11 @@ def test_state_dict_resume_without_trainer():
 def test_worker_prefetch_does_not_shift_resume():
     """A DataLoader worker prefetches batches ahead; the step comes from the trainer's counter."""
     recs = [qa(i) for i in range(30)]
-    ref_dm = ListDataModule(recs, expected_batch_size=6, sampling_seed=4, steps_per_epoch=8)
+    ref_dm = ListDataModule(recs, batch_schedule=ConstantBatchSize(6), sampling_seed=4, steps_per_epoch=8)
     ref_dm.setup("fit")
     ref = list(ref_dm.train_dataloader())
 
-    dm = ListDataModule(recs, expected_batch_size=6, sampling_seed=4, steps_per_epoch=8, num_workers=1)
+    dm = ListDataModule(recs, batch_schedule=ConstantBatchSize(6), sampling_seed=4, steps_per_epoch=8, num_workers=1)
     dm.trainer = trainer = fake_trainer()
     dm.setup("fit")
     it = iter(dm.train_dataloader())
@@ -478,7 +473,7 @@ def test_worker_prefetch_does_not_shift_resume():
     assert state == {"sampling_seed": 4, "next_step": 3}
     del it
 
-    resumed = ListDataModule(recs, expected_batch_size=6, sampling_seed=None, steps_per_epoch=8)
+    resumed = ListDataModule(recs, batch_schedule=ConstantBatchSize(6), sampling_seed=None, steps_per_epoch=8)
     resumed.trainer = fake_trainer(step=3)  # Lightning restores global_step from the checkpoint
     resumed.setup("fit")
     resumed.load_state_dict(state)
@@ -506,7 +501,7 @@ class _Recorder(L.LightningModule):
 
 
 def _fit(tmp_path, max_steps, seed, ckpt_path=None, every=None):
-    dm = ListDataModule([qa(i) for i in range(24)], expected_batch_size=4, sampling_seed=seed,
+    dm = ListDataModule([qa(i) for i in range(24)], batch_schedule=ConstantBatchSize(4), sampling_seed=seed,
                         steps_per_epoch=4, num_workers=1)
     module = _Recorder()
     cbs = [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1)] if every else []
@@ -533,7 +528,7 @@ def test_lightning_crash_resume_draws_the_uninterrupted_batches(tmp_path):
 def test_synthetic_datamodule_with_canaries():
     dm = SyntheticDataModule(dataset="records", num_train=30, num_val=4, num_test=3,
                              num_canaries=2, canary_repetitions=3, tokenizer=tiny_tokenizer(),
-                             expected_batch_size=4, sampling_seed=0)
+                             batch_schedule=ConstantBatchSize(4), sampling_seed=0)
     dm.setup("fit")
     assert dm.num_units == 36 and len(dm.canaries) == 2
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": 36, "validation": 4, "test": 3}
@@ -546,7 +541,7 @@ def test_synthetic_datamodule_with_canaries():
 
 def test_synthetic_group_units_are_users():
     dm = SyntheticDataModule(dataset="emails", num_train=40, num_val=0, num_test=0,
-                             tokenizer=tiny_tokenizer(), expected_batch_size=2,
+                             tokenizer=tiny_tokenizer(), batch_schedule=ConstantBatchSize(2),
                              privacy_unit="group", max_length=512)
     dm.setup("fit")
     assert dm.num_units == len({r["user"] for r in dm.splits["train"]}) > 1

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lit_dp.data import JSONLDataModule
+from lit_dp.data import ConstantBatchSize, JSONLDataModule
 from lit_dp.models import tiny_tokenizer
 
 
@@ -25,7 +25,7 @@ def write_jsonl(path, rows):
 
 def jsonl_dm(path, **kw):
     kw.setdefault("tokenizer", tiny_tokenizer())
-    kw.setdefault("expected_batch_size", 1)
+    kw.setdefault("batch_schedule", ConstantBatchSize(1))
     kw.setdefault("sampling_seed", 0)
     return JSONLDataModule(train_path=path, **kw)
 

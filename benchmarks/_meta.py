@@ -16,10 +16,16 @@ def git_commit(*paths: str) -> str:
     """HEAD of this checkout, with "-dirty" when ``paths`` (default: lit_dp and benchmarks)
     have uncommitted changes; "unknown" outside a git checkout."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", *(paths or ("lit_dp", "benchmarks"))],
-                               cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", *(paths or ("lit_dp", "benchmarks"))],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + ("-dirty" if dirty.strip() else "")
@@ -30,8 +36,11 @@ def provenance(*paths: str) -> dict[str, Any]:
     import torch
 
     return {
-        "commit": git_commit(*paths), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "commit": git_commit(*paths),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }

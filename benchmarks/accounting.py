@@ -83,12 +83,24 @@ def run(quick: bool) -> dict[str, Any]:
     rows = []
     for n in lengths:
         for kind in ("pld", "rdp"):
-            rows.append({"accountant": kind, "ledger_steps": n, "schedule": "constant",
-                         "seconds_per_step": per_step(kind, [Q] * n, [Q] * window)})
+            rows.append(
+                {
+                    "accountant": kind,
+                    "ledger_steps": n,
+                    "schedule": "constant",
+                    "seconds_per_step": per_step(kind, [Q] * n, [Q] * window),
+                }
+            )
             # Inside a ramp over 4x (q 0.005 -> 0.02 over 2n steps): a new rate every step.
             full = ramp(2 * n)
-            rows.append({"accountant": kind, "ledger_steps": n, "schedule": "linear",
-                         "seconds_per_step": per_step(kind, full[:n], full[n : n + 10 * window])})
+            rows.append(
+                {
+                    "accountant": kind,
+                    "ledger_steps": n,
+                    "schedule": "linear",
+                    "seconds_per_step": per_step(kind, full[:n], full[n : n + 10 * window]),
+                }
+            )
             print(rows[-2], rows[-1], flush=True)
     out["per_training_step"] = rows
 
@@ -101,8 +113,12 @@ def run(quick: bool) -> dict[str, Any]:
         compose = time.perf_counter() - start
         deltas = iter(DELTA * (1 + k / 1000) for k in range(10))  # a new delta: never cached
         fresh = median_time(lambda a=acc, d=deltas: a.get_epsilon(next(d)), 3)
-        ledger[kind] = {"steps": n, "compose_ledger_seconds": compose,
-                        "get_epsilon_seconds": fresh, "epsilon": acc.get_epsilon(DELTA)}
+        ledger[kind] = {
+            "steps": n,
+            "compose_ledger_seconds": compose,
+            "get_epsilon_seconds": fresh,
+            "epsilon": acc.get_epsilon(DELTA),
+        }
         print(kind, ledger[kind], flush=True)
     out["linear_ledger"] = ledger
 
@@ -110,33 +126,69 @@ def run(quick: bool) -> dict[str, Any]:
     for label, sample_rate in (("constant", Q), ("linear", rates)):
         for kind in ("pld", "rdp"):
             start = time.perf_counter()
-            sigma = calibrate_noise_multiplier(target_epsilon=8.0, delta=DELTA,
-                                               sample_rate=sample_rate, steps=n, accountant=kind)
+            sigma = calibrate_noise_multiplier(
+                target_epsilon=8.0, delta=DELTA, sample_rate=sample_rate, steps=n, accountant=kind
+            )
             seconds = time.perf_counter() - start
-            calib.append({"accountant": kind, "schedule": label, "steps": n, "sigma": sigma,
-                          "seconds": seconds})
+            calib.append(
+                {
+                    "accountant": kind,
+                    "schedule": label,
+                    "steps": n,
+                    "sigma": sigma,
+                    "seconds": seconds,
+                }
+            )
             print(calib[-1], flush=True)
     out["calibration"] = calib
 
     # Epsilon at the same (sigma, q, steps, delta), and the quickstart's sigma for epsilon 8.
     gaps = []
-    for sigma, q, steps, delta in ((1.0, 0.01, 1000, 1e-5), (1.0, 0.01, 10000, 1e-5),
-                                   (0.8, 0.01, 10000, 1e-5), (2.0, 0.001, 10000, 1e-6),
-                                   (0.8, 0.001, 10000, 1e-6)):
-        eps = {kind: epsilon_for_schedule(noise_multiplier=sigma, delta=delta, sample_rate=q,
-                                          steps=steps, accountant=kind) for kind in ("pld", "rdp")}
-        gaps.append({"sigma": sigma, "q": q, "steps": steps, "delta": delta, **eps,
-                     "pld_below_rdp": 1 - eps["pld"] / eps["rdp"]})
+    for sigma, q, steps, delta in (
+        (1.0, 0.01, 1000, 1e-5),
+        (1.0, 0.01, 10000, 1e-5),
+        (0.8, 0.01, 10000, 1e-5),
+        (2.0, 0.001, 10000, 1e-6),
+        (0.8, 0.001, 10000, 1e-6),
+    ):
+        eps = {
+            kind: epsilon_for_schedule(
+                noise_multiplier=sigma, delta=delta, sample_rate=q, steps=steps, accountant=kind
+            )
+            for kind in ("pld", "rdp")
+        }
+        gaps.append(
+            {
+                "sigma": sigma,
+                "q": q,
+                "steps": steps,
+                "delta": delta,
+                **eps,
+                "pld_below_rdp": 1 - eps["pld"] / eps["rdp"],
+            }
+        )
         print(gaps[-1], flush=True)
     out["epsilon_pld_vs_rdp"] = gaps
     quickstart = []
     for delta, note in ((1e-5, "min(1e-5, 1/N^1.1) at N=256"), (1 / 256**1.1, "1/N^1.1 at N=256")):
-        sig = {kind: calibrate_noise_multiplier(target_epsilon=8.0, delta=delta,
-                                                sample_rate=12 / 256, steps=16, accountant=kind)
-               for kind in ("pld", "rdp")}
-        quickstart.append({"delta": delta, "delta_rule": note, "target_epsilon": 8.0,
-                           "q": 12 / 256, "steps": 16, "sigma_pld": sig["pld"],
-                           "sigma_rdp": sig["rdp"], "pld_below_rdp": 1 - sig["pld"] / sig["rdp"]})
+        sig = {
+            kind: calibrate_noise_multiplier(
+                target_epsilon=8.0, delta=delta, sample_rate=12 / 256, steps=16, accountant=kind
+            )
+            for kind in ("pld", "rdp")
+        }
+        quickstart.append(
+            {
+                "delta": delta,
+                "delta_rule": note,
+                "target_epsilon": 8.0,
+                "q": 12 / 256,
+                "steps": 16,
+                "sigma_pld": sig["pld"],
+                "sigma_rdp": sig["rdp"],
+                "pld_below_rdp": 1 - sig["pld"] / sig["rdp"],
+            }
+        )
         print(quickstart[-1], flush=True)
     out["quickstart_sigma"] = quickstart
     return out

@@ -76,8 +76,9 @@ class AuditDataModule(SyntheticDataModule):
         splits = super().load_records()
         train, self.canaries, seen = splits["train"], [], set()
         for reps, count in sorted(self.plan.items()):
-            train, cans = plant_canaries(train, num_canaries=count, repetitions=reps,
-                                         seed=self.data_seed * 1000 + reps)
+            train, cans = plant_canaries(
+                train, num_canaries=count, repetitions=reps, seed=self.data_seed * 1000 + reps
+            )
             for i, c in enumerate(cans):
                 if c["secret"] in seen:
                     raise ValueError(f"duplicate canary secret {c['secret']}")
@@ -94,21 +95,28 @@ class AuditDataModule(SyntheticDataModule):
 
 # --- scoring --------------------------------------------------------------------------------
 @torch.no_grad()
-def token_nll(model: torch.nn.Module, rows: list, pad_id: int, batch_size: int = 128) -> list[torch.Tensor]:
+def token_nll(
+    model: torch.nn.Module, rows: list, pad_id: int, batch_size: int = 128
+) -> list[torch.Tensor]:
     """Per-row (T-1,) NLL of each label token (0 where label is -100), row by row in batches."""
     out = []
     for s in range(0, len(rows), batch_size):
-        b = collate_rows(rows[s:s + batch_size], pad_id)
+        b = collate_rows(rows[s : s + batch_size], pad_id)
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
         labels = b["labels"][:, 1:]
         nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-            reduction="none").view(labels.shape)
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="none",
+        ).view(labels.shape)
         out.extend(nll.masked_fill(labels == -100, 0.0))
     return out
 
 
-def canary_exposure(model, tok, canary: dict[str, Any], num_candidates: int, seed: int, pad_id: int) -> dict[str, Any]:
+def canary_exposure(
+    model, tok, canary: dict[str, Any], num_candidates: int, seed: int, pad_id: int
+) -> dict[str, Any]:
     rng = random.Random(f"audit:{seed}:{canary['secret']}")
     nd = canary["num_digits"]
     cands: set[str] = set()
@@ -117,8 +125,10 @@ def canary_exposure(model, tok, canary: dict[str, Any], num_candidates: int, see
         if c != canary["secret"]:
             cands.add(c)
     secrets = [canary["secret"], *sorted(cands)]
-    suffix = canary["text"][len(canary["prefix"]) + nd:]
-    recs = [{"prompt": canary["prompt"], "response": canary["prefix"] + s + suffix} for s in secrets]
+    suffix = canary["text"][len(canary["prefix"]) + nd :]
+    recs = [
+        {"prompt": canary["prompt"], "response": canary["prefix"] + s + suffix} for s in secrets
+    ]
     rows = encode_records(tok, recs, loss_on="response")
     nll = token_nll(model, rows, pad_id)
     lengths = {len(ids) for ids, _ in rows}
@@ -134,10 +144,17 @@ def canary_exposure(model, tok, canary: dict[str, Any], num_candidates: int, see
         scored = "whole response"
     true = float(scores[0])
     rank = 1 + int((scores[1:] < true).sum())
-    return {"secret": canary["secret"], "repetitions": canary["repetitions"], "user": canary["user"],
-            "rank": rank, "num_candidates": num_candidates,
-            "exposure_bits": math.log2(num_candidates + 1) - math.log2(rank),
-            "secret_nll": true, "median_candidate_nll": float(scores[1:].median()), "scored": scored}
+    return {
+        "secret": canary["secret"],
+        "repetitions": canary["repetitions"],
+        "user": canary["user"],
+        "rank": rank,
+        "num_candidates": num_candidates,
+        "exposure_bits": math.log2(num_candidates + 1) - math.log2(rank),
+        "secret_nll": true,
+        "median_candidate_nll": float(scores[1:].median()),
+        "scored": scored,
+    }
 
 
 def auc_members_lower(member: np.ndarray, nonmember: np.ndarray) -> float:
@@ -160,15 +177,24 @@ def audit_model(model, dm, num_candidates: int, seed: int) -> dict[str, Any]:
     was = model.training
     model.eval()
     try:
-        exposures = [canary_exposure(model, tok, c, num_candidates, seed, pad_id) for c in dm.canaries]
-        train_rows = [row for rec, row in zip(dm.splits["train"], dm.encoded["train"], strict=True)
-                      if not str(rec.get("user", "")).startswith("canary-")]
+        exposures = [
+            canary_exposure(model, tok, c, num_candidates, seed, pad_id) for c in dm.canaries
+        ]
+        train_rows = [
+            row
+            for rec, row in zip(dm.splits["train"], dm.encoded["train"], strict=True)
+            if not str(rec.get("user", "")).startswith("canary-")
+        ]
         test_rows = dm.encoded["test"]
 
         def mean_loss(rows):
             nll = token_nll(model, rows, pad_id, batch_size=16)
-            return np.array([float(n.sum()) / max(1, sum(1 for x in lab if x != -100) - 0)
-                             for n, (_, lab) in zip(nll, rows, strict=True)])
+            return np.array(
+                [
+                    float(n.sum()) / max(1, sum(1 for x in lab if x != -100) - 0)
+                    for n, (_, lab) in zip(nll, rows, strict=True)
+                ]
+            )
 
         tr, te = mean_loss(train_rows), mean_loss(test_rows)
     finally:
@@ -176,35 +202,68 @@ def audit_model(model, dm, num_candidates: int, seed: int) -> dict[str, Any]:
     by_rep: dict[int, list[float]] = {}
     for e in exposures:
         by_rep.setdefault(e["repetitions"], []).append(e["exposure_bits"])
-    return {"canaries": exposures,
-            "mean_exposure_by_repetitions": {str(r): float(np.mean(v)) for r, v in sorted(by_rep.items())},
-            "mia_auc": auc_members_lower(tr, te), "train_loss": float(tr.mean()), "test_loss": float(te.mean()),
-            "num_members": len(tr), "num_nonmembers": len(te)}
+    return {
+        "canaries": exposures,
+        "mean_exposure_by_repetitions": {
+            str(r): float(np.mean(v)) for r, v in sorted(by_rep.items())
+        },
+        "mia_auc": auc_members_lower(tr, te),
+        "train_loss": float(tr.mean()),
+        "test_loss": float(te.mean()),
+        "num_members": len(tr),
+        "num_nonmembers": len(te),
+    }
 
 
 # --- one run ----------------------------------------------------------------------------------
-def run_one(cfg: dict[str, Any], epsilon: float | None, args, unit: str = "example",
-            untrained: bool = False) -> dict[str, Any]:
+def run_one(
+    cfg: dict[str, Any], epsilon: float | None, args, unit: str = "example", untrained: bool = False
+) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     # One mailbox owner per email: "example" and "group" (user-level, each canary's k copies are
     # one user) then train on the same text; only the privacy unit differs.
-    dm = AuditDataModule(plan=cfg["plan"], tokenizer=args.model, dataset="emails", num_train=cfg["num_train"],
-                         num_val=0, num_test=cfg["num_test"], max_length=512, privacy_unit=unit,
-                         num_users=cfg["num_train"] + cfg["num_test"],
-                         batch_schedule=ConstantBatchSize(cfg["batch"]), sampling_seed=args.seed,
-                         data_seed=args.seed)
+    dm = AuditDataModule(
+        plan=cfg["plan"],
+        tokenizer=args.model,
+        dataset="emails",
+        num_train=cfg["num_train"],
+        num_val=0,
+        num_test=cfg["num_test"],
+        max_length=512,
+        privacy_unit=unit,
+        num_users=cfg["num_train"] + cfg["num_test"],
+        batch_schedule=ConstantBatchSize(cfg["batch"]),
+        sampling_seed=args.seed,
+        data_seed=args.seed,
+    )
     private = epsilon is not None
-    module = DPCausalLM(model=args.model, private=private, noise_multiplier="auto" if private else 0.0,
-                        optimizer=partial(DPAdamW, lr=cfg["lr"]), eval_before_fit=False, export_dir=None,
-                        # divisor 4 (default 20): the quantile count noise (std B/divisor) must
-                        # exceed sigma/2, which the small audit batches need (B = 16 here).
-                        clipping=PrivateQuantile(count_noise_divisor=args.count_noise_divisor),
-                        noise_seed=args.seed, max_physical_batch_size=cfg["batch"] * 2)
+    module = DPCausalLM(
+        model=args.model,
+        private=private,
+        noise_multiplier="auto" if private else 0.0,
+        optimizer=partial(DPAdamW, lr=cfg["lr"]),
+        eval_before_fit=False,
+        export_dir=None,
+        # divisor 4 (default 20): the quantile count noise (std B/divisor) must
+        # exceed sigma/2, which the small audit batches need (B = 16 here).
+        clipping=PrivateQuantile(count_noise_divisor=args.count_noise_divisor),
+        noise_seed=args.seed,
+        max_physical_batch_size=cfg["batch"] * 2,
+    )
     ema = EMAWeights(decay=0.99)
-    trainer = L.Trainer(max_steps=cfg["steps"], accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        callbacks=[ema, ClipDrivenLR(), PrivacyAccounting(target_epsilon=epsilon)])
+    trainer = L.Trainer(
+        max_steps=cfg["steps"],
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[ema, ClipDrivenLR(), PrivacyAccounting(target_epsilon=epsilon)],
+    )
     t0 = time.perf_counter()
     if untrained:  # the common starting point: what the attacks see before any training
         dm.setup("fit")
@@ -218,10 +277,18 @@ def run_one(cfg: dict[str, Any], epsilon: float | None, args, unit: str = "examp
     label = "untrained" if untrained else "non-private" if epsilon is None else f"eps={epsilon:g}"
     if unit == "group":
         label += " user-level"
-    return {"label": label, "target_epsilon": epsilon, "privacy_unit": unit, "steps": int(trainer.global_step),
-            "noise_multiplier": float(module.noise_multiplier) if private else 0.0,
-            "privacy": json.loads(json.dumps(desc, default=str)), "train_seconds": train_s,
-            "num_train_units": dm.num_units, "ema": ema_res, "raw": raw}
+    return {
+        "label": label,
+        "target_epsilon": epsilon,
+        "privacy_unit": unit,
+        "steps": int(trainer.global_step),
+        "noise_multiplier": float(module.noise_multiplier) if private else 0.0,
+        "privacy": json.loads(json.dumps(desc, default=str)),
+        "train_seconds": train_s,
+        "num_train_units": dm.num_units,
+        "ema": ema_res,
+        "raw": raw,
+    }
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -236,9 +303,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for run in results["runs"]:
         m = run["ema"]["mean_exposure_by_repetitions"]
         ys = [m[str(r)] for r in reps]
-        line, = ax.plot(reps, ys, marker="o", label=f"{run['label']} (sigma={run['noise_multiplier']:.2f})")
+        (line,) = ax.plot(
+            reps, ys, marker="o", label=f"{run['label']} (sigma={run['noise_multiplier']:.2f})"
+        )
         pts = [(c["repetitions"], c["exposure_bits"]) for c in run["ema"]["canaries"]]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=line.get_color(), alpha=0.35, s=18)
+        ax.scatter(
+            [p[0] for p in pts], [p[1] for p in pts], color=line.get_color(), alpha=0.35, s=18
+        )
     ax.axhline(1 / math.log(2), color="gray", ls="--", lw=1, label="chance (1/ln2 = 1.44 bits)")
     ax.axhline(math.log2(R + 1), color="black", ls=":", lw=1, label=f"max = log2({R}+1)")
     ax.set_xscale("log", base=2)
@@ -246,7 +317,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("canary repetitions in training set")
     ax.set_ylabel("exposure (bits; line = mean, dots = canaries)")
     ax.set_ylim(0, math.log2(R + 1) + 0.8)
-    ax.set_title(f"Canary exposure, {results['config']['model']}, {results['config']['steps']} steps (EMA weights)")
+    ax.set_title(
+        f"Canary exposure, {results['config']['model']}, {results['config']['steps']} steps (EMA weights)"
+    )
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     labels = [r["label"] for r in results["runs"]]
     ax2.bar(labels, [r["ema"]["mia_auc"] for r in results["runs"]], color="tab:gray")
@@ -261,7 +334,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="small smoke run (~1 min)")
     p.add_argument("--model", default="tiny-qwen2")
@@ -270,19 +345,36 @@ def main(argv=None) -> None:
     p.add_argument("--num-train", type=int, default=None)
     p.add_argument("--candidates", type=int, default=None)
     p.add_argument("--epsilons", default="1,4,8", help="comma list; non-private is always run")
-    p.add_argument("--user-level-epsilons", default="8",
-                   help="comma list of epsilons also run with privacy_unit=group ('' for none)")
+    p.add_argument(
+        "--user-level-epsilons",
+        default="8",
+        help="comma list of epsilons also run with privacy_unit=group ('' for none)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--count-noise-divisor", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
-        cfg = {"plan": {1: 1, 4: 1, 16: 1}, "num_train": 32, "num_test": 16, "batch": 8, "steps": 20,
-               "lr": 5e-3, "candidates": 200}
+        cfg = {
+            "plan": {1: 1, 4: 1, 16: 1},
+            "num_train": 32,
+            "num_test": 16,
+            "batch": 8,
+            "steps": 20,
+            "lr": 5e-3,
+            "candidates": 200,
+        }
     else:
-        cfg = {"plan": {1: 2, 4: 2, 16: 2}, "num_train": 64, "num_test": 64, "batch": 16, "steps": 150,
-               "lr": 5e-3, "candidates": 1000}
+        cfg = {
+            "plan": {1: 2, 4: 2, 16: 2},
+            "num_train": 64,
+            "num_test": 64,
+            "batch": 16,
+            "steps": 150,
+            "lr": 5e-3,
+            "candidates": 1000,
+        }
     for k in ("steps", "lr", "num_train", "candidates"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
@@ -292,33 +384,65 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "audit_quick" if args.quick else "audit"
-    results = {"config": {**cfg, "model": args.model, "seed": args.seed, "dataset": "emails",
-                          "clipping": "private_quantile (DP runs)", "count_noise_divisor": args.count_noise_divisor, "ema_decay": 0.99, "threads": args.threads,
-                          "chance_exposure_bits": 1 / math.log(2),
-                          **provenance("lit_dp", "benchmarks/audit.py")},
-               "runs": []}
+    results = {
+        "config": {
+            **cfg,
+            "model": args.model,
+            "seed": args.seed,
+            "dataset": "emails",
+            "clipping": "private_quantile (DP runs)",
+            "count_noise_divisor": args.count_noise_divisor,
+            "ema_decay": 0.99,
+            "threads": args.threads,
+            "chance_exposure_bits": 1 / math.log(2),
+            **provenance("lit_dp", "benchmarks/audit.py"),
+        },
+        "runs": [],
+    }
     t0 = time.perf_counter()
     for eps, unit, untrained in plan:
         r = run_one(cfg, eps, args, unit, untrained)
         results["runs"].append(r)
-        print(f"[{time.perf_counter() - t0:6.0f}s] {r['label']}: sigma={r['noise_multiplier']:.3f} "
-              f"train {r['train_seconds']:.0f}s exposure(EMA)={r['ema']['mean_exposure_by_repetitions']} "
-              f"raw={r['raw']['mean_exposure_by_repetitions']} AUC={r['ema']['mia_auc']:.3f}", flush=True)
+        print(
+            f"[{time.perf_counter() - t0:6.0f}s] {r['label']}: sigma={r['noise_multiplier']:.3f} "
+            f"train {r['train_seconds']:.0f}s exposure(EMA)={r['ema']['mean_exposure_by_repetitions']} "
+            f"raw={r['raw']['mean_exposure_by_repetitions']} AUC={r['ema']['mia_auc']:.3f}",
+            flush=True,
+        )
     results["config"]["total_seconds"] = time.perf_counter() - t0
     results["config"]["plan"] = {int(k): v for k, v in cfg["plan"].items()}
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str))
     plot(results, out / f"{stem}.png")
     reps = sorted(cfg["plan"])
-    hdr = ["run", "sigma", *[f"exp r={r}" for r in reps], *[f"raw r={r}" for r in reps],
-           "MIA AUC", "train/test loss"]
+    hdr = [
+        "run",
+        "sigma",
+        *[f"exp r={r}" for r in reps],
+        *[f"raw r={r}" for r in reps],
+        "MIA AUC",
+        "train/test loss",
+    ]
     print("\n| " + " | ".join(hdr) + " |\n|" + "---|" * len(hdr))
     for r in results["runs"]:
         e, w = r["ema"]["mean_exposure_by_repetitions"], r["raw"]["mean_exposure_by_repetitions"]
-        print("| " + " | ".join([r["label"], f"{r['noise_multiplier']:.2f}", *[f"{e[str(x)]:.2f}" for x in reps],
-                                 *[f"{w[str(x)]:.2f}" for x in reps], f"{r['ema']['mia_auc']:.3f}",
-                                 f"{r['ema']['train_loss']:.3f}/{r['ema']['test_loss']:.3f}"]) + " |")
-    print(f"\nwrote {out / (stem + '.json')} and {out / (stem + '.png')} "
-          f"({results['config']['total_seconds']:.0f}s)")
+        print(
+            "| "
+            + " | ".join(
+                [
+                    r["label"],
+                    f"{r['noise_multiplier']:.2f}",
+                    *[f"{e[str(x)]:.2f}" for x in reps],
+                    *[f"{w[str(x)]:.2f}" for x in reps],
+                    f"{r['ema']['mia_auc']:.3f}",
+                    f"{r['ema']['train_loss']:.3f}/{r['ema']['test_loss']:.3f}",
+                ]
+            )
+            + " |"
+        )
+    print(
+        f"\nwrote {out / (stem + '.json')} and {out / (stem + '.png')} "
+        f"({results['config']['total_seconds']:.0f}s)"
+    )
 
 
 if __name__ == "__main__":

@@ -60,19 +60,50 @@ RECIPES: dict[str, dict[str, Any]] = {
     "cpu": dict(
         lm=dict(model="smollm2-135m-instruct", lora_rank=16, lora_alpha=32.0),
         bitnet=dict(model="smollm2-135m-instruct", bitnet=True, lora_rank=0),
-        num_train=256, num_val=8, batch=8.0, steps=20, val_every=5, lr=2e-3, sgd_lr=0.02,
-        max_length=160, ema=0.9, physical=8, count_noise_divisor=4.0, accelerator="cpu",
+        num_train=256,
+        num_val=8,
+        batch=8.0,
+        steps=20,
+        val_every=5,
+        lr=2e-3,
+        sgd_lr=0.02,
+        max_length=160,
+        ema=0.9,
+        physical=8,
+        count_noise_divisor=4.0,
+        accelerator="cpu",
     ),
     "quick": dict(
-        lm=dict(model="tiny-qwen2"), bitnet=dict(model="tiny-bitnet"),
-        num_train=64, num_val=4, batch=8.0, steps=6, val_every=3, lr=3e-3, sgd_lr=0.05,
-        max_length=512, ema=0.9, physical=8, count_noise_divisor=4.0, accelerator="cpu",
+        lm=dict(model="tiny-qwen2"),
+        bitnet=dict(model="tiny-bitnet"),
+        num_train=64,
+        num_val=4,
+        batch=8.0,
+        steps=6,
+        val_every=3,
+        lr=3e-3,
+        sgd_lr=0.05,
+        max_length=512,
+        ema=0.9,
+        physical=8,
+        count_noise_divisor=4.0,
+        accelerator="cpu",
     ),
     "full": dict(
         lm=dict(model="smollm2-135m-instruct"),
         bitnet=dict(model="smollm2-135m-instruct", bitnet=True),
-        num_train=8192, num_val=128, batch=512.0, steps=1000, val_every=50, lr=5e-4, sgd_lr=0.5,
-        max_length=256, ema=0.999, physical=64, count_noise_divisor=20.0, accelerator="auto",
+        num_train=8192,
+        num_val=128,
+        batch=512.0,
+        steps=1000,
+        val_every=50,
+        lr=5e-4,
+        sgd_lr=0.5,
+        max_length=256,
+        ema=0.999,
+        physical=64,
+        count_noise_divisor=20.0,
+        accelerator="auto",
     ),
 }
 
@@ -83,13 +114,22 @@ ABLATIONS: dict[str, tuple[dict[str, Any], bool, str]] = {
     "- EMA (raw weights)": ({}, True, "loss_raw"),
     "- clip-driven LR": ({}, False, "loss_ema"),
     "+ second-moment correction (DP-AdamBC, floor 1e-8)": (
-        {"noise_correction": True}, True, "loss_ema"),
+        {"noise_correction": True},
+        True,
+        "loss_ema",
+    ),
     # "noise": the floor is the per-coordinate noise variance (sigma C0 / E[B])^2 of the first step
     "+ second-moment correction (DP-AdamBC, floor = noise variance)": (
-        {"noise_correction": True, "variance_floor": "noise"}, True, "loss_ema"),
+        {"noise_correction": True, "variance_floor": "noise"},
+        True,
+        "loss_ema",
+    ),
     "DP-AdamW, fixed clip (no EMA, no clip-driven LR)": ({"clipping": "fixed"}, False, "loss_raw"),
     "DP-SGD, fixed clip (momentum 0.9)": (
-        {"clipping": "fixed", "optimizer": "sgd", "momentum": 0.9}, False, "loss_raw"),
+        {"clipping": "fixed", "optimizer": "sgd", "momentum": 0.9},
+        False,
+        "loss_raw",
+    ),
 }
 
 
@@ -102,20 +142,35 @@ class TrainLog(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         r = pl_module.last_record
         if r is not None:
-            self.rows.append({"step": r.step, "loss": r.loss, "clip": r.max_grad_norm,
-                              "batch": r.batch_size})
+            self.rows.append(
+                {"step": r.step, "loss": r.loss, "clip": r.max_grad_norm, "batch": r.batch_size}
+            )
 
 
-def run_one(cfg: dict[str, Any], model_kw: dict[str, Any], *, dataset: str, sigma: float | str,
-            target_eps: float | None, seed: int, workdir: str, adaptive_lr: bool = True,
-            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_one(
+    cfg: dict[str, Any],
+    model_kw: dict[str, Any],
+    *,
+    dataset: str,
+    sigma: float | str,
+    target_eps: float | None,
+    seed: int,
+    workdir: str,
+    adaptive_lr: bool = True,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One training run; returns its validation history, train log and epsilon."""
     private = sigma != 0.0
     L.seed_everything(seed, verbose=False)
     dm = SyntheticDataModule(
-        tokenizer=model_kw["model"], dataset=dataset, num_train=cfg["num_train"],
-        num_val=cfg["num_val"], num_test=0, max_length=cfg["max_length"],
-        batch_schedule=ConstantBatchSize(cfg["batch"]), sampling_seed=seed,
+        tokenizer=model_kw["model"],
+        dataset=dataset,
+        num_train=cfg["num_train"],
+        num_val=cfg["num_val"],
+        num_test=0,
+        max_length=cfg["max_length"],
+        batch_schedule=ConstantBatchSize(cfg["batch"]),
+        sampling_seed=seed,
     )
     ov = dict(overrides or {})
     # The overrides name the ablated part; here they become the module's components.
@@ -126,35 +181,62 @@ def run_one(cfg: dict[str, Any], model_kw: dict[str, Any], *, dataset: str, sigm
     if ov.pop("optimizer", "adamw") == "sgd":
         optimizer = partial(torch.optim.SGD, lr=cfg["sgd_lr"], momentum=ov.pop("momentum", 0.0))
     else:
-        optimizer = partial(DPAdamW, lr=cfg["lr"], noise_correction=ov.pop("noise_correction", False),
-                            variance_floor=ov.pop("variance_floor", 1e-8))
+        optimizer = partial(
+            DPAdamW,
+            lr=cfg["lr"],
+            noise_correction=ov.pop("noise_correction", False),
+            variance_floor=ov.pop("variance_floor", 1e-8),
+        )
     if ov:
         raise ValueError(f"unknown ablation overrides {sorted(ov)}")
     module = DPCausalLM(
-        **model_kw, private=private, noise_multiplier=sigma if private else 0.0, clipping=clip,
-        optimizer=optimizer, max_physical_batch_size=cfg["physical"], noise_seed=seed,
-        eval_before_fit=True, export_dir=None,
+        **model_kw,
+        private=private,
+        noise_multiplier=sigma if private else 0.0,
+        clipping=clip,
+        optimizer=optimizer,
+        max_physical_batch_size=cfg["physical"],
+        noise_seed=seed,
+        eval_before_fit=True,
+        export_dir=None,
     )
     log, acct = TrainLog(), PrivacyAccounting(target_epsilon=target_eps)
     callbacks = [EMAWeights(decay=cfg["ema"]), ClipDrivenLR(adaptive=adaptive_lr), log, acct]
     trainer = L.Trainer(
-        max_steps=cfg["steps"], max_epochs=-1, accelerator=cfg["accelerator"], devices=1,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
-        val_check_interval=cfg["val_every"], check_val_every_n_epoch=None,
-        default_root_dir=workdir, callbacks=callbacks,
+        max_steps=cfg["steps"],
+        max_epochs=-1,
+        accelerator=cfg["accelerator"],
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        val_check_interval=cfg["val_every"],
+        check_val_every_n_epoch=None,
+        default_root_dir=workdir,
+        callbacks=callbacks,
     )
     start = time.time()
     trainer.fit(module, datamodule=dm)
     return {
         "dataset": dataset,
-        "model": {**model_kw, "clipping": module.clip.describe(), "optimizer": repr(optimizer),
-                  "max_physical_batch_size": cfg["physical"]},
-        "seed": seed, "private": private,
+        "model": {
+            **model_kw,
+            "clipping": module.clip.describe(),
+            "optimizer": repr(optimizer),
+            "max_physical_batch_size": cfg["physical"],
+        },
+        "seed": seed,
+        "private": private,
         "noise_multiplier": float(module.noise_multiplier) if private else 0.0,
-        "epsilon": acct.epsilon() if private else None, "delta": acct.delta if private else None,
-        "clip_driven_lr": adaptive_lr, "steps": int(trainer.global_step),
-        "seconds": round(time.time() - start, 1), "val_history": module.val_history,
+        "epsilon": acct.epsilon() if private else None,
+        "delta": acct.delta if private else None,
+        "clip_driven_lr": adaptive_lr,
+        "steps": int(trainer.global_step),
+        "seconds": round(time.time() - start, 1),
+        "val_history": module.val_history,
         "train": log.rows,
     }
 
@@ -163,8 +245,13 @@ def final(run: dict[str, Any], key: str = "loss_ema") -> float:
     return float(run["val_history"][-1][key])
 
 
-def plot(runs: list[dict[str, Any]], dataset: str, labels: dict[str, str], cfg: dict[str, Any],
-         path: Path) -> None:
+def plot(
+    runs: list[dict[str, Any]],
+    dataset: str,
+    labels: dict[str, str],
+    cfg: dict[str, Any],
+    path: Path,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,10 +262,19 @@ def plot(runs: list[dict[str, Any]], dataset: str, labels: dict[str, str], cfg: 
     for ax, panel in zip(axes, ("lm", "bitnet"), strict=True):
         for run in (r for r in runs if r["panel"] == panel):
             hist = run["val_history"]
-            name = "non-private" if not run["private"] else (
-                f"σ={run['noise_multiplier']:g}, ε={run['epsilon']:.1f}")
-            ax.plot([h["step"] for h in hist], [h["loss_ema"] for h in hist], marker="o", ms=3,
-                    color=colors.get(run["sigma_nominal"], "gray"), label=name)
+            name = (
+                "non-private"
+                if not run["private"]
+                else (f"σ={run['noise_multiplier']:g}, ε={run['epsilon']:.1f}")
+            )
+            ax.plot(
+                [h["step"] for h in hist],
+                [h["loss_ema"] for h in hist],
+                marker="o",
+                ms=3,
+                color=colors.get(run["sigma_nominal"], "gray"),
+                label=name,
+            )
         ax.set_title(labels[panel], fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("validation loss, EMA weights (nats/token)")
@@ -186,8 +282,10 @@ def plot(runs: list[dict[str, Any]], dataset: str, labels: dict[str, str], cfg: 
         ax.legend(fontsize=8)
     deltas = sorted({r["delta"] for r in runs if r.get("delta")})
     delta = f"delta={deltas[0]:.3g}" if len(deltas) == 1 else f"delta in {deltas}"
-    fig.suptitle(f"{dataset}: N={cfg['num_train']}, E[B]={cfg['batch']:g}, "
-                 f"{delta}, {cfg['steps']} steps", fontsize=10)
+    fig.suptitle(
+        f"{dataset}: N={cfg['num_train']}, E[B]={cfg['batch']:g}, {delta}, {cfg['steps']} steps",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -198,15 +296,26 @@ def run_figures(cfg, dataset, seed, out: Path, meta) -> None:
     runs = []
     for panel in ("lm", "bitnet"):
         for sigma in SIGMAS:
-            run = run_one(cfg, cfg[panel], dataset=dataset, sigma=sigma, target_eps=None,
-                          seed=seed, workdir=str(out / ".tmp"))
+            run = run_one(
+                cfg,
+                cfg[panel],
+                dataset=dataset,
+                sigma=sigma,
+                target_eps=None,
+                seed=seed,
+                workdir=str(out / ".tmp"),
+            )
             run.update(panel=panel, sigma_nominal=sigma)
             runs.append(run)
-            print(f"[figures] {dataset} {panel} sigma={sigma:g}: val loss "
-                  f"{run['val_history'][0]['loss_ema']:.3f} -> {final(run):.3f} "
-                  f"eps={run['epsilon']} ({run['seconds']} s)", flush=True)
+            print(
+                f"[figures] {dataset} {panel} sigma={sigma:g}: val loss "
+                f"{run['val_history'][0]['loss_ema']:.3f} -> {final(run):.3f} "
+                f"eps={run['epsilon']} ({run['seconds']} s)",
+                flush=True,
+            )
     (out / f"paper_figures_{dataset}.json").write_text(
-        json.dumps({"meta": {**meta, "labels": labels}, "runs": runs}, indent=1))
+        json.dumps({"meta": {**meta, "labels": labels}, "runs": runs}, indent=1)
+    )
     plot(runs, dataset, labels, cfg, out / f"paper_fig_{dataset}.png")
 
 
@@ -220,23 +329,61 @@ def run_ablation(cfg, dataset, seed, epsilon, out: Path, meta) -> None:
             sigma = next(iter(runs.values()))["noise_multiplier"]
             overrides = {**overrides, "variance_floor": (sigma * C0 / cfg["batch"]) ** 2}
         if cache_key not in runs:  # "- EMA" reads the raw weights of the DP-Adam-AC run
-            runs[cache_key] = run_one(cfg, cfg["lm"], dataset=dataset, sigma="auto",
-                                      target_eps=epsilon, seed=seed, adaptive_lr=adaptive,
-                                      overrides=overrides, workdir=str(out / ".tmp"))
+            runs[cache_key] = run_one(
+                cfg,
+                cfg["lm"],
+                dataset=dataset,
+                sigma="auto",
+                target_eps=epsilon,
+                seed=seed,
+                adaptive_lr=adaptive,
+                overrides=overrides,
+                workdir=str(out / ".tmp"),
+            )
         run = runs[cache_key]
-        table.append({"variant": name, "weights": key.removeprefix("loss_"),
-                      "start": run["val_history"][0][key], "final": final(run, key),
-                      "sigma": run["noise_multiplier"], "epsilon": run["epsilon"]})
-        print(f"[ablation] {dataset} {name}: {final(run, key):.3f} eps={run['epsilon']:.2f}",
-              flush=True)
-    ref = run_one(cfg, cfg["lm"], dataset=dataset, sigma=0.0, target_eps=None, seed=seed,
-                  workdir=str(out / ".tmp"))
-    table.append({"variant": "non-private AdamW (reference)", "weights": "ema",
-                  "start": ref["val_history"][0]["loss_ema"], "final": final(ref),
-                  "sigma": 0.0, "epsilon": None})
-    (out / f"paper_ablation_{dataset}.json").write_text(json.dumps(
-        {"meta": {**meta, "target_epsilon": epsilon}, "table": table,
-         "runs": [*runs.values(), ref]}, indent=1))
+        table.append(
+            {
+                "variant": name,
+                "weights": key.removeprefix("loss_"),
+                "start": run["val_history"][0][key],
+                "final": final(run, key),
+                "sigma": run["noise_multiplier"],
+                "epsilon": run["epsilon"],
+            }
+        )
+        print(
+            f"[ablation] {dataset} {name}: {final(run, key):.3f} eps={run['epsilon']:.2f}",
+            flush=True,
+        )
+    ref = run_one(
+        cfg,
+        cfg["lm"],
+        dataset=dataset,
+        sigma=0.0,
+        target_eps=None,
+        seed=seed,
+        workdir=str(out / ".tmp"),
+    )
+    table.append(
+        {
+            "variant": "non-private AdamW (reference)",
+            "weights": "ema",
+            "start": ref["val_history"][0]["loss_ema"],
+            "final": final(ref),
+            "sigma": 0.0,
+            "epsilon": None,
+        }
+    )
+    (out / f"paper_ablation_{dataset}.json").write_text(
+        json.dumps(
+            {
+                "meta": {**meta, "target_epsilon": epsilon},
+                "table": table,
+                "runs": [*runs.values(), ref],
+            },
+            indent=1,
+        )
+    )
 
 
 def describe(model_kw: dict[str, Any]) -> str:
@@ -255,22 +402,30 @@ def report(out: Path) -> None:
         for r in data["runs"]:
             eps = "-" if r["epsilon"] is None else f"{r['epsilon']:.1f}"
             losses = [h["loss_ema"] for h in r["val_history"]]
-            print(f"| {data['meta']['labels'][r['panel']]} | {r['noise_multiplier']:.2f} | {eps} "
-                  f"| {losses[0]:.3f} | {losses[-1]:.3f} | {min(losses):.3f} |")
+            print(
+                f"| {data['meta']['labels'][r['panel']]} | {r['noise_multiplier']:.2f} | {eps} "
+                f"| {losses[0]:.3f} | {losses[-1]:.3f} | {min(losses):.3f} |"
+            )
     for path in sorted(out.glob("paper_ablation_*.json")):
         data = json.loads(path.read_text())
-        print(f"\n{path.name} (commit {data['meta']['commit']}, target epsilon "
-              f"{data['meta']['target_epsilon']})\n")
+        print(
+            f"\n{path.name} (commit {data['meta']['commit']}, target epsilon "
+            f"{data['meta']['target_epsilon']})\n"
+        )
         print("| variant | weights | val loss: start | end | sigma | epsilon |")
         print("|---|---|---|---|---|---|")
         for row in data["table"]:
             eps = "-" if row["epsilon"] is None else f"{row['epsilon']:.2f}"
-            print(f"| {row['variant']} | {row['weights']} | {row['start']:.3f} | {row['final']:.3f} "
-                  f"| {row['sigma']:.3f} | {eps} |")
+            print(
+                f"| {row['variant']} | {row['weights']} | {row['start']:.3f} | {row['final']:.3f} "
+                f"| {row['sigma']:.3f} | {eps} |"
+            )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     recipe = ap.add_mutually_exclusive_group()
     recipe.add_argument("--quick", action="store_true", help="smoke run on tiny random models")
@@ -292,7 +447,10 @@ def main() -> None:
         cfg["steps"] = args.steps
     datasets = [d for d in args.datasets.split(",") if d]
     parts = [p for p in args.parts.split(",") if p]
-    for value, allowed, flag in ((datasets, DATASETS, "--datasets"), (parts, ("figures", "ablation"), "--parts")):
+    for value, allowed, flag in (
+        (datasets, DATASETS, "--datasets"),
+        (parts, ("figures", "ablation"), "--parts"),
+    ):
         bad = sorted(set(value) - set(allowed))
         if bad:
             ap.error(f"{flag}: unknown {bad}; choose from {list(allowed)}")
@@ -301,8 +459,12 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"recipe": name, **cfg, "seed": args.seed,
-            **provenance("lit_dp", "benchmarks/paper_figures.py")}
+    meta = {
+        "recipe": name,
+        **cfg,
+        "seed": args.seed,
+        **provenance("lit_dp", "benchmarks/paper_figures.py"),
+    }
     start = time.time()
     for dataset in datasets:
         if "figures" in parts:

@@ -117,7 +117,9 @@ def training_max_rows() -> int:
     return int(inspect.signature(DPCausalLM).parameters["max_physical_batch_size"].default)
 
 
-def make_step(method: str, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+def make_step(
+    method: str, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> Callable[[], None]:
     """A closure doing one full optimizer step of ``method`` on ``model`` (modified in place)."""
     rows = int(batch["input_ids"].shape[0])
     if method == "nonprivate":
@@ -145,9 +147,16 @@ def make_step(method: str, model: torch.nn.Module, batch: dict[str, torch.Tensor
         max_rows = training_max_rows()
 
         def step() -> None:
-            out = privatize(model, batch, clip=clip, noise_multiplier=SIGMA,
-                            expected_batch_size=rows, generator=gen, engine=method,
-                            max_rows=max_rows)
+            out = privatize(
+                model,
+                batch,
+                clip=clip,
+                noise_multiplier=SIGMA,
+                expected_batch_size=rows,
+                generator=gen,
+                engine=method,
+                max_rows=max_rows,
+            )
             for n, p in params.items():
                 p.grad = out.grads[n].to(p.dtype)
             opt.step()
@@ -179,7 +188,10 @@ def make_step(method: str, model: torch.nn.Module, batch: dict[str, torch.Tensor
         from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
         gsm = GradSampleModuleFastGradientClipping(
-            model, batch_first=True, loss_reduction="mean", max_grad_norm=CLIP,
+            model,
+            batch_first=True,
+            loss_reduction="mean",
+            max_grad_norm=CLIP,
             use_ghost_clipping=True,
         )
         opt = DPOptimizerFastGradientClipping(
@@ -207,7 +219,13 @@ def _why(exc: BaseException) -> str:
 
 # --- timing ---------------------------------------------------------------------------------
 def time_methods(
-    model_name: str, batch_size: int, seq_len: int, methods: list[str], *, warmup: int, repeats: int,
+    model_name: str,
+    batch_size: int,
+    seq_len: int,
+    methods: list[str],
+    *,
+    warmup: int,
+    repeats: int,
     base: torch.nn.Module | None = None,
 ) -> list[dict[str, Any]]:
     """Median step seconds of each method, timed round-robin after warm-up."""
@@ -263,33 +281,68 @@ def time_methods(
     return rows
 
 
-def time_shape(model_name: str, batch_size: int, seq_len: int, methods: list[str], *, warmup: int,
-               repeats: int, threads: int) -> list[dict[str, Any]]:
+def time_shape(
+    model_name: str,
+    batch_size: int,
+    seq_len: int,
+    methods: list[str],
+    *,
+    warmup: int,
+    repeats: int,
+    threads: int,
+) -> list[dict[str, Any]]:
     """``time_methods`` in a child process, so that running out of memory at one shape costs
     that shape only. If the child dies, the shape is retried with non-private and fast alone and
     the other methods' rows say why they have no numbers."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--shape-child", "--models", model_name,
-           "--shapes", f"{batch_size}x{seq_len}", "--warmup", str(warmup), "--repeats",
-           str(repeats), "--threads", str(threads), "--methods"]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--shape-child",
+        "--models",
+        model_name,
+        "--shapes",
+        f"{batch_size}x{seq_len}",
+        "--warmup",
+        str(warmup),
+        "--repeats",
+        str(repeats),
+        "--threads",
+        str(threads),
+        "--methods",
+    ]
 
     def child(names: list[str]) -> tuple[list[dict[str, Any]] | None, int]:
         proc = subprocess.run([*cmd, ",".join(names)], capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("ROWS ")), None)
-        return (None if line is None else json.loads(line[len("ROWS "):])), proc.returncode
+        return (None if line is None else json.loads(line[len("ROWS ") :])), proc.returncode
 
     rows, code = child(methods)
     if rows is not None:
         return rows
-    why = (f"not run: the process timing all methods at this shape died (exit {code}"
-           f"{', killed: out of memory' if code == -9 else ''})")
-    print(f"# {model_name} {batch_size}x{seq_len}: {why}; retrying non-private and fast alone",
-          file=sys.stderr, flush=True)
+    why = (
+        f"not run: the process timing all methods at this shape died (exit {code}"
+        f"{', killed: out of memory' if code == -9 else ''})"
+    )
+    print(
+        f"# {model_name} {batch_size}x{seq_len}: {why}; retrying non-private and fast alone",
+        file=sys.stderr,
+        flush=True,
+    )
     core = [m for m in methods if m in ("nonprivate", "fast")]
     rows = (child(core)[0] or []) if core != methods and core else []
     done = {r["method"] for r in rows}
-    empty = dict(model=model_name, seq_len=seq_len, batch_size=batch_size, step_s=None,
-                 tokens_per_s=None, ratio_vs_nonprivate=None, min_s=None,
-                 min_ratio_vs_nonprivate=None, peak_mem_mb=None, mem_ratio_vs_nonprivate=None)
+    empty = dict(
+        model=model_name,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        step_s=None,
+        tokens_per_s=None,
+        ratio_vs_nonprivate=None,
+        min_s=None,
+        min_ratio_vs_nonprivate=None,
+        peak_mem_mb=None,
+        mem_ratio_vs_nonprivate=None,
+    )
     rows += [{**empty, "method": m, "note": why} for m in methods if m not in done]
     return sorted(rows, key=lambda r: methods.index(r["method"]))
 
@@ -307,8 +360,10 @@ def _exceeds_memory(method: str, model: torch.nn.Module, batch_size: int) -> str
         return None
     if need <= avail / 2:
         return None
-    return (f"not run: its per-sample gradients need {need / 2**30:.1f} GiB (B x params x 4 bytes) "
-            f"of {avail / 2**30:.1f} GiB available")
+    return (
+        f"not run: its per-sample gradients need {need / 2**30:.1f} GiB (B x params x 4 bytes) "
+        f"of {avail / 2**30:.1f} GiB available"
+    )
 
 
 def _peak_rss_mb() -> float:
@@ -328,12 +383,16 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def single(model_name: str, batch_size: int, seq_len: int, method: str, warmup: int, repeats: int) -> None:
+def single(
+    model_name: str, batch_size: int, seq_len: int, method: str, warmup: int, repeats: int
+) -> None:
     """Child process for --memory: run one method, print its peak RSS as one JSON line."""
     note = ""
     step_s = None
     try:
-        rows = time_methods(model_name, batch_size, seq_len, [method], warmup=warmup, repeats=repeats)
+        rows = time_methods(
+            model_name, batch_size, seq_len, [method], warmup=warmup, repeats=repeats
+        )
         step_s, note = rows[0]["step_s"], rows[0]["note"]
     except Exception as exc:
         note = _why(exc)
@@ -345,21 +404,31 @@ def measure_memory(rows: list[dict[str, Any]], warmup: int, repeats: int) -> Non
     """Fill peak_mem_mb of each row from a fresh subprocess per method."""
     for r in rows:
         cmd = [
-            sys.executable, os.path.abspath(__file__), "--single", r["method"],
-            "--models", r["model"], "--shapes", f"{r['batch_size']}x{r['seq_len']}",
-            "--warmup", str(warmup), "--repeats", str(repeats),
+            sys.executable,
+            os.path.abspath(__file__),
+            "--single",
+            r["method"],
+            "--models",
+            r["model"],
+            "--shapes",
+            f"{r['batch_size']}x{r['seq_len']}",
+            "--warmup",
+            str(warmup),
+            "--repeats",
+            str(repeats),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("SINGLE ")), None)
         if line is None:
             r["note"] = (r["note"] + " | memory run failed: " + proc.stderr[-200:]).strip(" |")
             continue
-        child = json.loads(line[len("SINGLE "):])
+        child = json.loads(line[len("SINGLE ") :])
         # a method that did not run measured only the process around it: no figure
         r["peak_mem_mb"] = child["peak_mem_mb"] if child["step_s"] is not None else None
     by_key: dict[tuple, float] = {
         (r["model"], r["batch_size"], r["seq_len"]): r["peak_mem_mb"]
-        for r in rows if r["method"] == "nonprivate" and r["peak_mem_mb"]
+        for r in rows
+        if r["method"] == "nonprivate" and r["peak_mem_mb"]
     }
     for r in rows:
         ref = by_key.get((r["model"], r["batch_size"], r["seq_len"]))
@@ -373,8 +442,10 @@ def _fmt(x: Any, spec: str) -> str:
 
 
 def print_table(rows: list[dict[str, Any]], memory: bool) -> None:
-    head = ("| model | B x T | method | step s (median) | tokens/s | x non-private | "
-            "min s | x non-private (min) |")
+    head = (
+        "| model | B x T | method | step s (median) | tokens/s | x non-private | "
+        "min s | x non-private (min) |"
+    )
     sep = "|---|---|---|---:|---:|---:|---:|---:|"
     if memory:
         head += " peak RSS MB | mem x non-private |"
@@ -391,7 +462,9 @@ def print_table(rows: list[dict[str, Any]], memory: bool) -> None:
             f"{_fmt(r['min_ratio_vs_nonprivate'], '.2f')} |"
         )
         if memory:
-            line += f" {_fmt(r['peak_mem_mb'], ',.0f')} | {_fmt(r['mem_ratio_vs_nonprivate'], '.2f')} |"
+            line += (
+                f" {_fmt(r['peak_mem_mb'], ',.0f')} | {_fmt(r['mem_ratio_vs_nonprivate'], '.2f')} |"
+            )
         line += f" {r['note']} |"
         print(line)
     print(flush=True)
@@ -407,14 +480,24 @@ def ghost_plan(model: torch.nn.Module, tokens: int) -> str:
     return f"{ghost} ghost / {len(shapes) - ghost} per-unit"
 
 
-def scaling(warmup: int, repeats: int, batches: list[int], seqs: list[int], fixed_t: int, fixed_b: int) -> list[dict]:
+def scaling(
+    warmup: int, repeats: int, batches: list[int], seqs: list[int], fixed_t: int, fixed_b: int
+) -> list[dict]:
     base = build_model("qwen2-5m")
     rows = []
-    grid = [(b, fixed_t) for b in batches] + [(fixed_b, t) for t in seqs if (fixed_b, t) not in [(b, fixed_t) for b in batches]]
+    grid = [(b, fixed_t) for b in batches] + [
+        (fixed_b, t) for t in seqs if (fixed_b, t) not in [(b, fixed_t) for b in batches]
+    ]
     for b, t in grid:
-        rows += time_methods("qwen2-5m", b, t, ["nonprivate", "fast"], warmup=warmup, repeats=repeats, base=base)
-    print(f"### Scaling: fast vs non-private, qwen2-5m (batch sweep at T={fixed_t}, length sweep at B={fixed_b})\n")
-    print("| B x T | non-private s | fast s | fast x non-private | x (min) | fast tokens/s | Linear norms |")
+        rows += time_methods(
+            "qwen2-5m", b, t, ["nonprivate", "fast"], warmup=warmup, repeats=repeats, base=base
+        )
+    print(
+        f"### Scaling: fast vs non-private, qwen2-5m (batch sweep at T={fixed_t}, length sweep at B={fixed_b})\n"
+    )
+    print(
+        "| B x T | non-private s | fast s | fast x non-private | x (min) | fast tokens/s | Linear norms |"
+    )
     print("|---|---:|---:|---:|---:|---:|---|")
     for i in range(0, len(rows), 2):
         npv, fast = rows[i], rows[i + 1]
@@ -439,9 +522,15 @@ def profile_fast(model_name: str, batch_size: int, seq_len: int, top: int) -> No
             fn()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
-        print(f"### torch.profiler, {m} step, {model_name} {batch_size}x{seq_len} (top {top} by self CPU)\n")
+        print(
+            f"### torch.profiler, {m} step, {model_name} {batch_size}x{seq_len} (top {top} by self CPU)\n"
+        )
         print("```")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48))
+        print(
+            prof.key_averages().table(
+                sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48
+            )
+        )
         print("```\n", flush=True)
 
 
@@ -455,8 +544,12 @@ def run_meta(args: argparse.Namespace) -> dict[str, Any]:
     except ImportError:
         versions["opacus"] = None
     return {
-        **provenance("lit_dp", "benchmarks/step_time.py"), "versions": versions, "sigma": SIGMA, "clip": CLIP,
-        "warmup": args.warmup, "repeats": args.repeats,
+        **provenance("lit_dp", "benchmarks/step_time.py"),
+        "versions": versions,
+        "sigma": SIGMA,
+        "clip": CLIP,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
     }
 
 
@@ -469,24 +562,36 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", help=f"comma list from {MODELS} ('none' to skip); with --shapes, "
-                    f"runs every model x shape. Default: {DEFAULT_RUNS}")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--models",
+        help=f"comma list from {MODELS} ('none' to skip); with --shapes, "
+        f"runs every model x shape. Default: {DEFAULT_RUNS}",
+    )
     ap.add_argument("--shapes", help="comma list of BxT, e.g. 32x64,16x128,8x512")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--memory", action="store_true", help="peak RSS per method in fresh subprocesses")
+    ap.add_argument(
+        "--memory", action="store_true", help="peak RSS per method in fresh subprocesses"
+    )
     ap.add_argument("--memory-models", help="limit --memory to these models (default: all run)")
     ap.add_argument("--json", help="write results to this path")
     ap.add_argument("--scaling", action="store_true", help="fast vs non-private sweep on qwen2-5m")
     ap.add_argument("--scaling-batches", default="4,8,16,32,64")
     ap.add_argument("--scaling-seqs", default="64,128,256,512,1024")
-    ap.add_argument("--profile", action="store_true", help="torch.profiler top ops of the fast step")
+    ap.add_argument(
+        "--profile", action="store_true", help="torch.profiler top ops of the fast step"
+    )
     ap.add_argument("--profile-shape", default="qwen2-5m:16x128")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--full", action="store_true",
-                    help="every model x shape of the issue, with --memory and --scaling")
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="every model x shape of the issue, with --memory and --scaling",
+    )
     ap.add_argument("--single", help=argparse.SUPPRESS)
     ap.add_argument("--shape-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -513,13 +618,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.shape_child:
         m, b, t = runs[0]
-        rows = time_methods(m, b, t, args.methods.split(","), warmup=args.warmup, repeats=args.repeats)
+        rows = time_methods(
+            m, b, t, args.methods.split(","), warmup=args.warmup, repeats=args.repeats
+        )
         print("ROWS " + json.dumps(rows), flush=True)
         return
 
     methods = args.methods.split(",")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, warm-up {args.warmup}, "
-          f"repeats {args.repeats} (median), sigma {SIGMA}, C {CLIP}\n", flush=True)
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, warm-up {args.warmup}, "
+        f"repeats {args.repeats} (median), sigma {SIGMA}, C {CLIP}\n",
+        flush=True,
+    )
     rows: list[dict[str, Any]] = []
     meta = run_meta(args)  # before the runs: the code that produces the numbers
     scale_rows: list[dict] = []
@@ -527,9 +637,20 @@ def main(argv: list[str] | None = None) -> None:
     def dump() -> None:  # after every shape: a crash keeps what was measured
         if not args.json:
             return
-        keep = ("model", "seq_len", "batch_size", "method", "step_s", "peak_mem_mb",
-                "ratio_vs_nonprivate", "note", "tokens_per_s", "mem_ratio_vs_nonprivate",
-                "min_s", "min_ratio_vs_nonprivate")
+        keep = (
+            "model",
+            "seq_len",
+            "batch_size",
+            "method",
+            "step_s",
+            "peak_mem_mb",
+            "ratio_vs_nonprivate",
+            "note",
+            "tokens_per_s",
+            "mem_ratio_vs_nonprivate",
+            "min_s",
+            "min_ratio_vs_nonprivate",
+        )
         out = {"meta": meta, "results": [{k: r[k] for k in keep} for r in rows]}
         if scale_rows:
             out["scaling"] = [{k: r[k] for k in keep} for r in scale_rows]
@@ -539,12 +660,16 @@ def main(argv: list[str] | None = None) -> None:
     for m, b, t in runs:
         t0 = time.perf_counter()
         # a 135M model on a CPU: fewer repeats (each step takes seconds)
-        warmup, repeats = (1, min(args.repeats, 3)) if m == "smollm2-135m" else (args.warmup, args.repeats)
+        warmup, repeats = (
+            (1, min(args.repeats, 3)) if m == "smollm2-135m" else (args.warmup, args.repeats)
+        )
         part = time_shape(m, b, t, methods, warmup=warmup, repeats=repeats, threads=args.threads)
         if args.memory and (not args.memory_models or m in args.memory_models.split(",")):
             measure_memory(part, warmup=1, repeats=2)  # the peak comes in the first steps
         rows += part
-        print(f"# {m} {b}x{t} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        print(
+            f"# {m} {b}x{t} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True
+        )
         print_table(part, args.memory)
         dump()
     if rows:
@@ -552,9 +677,12 @@ def main(argv: list[str] | None = None) -> None:
         print_table(rows, args.memory)
     if args.scaling:
         scale_rows = scaling(
-            args.warmup, args.repeats,
+            args.warmup,
+            args.repeats,
             [int(x) for x in args.scaling_batches.split(",")],
-            [int(x) for x in args.scaling_seqs.split(",")], fixed_t=64, fixed_b=8,
+            [int(x) for x in args.scaling_seqs.split(",")],
+            fixed_t=64,
+            fixed_b=8,
         )
     if args.profile:
         m, s = args.profile_shape.split(":")

@@ -66,56 +66,126 @@ CODE_PATHS = ("lit_dp", "benchmarks", ":(exclude)benchmarks/results", ":(exclude
 _ADAM = lr_grid(1e-3)  # 3.16e-4, 1e-3, 3.16e-3
 RECIPES: dict[str, Recipe] = {
     "cpu": Recipe(
-        name="cpu", results="utility.json",
-        organisms={"slm": OrganismConfig(name="slm"),
-                   "bitnet": OrganismConfig(name="bitnet", bitnet=True)},
+        name="cpu",
+        results="utility.json",
+        organisms={
+            "slm": OrganismConfig(name="slm"),
+            "bitnet": OrganismConfig(name="bitnet", bitnet=True),
+        },
         # Centred by 100-step probes at epsilon 8 (slm): DP-SGD diverged at 1.0, was unstable at
         # 0.316 and fell fastest at 0.1; DP-Adam-AC learned steadily at 1e-3. Ternary latent
         # weights move by whole quantization steps, so the twin's Adam grids sit higher.
-        grids={("*", "dp-adam-ac"): _ADAM, ("*", "dp-adamw"): _ADAM, ("*", "nonprivate"): _ADAM,
-               ("*", "dp-sgd"): lr_grid(0.1), ("bitnet", "dp-adam-ac"): lr_grid(3.16e-3),
-               ("bitnet", "nonprivate"): lr_grid(3.16e-3)},
+        grids={
+            ("*", "dp-adam-ac"): _ADAM,
+            ("*", "dp-adamw"): _ADAM,
+            ("*", "nonprivate"): _ADAM,
+            ("*", "dp-sgd"): lr_grid(0.1),
+            ("bitnet", "dp-adam-ac"): lr_grid(3.16e-3),
+            ("bitnet", "nonprivate"): lr_grid(3.16e-3),
+        },
         # CPU seconds of one run with one thread (measured: slm dp-adam-ac 336 s)
         seconds_per_run={"slm": 340.0, "bitnet": 440.0},
     ),
     "smollm2-lora": Recipe(
-        name="smollm2-lora", results="utility_gpu.json", accelerator="auto",
+        name="smollm2-lora",
+        results="utility_gpu.json",
+        accelerator="auto",
         organisms={
-            "slm": OrganismConfig(name="smollm2", base="smollm2-135m-instruct", steps=1000,
-                                  batch_size=64, lr=1e-4, warmup_steps=50, num_public=20000),
-            "bitnet": OrganismConfig(name="smollm2-bitnet", base="smollm2-135m-instruct",
-                                     bitnet=True, steps=3000, batch_size=64, lr=3e-4,
-                                     warmup_steps=100, num_public=20000),
+            "slm": OrganismConfig(
+                name="smollm2",
+                base="smollm2-135m-instruct",
+                steps=1000,
+                batch_size=64,
+                lr=1e-4,
+                warmup_steps=50,
+                num_public=20000,
+            ),
+            "bitnet": OrganismConfig(
+                name="smollm2-bitnet",
+                base="smollm2-135m-instruct",
+                bitnet=True,
+                steps=3000,
+                batch_size=64,
+                lr=3e-4,
+                warmup_steps=100,
+                num_public=20000,
+            ),
         },
-        num_train=16000, num_val=1000, expected_batch_size=512.0, steps=1000, val_every=100,
-        eval_batch_size=128, max_physical_batch_size=512, lora_rank=16, lora_alpha=32.0,
+        num_train=16000,
+        num_val=1000,
+        expected_batch_size=512.0,
+        steps=1000,
+        val_every=100,
+        eval_batch_size=128,
+        max_physical_batch_size=512,
+        lora_rank=16,
+        lora_alpha=32.0,
         ema_sweep=(0.9, 0.95, 0.99),  # the warm-up caps decays at 0.991 by step 1000
-        grids={("*", "dp-adam-ac"): lr_grid(3.16e-3), ("*", "dp-adamw"): lr_grid(3.16e-3),
-               ("*", "nonprivate"): lr_grid(1e-3), ("*", "dp-sgd"): lr_grid(1.0)},
+        grids={
+            ("*", "dp-adam-ac"): lr_grid(3.16e-3),
+            ("*", "dp-adamw"): lr_grid(3.16e-3),
+            ("*", "nonprivate"): lr_grid(1e-3),
+            ("*", "dp-sgd"): lr_grid(1.0),
+        },
         seconds_per_run={"slm": 240.0, "bitnet": 300.0},
     ),
     "quick": Recipe(
-        name="quick", results="utility_quick.json",
+        name="quick",
+        results="utility_quick.json",
         organisms={
-            "slm": OrganismConfig(name="quick-slm", vocab_size=320, hidden_size=32,
-                                  intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
-                                  num_public=120, num_public_val=16, steps=8, batch_size=8,
-                                  max_length=160, lr=3e-3, warmup_steps=2),
-            "bitnet": OrganismConfig(name="quick-bitnet", bitnet=True, vocab_size=320,
-                                     hidden_size=32, intermediate_size=64, num_layers=2,
-                                     num_heads=2, num_kv_heads=1, num_public=120,
-                                     num_public_val=16, steps=8, batch_size=8, max_length=160,
-                                     lr=3e-3, warmup_steps=2),
+            "slm": OrganismConfig(
+                name="quick-slm",
+                vocab_size=320,
+                hidden_size=32,
+                intermediate_size=64,
+                num_layers=2,
+                num_heads=2,
+                num_kv_heads=1,
+                num_public=120,
+                num_public_val=16,
+                steps=8,
+                batch_size=8,
+                max_length=160,
+                lr=3e-3,
+                warmup_steps=2,
+            ),
+            "bitnet": OrganismConfig(
+                name="quick-bitnet",
+                bitnet=True,
+                vocab_size=320,
+                hidden_size=32,
+                intermediate_size=64,
+                num_layers=2,
+                num_heads=2,
+                num_kv_heads=1,
+                num_public=120,
+                num_public_val=16,
+                steps=8,
+                batch_size=8,
+                max_length=160,
+                lr=3e-3,
+                warmup_steps=2,
+            ),
         },
-        num_train=96, num_val=8, expected_batch_size=16.0, steps=3, val_every=2, max_length=160,
-        eval_batch_size=8, trace_every=1, ema_sweep=(0.9,), seeds=(0,),
-        ablations=("dp-adambc",), curve_epsilons=(), bitnet_families=("dp-adam-ac",),
+        num_train=96,
+        num_val=8,
+        expected_batch_size=16.0,
+        steps=3,
+        val_every=2,
+        max_length=160,
+        eval_batch_size=8,
+        trace_every=1,
+        ema_sweep=(0.9,),
+        seeds=(0,),
+        ablations=("dp-adambc",),
+        curve_epsilons=(),
+        bitnet_families=("dp-adam-ac",),
         grids={("*", f): (3e-3,) for f in ("dp-adam-ac", "dp-adamw", "nonprivate")}
         | {("*", "dp-sgd"): (0.3,)},
-        max_extensions=0, seconds_per_run={"slm": 2.0, "bitnet": 2.0},
+        max_extensions=0,
+        seconds_per_run={"slm": 2.0, "bitnet": 2.0},
     ),
 }
-
 
 
 # --- the results file ---------------------------------------------------------------------------
@@ -154,8 +224,9 @@ def _alive(claim: dict[str, Any]) -> bool:
     return True
 
 
-def claim_next(path: Path, recipe: Recipe, args: argparse.Namespace
-               ) -> tuple[RunSpec | None, list[RunSpec], int]:
+def claim_next(
+    path: Path, recipe: Recipe, args: argparse.Namespace
+) -> tuple[RunSpec | None, list[RunSpec], int]:
     """Under the file lock: the first runnable spec that no live process has claimed, claimed
     for this process (so several processes can share one study). Returns (spec or None, every
     selected spec still to run, how many claims other processes hold)."""
@@ -168,8 +239,11 @@ def claim_next(path: Path, recipe: Recipe, args: argparse.Namespace
         ready = [s for s in todo if s.lr is not None and spec_key(s) not in claims]
         others = len(claims)
         if ready:
-            claims[spec_key(ready[0])] = {"pid": os.getpid(), "host": socket.gethostname(),
-                                          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            claims[spec_key(ready[0])] = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
         write_atomic(_claims_path(path), claims)
     return (ready[0] if ready else None), todo, others
 
@@ -192,8 +266,14 @@ def append_runs(path: Path, records: list[dict[str, Any]]) -> int:
     return len(new)
 
 
-def check_or_create(path: Path, recipe: Recipe, make: Callable[[], dict[str, Any]], *,
-                    allow_mixed: bool, fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
+def check_or_create(
+    path: Path,
+    recipe: Recipe,
+    make: Callable[[], dict[str, Any]],
+    *,
+    allow_mixed: bool,
+    fingerprints: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Create the results file (``make()`` gives its setup), or check that it holds the same
     study from the same commit and the same pretrained organisms (``fingerprints``: model name
     -> hash of its weights; a rebuilt organism need not be bit-identical to the first build)."""
@@ -201,13 +281,22 @@ def check_or_create(path: Path, recipe: Recipe, make: Callable[[], dict[str, Any
     with _lock(path):
         data = load_results(path)
         if not data:
-            data = {"_meta": {"provenance": provenance(*CODE_PATHS), "recipe": recipe.name,
-                              "study": recipe.identity()}, "setup": make(), "runs": []}
+            data = {
+                "_meta": {
+                    "provenance": provenance(*CODE_PATHS),
+                    "recipe": recipe.name,
+                    "study": recipe.identity(),
+                },
+                "setup": make(),
+                "runs": [],
+            }
             write_atomic(path, data)
             return data
         if data["_meta"]["study"] != recipe.identity():
-            raise SystemExit(f"{path} holds a different study (recipe or organism config "
-                             "changed); use another --out, or move the file away to start over")
+            raise SystemExit(
+                f"{path} holds a different study (recipe or organism config "
+                "changed); use another --out, or move the file away to start over"
+            )
         for name, digest in (fingerprints or {}).items():
             recorded = data["setup"]["models"].get(name, {}).get("weights_sha256")
             if recorded is not None and recorded != digest:
@@ -215,14 +304,16 @@ def check_or_create(path: Path, recipe: Recipe, make: Callable[[], dict[str, Any
                     f"{path} was started with another {name} organism (weights sha256 "
                     f"{recorded[:12]}..., the cached one is {digest[:12]}...): pretraining is not "
                     "bit-reproducible across machines and thread counts. Use another --out, or "
-                    "restore the organism the file was made with")
+                    "restore the organism the file was made with"
+                )
         first = data["_meta"]["provenance"]["commit"]
         if commit != first:
             if not allow_mixed:
                 raise SystemExit(
                     f"{path} was started at commit {first}, this checkout is {commit}; results "
                     "must come from one commit (check it out, or pass --allow-mixed-commits to "
-                    "append anyway: each run records its commit)")
+                    "append anyway: each run records its commit)"
+                )
             mixed = data["_meta"].setdefault("mixed_commits", [first])
             if commit not in mixed:
                 mixed.append(commit)
@@ -230,7 +321,9 @@ def check_or_create(path: Path, recipe: Recipe, make: Callable[[], dict[str, Any
     return data
 
 
-def make_setup(recipe: Recipe, organisms: dict[str, Path], *, device: str = "cpu") -> dict[str, Any]:
+def make_setup(
+    recipe: Recipe, organisms: dict[str, Path], *, device: str = "cpu"
+) -> dict[str, Any]:
     """Models, private data, run length, delta, and each organism's pretrained losses."""
     from utility_organisms import mean_token_nll, organism_fingerprint, organism_info
 
@@ -239,8 +332,13 @@ def make_setup(recipe: Recipe, organisms: dict[str, Path], *, device: str = "cpu
     from lit_dp.data.synthetic import make_splits
     from lit_dp.models import load_model, load_tokenizer
 
-    val = make_splits("records", num_train=recipe.num_train, num_val=recipe.num_val, num_test=0,
-                      seed=recipe.data_seed)["validation"]
+    val = make_splits(
+        "records",
+        num_train=recipe.num_train,
+        num_val=recipe.num_val,
+        num_test=0,
+        seed=recipe.data_seed,
+    )["validation"]
     models = {}
     for name, path in organisms.items():
         info = organism_info(path)
@@ -248,30 +346,47 @@ def make_setup(recipe: Recipe, organisms: dict[str, Path], *, device: str = "cpu
         model = load_model(str(path), dtype="float32", device=device)
         rows = encode_records(tok, val, loss_on="response")
         models[name] = {
-            "organism": info["key"], "config": info["config"], "parameters": info["parameters"],
-            "vocab_size": info["vocab_size"], "pretrain_seconds": info["pretrain_seconds"],
-            "pretrain_device": info["device"], "pretrained_val_loss_public_emails": info["public_val_loss"],
+            "organism": info["key"],
+            "config": info["config"],
+            "parameters": info["parameters"],
+            "vocab_size": info["vocab_size"],
+            "pretrain_seconds": info["pretrain_seconds"],
+            "pretrain_device": info["device"],
+            "pretrained_val_loss_public_emails": info["public_val_loss"],
             "weights_sha256": organism_fingerprint(path),
-            "pretrained_val_loss": mean_token_nll(model, rows, pad_id=tok.pad_token_id,
-                                                  device=device),
+            "pretrained_val_loss": mean_token_nll(
+                model, rows, pad_id=tok.pad_token_id, device=device
+            ),
         }
     return {
-        "recipe": recipe.name, "models": models, "private_data": "synthetic records",
-        "num_train": recipe.num_train, "num_val": recipe.num_val, "data_seed": recipe.data_seed,
-        "privacy_unit": "example", "expected_batch_size": recipe.expected_batch_size,
-        "sample_rate": recipe.expected_batch_size / recipe.num_train, "steps": recipe.steps,
-        "val_every": recipe.val_every, "delta": default_delta(recipe.num_train),
-        "max_grad_norm": recipe.max_grad_norm, "target_clip_rate": recipe.target_clip_rate,
-        "lora_rank": recipe.lora_rank, "ema_decay": "library default", "epsilon_main": EPS_MAIN,
+        "recipe": recipe.name,
+        "models": models,
+        "private_data": "synthetic records",
+        "num_train": recipe.num_train,
+        "num_val": recipe.num_val,
+        "data_seed": recipe.data_seed,
+        "privacy_unit": "example",
+        "expected_batch_size": recipe.expected_batch_size,
+        "sample_rate": recipe.expected_batch_size / recipe.num_train,
+        "steps": recipe.steps,
+        "val_every": recipe.val_every,
+        "delta": default_delta(recipe.num_train),
+        "max_grad_norm": recipe.max_grad_norm,
+        "target_clip_rate": recipe.target_clip_rate,
+        "lora_rank": recipe.lora_rank,
+        "ema_decay": "library default",
+        "epsilon_main": EPS_MAIN,
         "seeds": list(recipe.seeds),
     }
 
 
 # --- running ------------------------------------------------------------------------------------
 def _selected(spec: RunSpec, args: argparse.Namespace) -> bool:
-    return ((not args.phase or spec.phase in args.phase)
-            and (not args.only or spec.variant in args.only)
-            and (not args.model or spec.model in args.model))
+    return (
+        (not args.phase or spec.phase in args.phase)
+        and (not args.only or spec.variant in args.only)
+        and (not args.model or spec.model in args.model)
+    )
 
 
 def _estimate(recipe: Recipe, runs: list[dict[str, Any]], model: str) -> float:
@@ -289,22 +404,29 @@ def print_plan(recipe: Recipe, runs: list[dict[str, Any]], args: argparse.Namesp
     done = {record_key(r) for r in runs}
     specs = [s for s in plan(recipe, runs) if _selected(s, args)]
     todo = [s for s in specs if spec_key(s) not in done]
-    print(f"recipe {recipe.name}: N={recipe.num_train}, E[B]={recipe.expected_batch_size:g}, "
-          f"{recipe.steps} steps, validation every {recipe.val_every}; models "
-          + ", ".join(f"{m}={c.key()}" for m, c in recipe.organisms.items()))
+    print(
+        f"recipe {recipe.name}: N={recipe.num_train}, E[B]={recipe.expected_batch_size:g}, "
+        f"{recipe.steps} steps, validation every {recipe.val_every}; models "
+        + ", ".join(f"{m}={c.key()}" for m, c in recipe.organisms.items())
+    )
     print("phase | model | variant | epsilon | seed | lr | status")
     for s in specs:
         lr = "tuned (pending)" if s.lr is None else f"{s.lr:g}"
         status = "done" if spec_key(s) in done else "todo"
         print(f"{s.phase} | {s.model} | {s.variant} | {s.epsilon} | {s.seed} | {lr} | {status}")
     seconds = sum(_estimate(recipe, runs, s.model) for s in todo)
-    print(f"{len(specs)} trainings ({len(specs) - len(todo)} done, {len(todo)} to run; "
-          f"dp-adam-ac-no-ema is recorded from every dp-adam-ac run).\nEstimated time to run: "
-          f"{_hms(seconds)} in one process, {_hms(seconds / 2)} in two processes sharing the "
-          "file (per run: the mean of the finished runs, else the recipe's one-thread guess; "
-          "each grid that grows at an edge adds a run)")
-    missing = [m for m, c in recipe.organisms.items()
-               if not (organism_dir(c, cache_root(args.cache_dir)) / "organism.json").exists()]
+    print(
+        f"{len(specs)} trainings ({len(specs) - len(todo)} done, {len(todo)} to run; "
+        f"dp-adam-ac-no-ema is recorded from every dp-adam-ac run).\nEstimated time to run: "
+        f"{_hms(seconds)} in one process, {_hms(seconds / 2)} in two processes sharing the "
+        "file (per run: the mean of the finished runs, else the recipe's one-thread guess; "
+        "each grid that grows at an edge adds a run)"
+    )
+    missing = [
+        m
+        for m, c in recipe.organisms.items()
+        if not (organism_dir(c, cache_root(args.cache_dir)) / "organism.json").exists()
+    ]
     if missing:
         print(f"organisms to pretrain first: {', '.join(missing)}")
 
@@ -319,9 +441,13 @@ def run_study(recipe: Recipe, out: Path, args: argparse.Namespace) -> None:
     start = time.time()
     organisms = {m: build_organism(c, root, device=device) for m, c in recipe.organisms.items()}
     print(f"organisms ready ({time.time() - start:.0f} s)", flush=True)
-    check_or_create(out, recipe, lambda: make_setup(recipe, organisms, device=device),
-                    fingerprints={m: organism_fingerprint(p) for m, p in organisms.items()},
-                    allow_mixed=args.allow_mixed_commits)
+    check_or_create(
+        out,
+        recipe,
+        lambda: make_setup(recipe, organisms, device=device),
+        fingerprints={m: organism_fingerprint(p) for m, p in organisms.items()},
+        allow_mixed=args.allow_mixed_commits,
+    )
     commit = git_commit(*CODE_PATHS)
     ran, session = 0, time.time()
     while args.max_runs is None or ran < args.max_runs:
@@ -345,24 +471,31 @@ def run_study(recipe: Recipe, out: Path, args: argparse.Namespace) -> None:
         left = sum(_estimate(recipe, runs, s.model) for s in todo[1:])
         r = records[0]
         spent = r["epsilon_spent"]
-        print(f"[{ran}{'' if args.max_runs is None else f'/{args.max_runs}'}, {len(todo) - 1} left] "
-              f"phase {spec.phase} {spec.model} {spec.variant} eps={spec.epsilon} seed={spec.seed} "
-              f"lr={spec.lr:g}: val {r['val_loss_curve'][0]['loss']:.3f} -> {r['val_loss']:.3f} "
-              f"({r['weights']}; sigma={r['noise_multiplier']:.3f}, eps spent="
-              f"{'-' if spent is None else f'{spent:.3f}'}) in {r['seconds']:.0f} s "
-              f"({r['cpu_seconds']:.0f} CPU s); session {_hms(time.time() - session)}, "
-              f"ETA {_hms(left / max(1, others + 1))}", flush=True)
+        print(
+            f"[{ran}{'' if args.max_runs is None else f'/{args.max_runs}'}, {len(todo) - 1} left] "
+            f"phase {spec.phase} {spec.model} {spec.variant} eps={spec.epsilon} seed={spec.seed} "
+            f"lr={spec.lr:g}: val {r['val_loss_curve'][0]['loss']:.3f} -> {r['val_loss']:.3f} "
+            f"({r['weights']}; sigma={r['noise_multiplier']:.3f}, eps spent="
+            f"{'-' if spent is None else f'{spent:.3f}'}) in {r['seconds']:.0f} s "
+            f"({r['cpu_seconds']:.0f} CPU s); session {_hms(time.time() - session)}, "
+            f"ETA {_hms(left / max(1, others + 1))}",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--recipe", choices=sorted(RECIPES), default="cpu")
     ap.add_argument("--quick", action="store_true", help="= --recipe quick (smoke test)")
     ap.add_argument("--gpu", action="store_true", help="= --recipe smollm2-lora")
     ap.add_argument("--out", default=None, help="results JSON (default results/<recipe file>)")
-    ap.add_argument("--cache-dir", default=None, help="organism cache (default "
-                    "$LIT_DP_CACHE/utility, i.e. ~/.cache/lit_dp/utility)")
+    ap.add_argument(
+        "--cache-dir",
+        default=None,
+        help="organism cache (default $LIT_DP_CACHE/utility, i.e. ~/.cache/lit_dp/utility)",
+    )
     ap.add_argument("--plan", action="store_true", help="print the runs and time, run nothing")
     ap.add_argument("--report", action="store_true", help="tables and plots from --out")
     ap.add_argument("--phase", type=int, action="append", help="only this phase (repeatable)")

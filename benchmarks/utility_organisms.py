@@ -126,12 +126,18 @@ def train_tokenizer(records: list[dict[str, str]], *, vocab_size: int):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     backend.train_from_iterator(_chat_turns(records), trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=SPECIAL_TOKENS[0],
-                                  bos_token=SPECIAL_TOKENS[1], eos_token=SPECIAL_TOKENS[2])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=SPECIAL_TOKENS[0],
+        bos_token=SPECIAL_TOKENS[1],
+        eos_token=SPECIAL_TOKENS[2],
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -142,10 +148,16 @@ def fresh_decoder(cfg: OrganismConfig, tok: Any) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_positions,
-        tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
     with torch.random.fork_rng(devices=[]):
@@ -154,20 +166,31 @@ def fresh_decoder(cfg: OrganismConfig, tok: Any) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def mean_token_nll(model: torch.nn.Module, rows: list[Row], *, pad_id: int, batch_size: int = 64,
-                   device: torch.device | str = "cpu") -> float:
+def mean_token_nll(
+    model: torch.nn.Module,
+    rows: list[Row],
+    *,
+    pad_id: int,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> float:
     """Token-mean next-token NLL (nats) over every labelled token of ``rows``: the quantity
     DPCausalLM reports as its validation loss."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate_rows(rows[i:i + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_rows(rows[i : i + batch_size], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
-        total += float(torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-            ignore_index=-100, reduction="sum"))
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+        )
         count += int((labels != -100).sum())
     model.train(was_training)
     return total / count if count else math.nan
@@ -181,8 +204,16 @@ def _lr_factor(step: int, cfg: OrganismConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def pretrain(model: torch.nn.Module, tok: Any, train: list[Row], val: list[Row],
-             cfg: OrganismConfig, *, device: torch.device, log: Callable[[str], None]) -> list[dict]:
+def pretrain(
+    model: torch.nn.Module,
+    tok: Any,
+    train: list[Row],
+    val: list[Row],
+    cfg: OrganismConfig,
+    *,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> list[dict]:
     """Non-private AdamW on ``train`` (uniform minibatches, gradient-norm clip 1), in place.
 
     Returns the validation curve [{step, loss}] (every ``steps // 6`` steps and at the end).
@@ -202,18 +233,27 @@ def pretrain(model: torch.nn.Module, tok: Any, train: list[Row], val: list[Row],
         idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).tolist()
         batch = {k: v.to(device) for k, v in collate_rows([train[i] for i in idx], pad).items()}
         with autocast:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
         labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=-100,
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % every == 0 or step + 1 == cfg.steps:
-            curve.append({"step": step + 1, "loss": mean_token_nll(model, val, pad_id=pad, device=device)})
-            log(f"  [{cfg.name}] pretrain step {step + 1}/{cfg.steps}: train {loss.item():.3f}, "
-                f"public val {curve[-1]['loss']:.3f} ({time.time() - start:.0f} s)")
+            curve.append(
+                {"step": step + 1, "loss": mean_token_nll(model, val, pad_id=pad, device=device)}
+            )
+            log(
+                f"  [{cfg.name}] pretrain step {step + 1}/{cfg.steps}: train {loss.item():.3f}, "
+                f"public val {curve[-1]['loss']:.3f} ({time.time() - start:.0f} s)"
+            )
     return curve
 
 
@@ -221,11 +261,17 @@ def _truncate(rows: list[Row], max_length: int) -> list[Row]:
     return [(ids[:max_length], labels[:max_length]) for ids, labels in rows]
 
 
-def _write_organism(cfg: OrganismConfig, out: Path, *, device: torch.device,
-                    log: Callable[[str], None]) -> None:
+def _write_organism(
+    cfg: OrganismConfig, out: Path, *, device: torch.device, log: Callable[[str], None]
+) -> None:
     start, cpu_start = time.time(), time.process_time()
-    splits = make_splits("emails", num_train=cfg.num_public, num_val=cfg.num_public_val,
-                         num_test=0, seed=cfg.public_seed)
+    splits = make_splits(
+        "emails",
+        num_train=cfg.num_public,
+        num_val=cfg.num_public_val,
+        num_test=0,
+        seed=cfg.public_seed,
+    )
     if cfg.base is None:
         tok = train_tokenizer(splits["train"], vocab_size=cfg.vocab_size)
         model = fresh_decoder(cfg, tok)
@@ -241,19 +287,29 @@ def _write_organism(cfg: OrganismConfig, out: Path, *, device: torch.device,
     curve = pretrain(model, tok, train, val, cfg, device=device, log=log)
     export_model(model.to("cpu"), tok, out)
     info = {
-        "config": asdict(cfg), "key": cfg.key(), "version": ORGANISM_VERSION,
+        "config": asdict(cfg),
+        "key": cfg.key(),
+        "version": ORGANISM_VERSION,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "vocab_size": len(tok), "public_val_loss": curve[-1]["loss"], "pretrain_curve": curve,
+        "vocab_size": len(tok),
+        "public_val_loss": curve[-1]["loss"],
+        "pretrain_curve": curve,
         "public_tokens_per_record": sum(len(r[0]) for r in train) / max(1, len(train)),
-        "pretrain_seconds": round(time.time() - start, 1), "device": str(device),
+        "pretrain_seconds": round(time.time() - start, 1),
+        "device": str(device),
         "pretrain_cpu_seconds": round(time.process_time() - cpu_start, 1),
         "torch_threads": torch.get_num_threads(),
     }
     (out / INFO_FILE).write_text(json.dumps(info, indent=1))
 
 
-def build_organism(cfg: OrganismConfig, root: Path, *, device: str | torch.device = "cpu",
-                   log: Callable[[str], None] = print) -> Path:
+def build_organism(
+    cfg: OrganismConfig,
+    root: Path,
+    *,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], None] = print,
+) -> Path:
     """The organism's directory, built (tokenizer, pretraining, export) unless already cached.
 
     Concurrent callers are safe: one builds while the others wait (``publish_once``).

@@ -70,12 +70,21 @@ class Recipe:
 
     def identity(self) -> dict[str, Any]:
         """What makes two results files the same study (checked before appending)."""
-        skip = {"seeds", "grids", "max_extensions", "seconds_per_run", "families", "ablations",
-                "curve_families", "curve_epsilons", "bitnet_families", "accelerator"}
+        skip = {
+            "seeds",
+            "grids",
+            "max_extensions",
+            "seconds_per_run",
+            "families",
+            "ablations",
+            "curve_families",
+            "curve_epsilons",
+            "bitnet_families",
+            "accelerator",
+        }
         out = {k: v for k, v in asdict(self).items() if k not in skip and k != "organisms"}
         out["organisms"] = {m: c.key() for m, c in self.organisms.items()}
         return json.loads(json.dumps(out))
-
 
 
 # --- the plan: a pure function of the recipe and the finished runs ------------------------------
@@ -102,8 +111,9 @@ def record_key(run: dict[str, Any]) -> str:
     return run_key(run["model"], run["variant"], run["epsilon"], run["seed"], run["lr"])
 
 
-def tuned_grid(grid: tuple[float, ...], losses: dict[float, float], *, max_extensions: int
-               ) -> tuple[list[float], float | None]:
+def tuned_grid(
+    grid: tuple[float, ...], losses: dict[float, float], *, max_extensions: int
+) -> tuple[list[float], float | None]:
     """The grid grown at an edge that holds the best loss, and the best rate once all is run.
 
     ``losses``: final validation loss per rate already run (seed 0). Each extension adds the next
@@ -143,29 +153,34 @@ def plan(recipe: Recipe, runs: list[dict[str, Any]]) -> list[RunSpec]:
             key = run_key(model, family, _eps(family), seed0, lr)
             if key in finals:
                 losses[lr] = finals[key]
-        rates, best = tuned_grid(recipe.grid(model, family), losses,
-                                 max_extensions=recipe.max_extensions)
+        rates, best = tuned_grid(
+            recipe.grid(model, family), losses, max_extensions=recipe.max_extensions
+        )
         specs.extend(RunSpec(phase, model, family, _eps(family), seed0, lr) for lr in rates)
         tuned[(model, family)] = best
 
     for family in recipe.families:
         tune(1, "slm", family)
     for family in recipe.families:
-        specs.extend(RunSpec(2, "slm", family, _eps(family), s, tuned[("slm", family)])
-                     for s in rest)
+        specs.extend(
+            RunSpec(2, "slm", family, _eps(family), s, tuned[("slm", family)]) for s in rest
+        )
     for variant in recipe.ablations:
         lr = tuned.get(("slm", VARIANTS[variant].lr_family))
         specs.extend(RunSpec(3, "slm", variant, _eps(variant), s, lr) for s in recipe.seeds)
     for family in recipe.curve_families:
         for eps in recipe.curve_epsilons:
-            specs.extend(RunSpec(4, "slm", family, eps, s, tuned[("slm", family)])
-                         for s in recipe.seeds)
+            specs.extend(
+                RunSpec(4, "slm", family, eps, s, tuned[("slm", family)]) for s in recipe.seeds
+            )
     if "bitnet" in recipe.organisms:
         for family in recipe.bitnet_families:
             tune(5, "bitnet", family)
         for family in recipe.bitnet_families:
-            specs.extend(RunSpec(5, "bitnet", family, _eps(family), s, tuned[("bitnet", family)])
-                         for s in rest)
+            specs.extend(
+                RunSpec(5, "bitnet", family, _eps(family), s, tuned[("bitnet", family)])
+                for s in rest
+            )
     return specs
 
 

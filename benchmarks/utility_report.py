@@ -20,8 +20,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utility_plan import EPS_MAIN
 from utility_train import VARIANTS
 
-ABLATION_ORDER = ("dp-adam-ac", "dp-adam-ac-no-ema", "dp-adam-ac-no-clip-lr",
-                  "dp-adam-ac-fixed-clip", "dp-adamw", "dp-adambc", "dp-sgd", "nonprivate")
+ABLATION_ORDER = (
+    "dp-adam-ac",
+    "dp-adam-ac-no-ema",
+    "dp-adam-ac-no-clip-lr",
+    "dp-adam-ac-fixed-clip",
+    "dp-adamw",
+    "dp-adambc",
+    "dp-sgd",
+    "nonprivate",
+)
 FAMILIES = ("dp-adam-ac", "dp-adamw", "dp-sgd", "nonprivate")
 
 
@@ -44,8 +52,11 @@ def tuned_rates(runs: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
 def select(runs, tuned, model: str, variant: str, eps: float | None) -> dict[int, dict]:
     """seed -> run of ``variant`` at its family's tuned rate."""
     lr = tuned.get((model, VARIANTS[variant].lr_family))
-    return {r["seed"]: r for r in runs if r["model"] == model and r["variant"] == variant
-            and r["epsilon"] == eps and r["lr"] == lr}
+    return {
+        r["seed"]: r
+        for r in runs
+        if r["model"] == model and r["variant"] == variant and r["epsilon"] == eps and r["lr"] == lr
+    }
 
 
 def _stats(values: list[float]) -> tuple[float, float | None]:
@@ -96,25 +107,41 @@ def tables(data: dict[str, Any]) -> str:
     runs, setup = data["runs"], data["setup"]
     tuned = tuned_rates(runs)
     prov = data["_meta"]["provenance"]
-    lines = [f"Results: commit `{prov['commit']}`, {prov['date']}, {prov['machine']} "
-             f"({prov['cpu_count']} CPUs, torch {prov['torch']}, cuda {prov['cuda']}); "
-             f"{len(runs)} run records.", "",
-             f"Private data: synthetic records, N = {setup['num_train']} (example level), "
-             f"E[B] = {setup['expected_batch_size']:g} (q = {setup['sample_rate']:.4g}), "
-             f"{setup['steps']} steps, delta = {_deltas(runs, setup)}; validation on "
-             f"{setup['num_val']} held-out records every {setup['val_every']} steps.", "",
-             "| model | organism | parameters | pretrained val loss (records) | (public emails) |",
-             "|---|---|---:|---:|---:|"]
+    lines = [
+        f"Results: commit `{prov['commit']}`, {prov['date']}, {prov['machine']} "
+        f"({prov['cpu_count']} CPUs, torch {prov['torch']}, cuda {prov['cuda']}); "
+        f"{len(runs)} run records.",
+        "",
+        f"Private data: synthetic records, N = {setup['num_train']} (example level), "
+        f"E[B] = {setup['expected_batch_size']:g} (q = {setup['sample_rate']:.4g}), "
+        f"{setup['steps']} steps, delta = {_deltas(runs, setup)}; validation on "
+        f"{setup['num_val']} held-out records every {setup['val_every']} steps.",
+        "",
+        "| model | organism | parameters | pretrained val loss (records) | (public emails) |",
+        "|---|---|---:|---:|---:|",
+    ]
     for m, info in setup["models"].items():
-        lines.append(f"| {m} | `{info['organism']}` | {info['parameters']:,} | "
-                     f"{info['pretrained_val_loss']:.3f} | "
-                     f"{info['pretrained_val_loss_public_emails']:.3f} |")
-    lines += ["", "Learning-rate tuning (seed 0, epsilon 8; * = chosen; an edge choice is flagged):",
-              "", "| model | family | rate: final val loss |", "|---|---|---|"]
+        lines.append(
+            f"| {m} | `{info['organism']}` | {info['parameters']:,} | "
+            f"{info['pretrained_val_loss']:.3f} | "
+            f"{info['pretrained_val_loss_public_emails']:.3f} |"
+        )
+    lines += [
+        "",
+        "Learning-rate tuning (seed 0, epsilon 8; * = chosen; an edge choice is flagged):",
+        "",
+        "| model | family | rate: final val loss |",
+        "|---|---|---|",
+    ]
     for (model, family), best in sorted(tuned.items()):
-        pts = sorted((r["lr"], r["val_loss"]) for r in runs if r["model"] == model
-                     and r["variant"] == family and r["seed"] == 0
-                     and r["epsilon"] == _eps_of(family))
+        pts = sorted(
+            (r["lr"], r["val_loss"])
+            for r in runs
+            if r["model"] == model
+            and r["variant"] == family
+            and r["seed"] == 0
+            and r["epsilon"] == _eps_of(family)
+        )
         edge = " (at the grid's edge)" if best in (pts[0][0], pts[-1][0]) and len(pts) > 1 else ""
         cells = ", ".join(f"{lr:g}: {loss:.3f}{'*' if lr == best else ''}" for lr, loss in pts)
         lines.append(f"| {model} | {family} | {cells}{edge} |")
@@ -122,50 +149,77 @@ def tables(data: dict[str, Any]) -> str:
     start = setup["models"]["slm"]["pretrained_val_loss"]
     ceiling = _losses(select(runs, tuned, "slm", "nonprivate", None))
     ref = select(runs, tuned, "slm", "dp-adam-ac", EPS_MAIN)
-    lines += ["", f"Ablation at epsilon = {EPS_MAIN:g} (slm; mean ± sd over seeds; Δ = paired "
-              "difference to dp-adam-ac with its 95% interval, negative = better; gap = above "
-              "the non-private ceiling):", "",
-              "| variant | lr | seeds | val loss | Δ vs dp-adam-ac | gap |",
-              "|---|---:|---:|---:|---:|---:|",
-              f"| pretrained, not fine-tuned | — | — | {start:.3f} | — | — |"]
+    lines += [
+        "",
+        f"Ablation at epsilon = {EPS_MAIN:g} (slm; mean ± sd over seeds; Δ = paired "
+        "difference to dp-adam-ac with its 95% interval, negative = better; gap = above "
+        "the non-private ceiling):",
+        "",
+        "| variant | lr | seeds | val loss | Δ vs dp-adam-ac | gap |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| pretrained, not fine-tuned | — | — | {start:.3f} | — | — |",
+    ]
     for v in ABLATION_ORDER:
         sel = select(runs, tuned, "slm", v, _eps_of(v))
         lr = tuned.get(("slm", VARIANTS[v].lr_family))
-        lines.append(f"| {v} | {'—' if lr is None else f'{lr:g}'} | {len(sel)} | "
-                     f"{fmt(_losses(sel))} | {'—' if v == 'dp-adam-ac' else paired(sel, ref)} | "
-                     f"{_gap(sel, ceiling)} |")
+        lines.append(
+            f"| {v} | {'—' if lr is None else f'{lr:g}'} | {len(sel)} | "
+            f"{fmt(_losses(sel))} | {'—' if v == 'dp-adam-ac' else paired(sel, ref)} | "
+            f"{_gap(sel, ceiling)} |"
+        )
     decays = sorted({d for r in ref.values() for d in r.get("val_loss_ema_decays", {})})
     if decays:
         raw = select(runs, tuned, "slm", "dp-adam-ac-no-ema", EPS_MAIN)
-        lines += ["", "EMA decay, priced on the same dp-adam-ac runs (decay_t = min(d, (1+t)/(10+t))):",
-                  "", "| weights | val loss |", "|---|---:|",
-                  f"| raw (no EMA) | {fmt(_losses(raw))} |"]
-        lines += [f"| EMA d = {d} | {fmt([r['val_loss_ema_decays'][d] for r in ref.values()])} |"
-                  for d in decays]
+        lines += [
+            "",
+            "EMA decay, priced on the same dp-adam-ac runs (decay_t = min(d, (1+t)/(10+t))):",
+            "",
+            "| weights | val loss |",
+            "|---|---:|",
+            f"| raw (no EMA) | {fmt(_losses(raw))} |",
+        ]
+        lines += [
+            f"| EMA d = {d} | {fmt([r['val_loss_ema_decays'][d] for r in ref.values()])} |"
+            for d in decays
+        ]
         lines.append(f"| EMA d = shipped default | {fmt(_losses(ref))} |")
-    lines += ["", "Privacy-utility curve (slm):", "", "| epsilon | dp-adam-ac | dp-sgd | Δ (ac - sgd) |",
-              "|---:|---:|---:|---:|"]
-    for eps in sorted({r["epsilon"] for r in runs if r["epsilon"] is not None and r["model"] == "slm"}):
+    lines += [
+        "",
+        "Privacy-utility curve (slm):",
+        "",
+        "| epsilon | dp-adam-ac | dp-sgd | Δ (ac - sgd) |",
+        "|---:|---:|---:|---:|",
+    ]
+    for eps in sorted(
+        {r["epsilon"] for r in runs if r["epsilon"] is not None and r["model"] == "slm"}
+    ):
         ac, sgd = (select(runs, tuned, "slm", f, eps) for f in ("dp-adam-ac", "dp-sgd"))
         lines.append(f"| {eps:g} | {fmt(_losses(ac))} | {fmt(_losses(sgd))} | {paired(ac, sgd)} |")
     lines.append(f"| ∞ (non-private) | {fmt(ceiling)} | | |")
     if "bitnet" in setup["models"]:
-        lines += ["", f"BitNet b1.58 twin against the SLM organism (epsilon {EPS_MAIN:g}; gap = "
-                  "above that model's own non-private ceiling: what DP costs it):", "",
-                  "| variant | slm val loss | slm gap | bitnet val loss | bitnet gap |",
-                  "|---|---:|---:|---:|---:|",
-                  f"| pretrained | {start:.3f} | | "
-                  f"{setup['models']['bitnet']['pretrained_val_loss']:.3f} | |"]
+        lines += [
+            "",
+            f"BitNet b1.58 twin against the SLM organism (epsilon {EPS_MAIN:g}; gap = "
+            "above that model's own non-private ceiling: what DP costs it):",
+            "",
+            "| variant | slm val loss | slm gap | bitnet val loss | bitnet gap |",
+            "|---|---:|---:|---:|---:|",
+            f"| pretrained | {start:.3f} | | "
+            f"{setup['models']['bitnet']['pretrained_val_loss']:.3f} | |",
+        ]
         bceil = _losses(select(runs, tuned, "bitnet", "nonprivate", None))
         for v in ("dp-adam-ac", "dp-adam-ac-no-ema", "dp-sgd", "nonprivate"):
             s, b = (select(runs, tuned, m, v, _eps_of(v)) for m in ("slm", "bitnet"))
-            lines.append(f"| {v} | {fmt(_losses(s))} | {_gap(s, ceiling)} | "
-                         f"{fmt(_losses(b))} | {_gap(b, bceil)} |")
+            lines.append(
+                f"| {v} | {fmt(_losses(s))} | {_gap(s, ceiling)} | "
+                f"{fmt(_losses(b))} | {_gap(b, bceil)} |"
+            )
     return "\n".join(lines)
 
 
-def _mean_curve(sel: dict[int, dict], key: str = "val_loss_curve", field: str = "loss"
-                ) -> tuple[list[int], list[float]]:
+def _mean_curve(
+    sel: dict[int, dict], key: str = "val_loss_curve", field: str = "loss"
+) -> tuple[list[int], list[float]]:
     """Mean over seeds at the steps every seed has."""
     by_step: dict[int, list[float]] = {}
     for r in sel.values():
@@ -185,7 +239,9 @@ def plot_epsilon(data: dict[str, Any], path: Path) -> None:
     runs, setup = data["runs"], data["setup"]
     tuned = tuned_rates(runs)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    epsilons = sorted({r["epsilon"] for r in runs if r["epsilon"] is not None and r["model"] == "slm"})
+    epsilons = sorted(
+        {r["epsilon"] for r in runs if r["epsilon"] is not None and r["model"] == "slm"}
+    )
     drawn: list[float] = []
     for family, color, offset in (("dp-adam-ac", "tab:blue", 0.97), ("dp-sgd", "tab:orange", 1.03)):
         xs, ys, es = [], [], []
@@ -198,8 +254,9 @@ def plot_epsilon(data: dict[str, Any], path: Path) -> None:
                 es.append(sd or 0.0)
         if xs:
             lr = tuned.get(("slm", family))
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=color,
-                        label=f"{family} (lr {lr:g})")
+            ax.errorbar(
+                xs, ys, yerr=es, marker="o", capsize=3, color=color, label=f"{family} (lr {lr:g})"
+            )
             drawn += [y + e for y, e in zip(ys, es, strict=True)]
             drawn += [y - e for y, e in zip(ys, es, strict=True)]
     ceiling = _losses(select(runs, tuned, "slm", "nonprivate", None))
@@ -212,8 +269,15 @@ def plot_epsilon(data: dict[str, Any], path: Path) -> None:
     start = setup["models"]["slm"]["pretrained_val_loss"]
     span = (max(drawn) - min(drawn)) if drawn else 0.0
     if drawn and start > max(drawn) + 2 * span + 0.5:  # far above: a note, not a line to scale
-        ax.text(0.01, 0.98, f"pretrained, before fine-tuning: {start:.2f} (off scale)",
-                transform=ax.transAxes, va="top", fontsize=8, color="gray")
+        ax.text(
+            0.01,
+            0.98,
+            f"pretrained, before fine-tuning: {start:.2f} (off scale)",
+            transform=ax.transAxes,
+            va="top",
+            fontsize=8,
+            color="gray",
+        )
     else:
         ax.axhline(start, color="gray", ls="--", lw=1.2, label="pretrained, before fine-tuning")
     ax.set_xscale("log", base=2)
@@ -222,8 +286,11 @@ def plot_epsilon(data: dict[str, Any], path: Path) -> None:
     ax.set_xticklabels([f"{e:g}" for e in (epsilons or [EPS_MAIN])])
     ax.set_xlabel(f"epsilon (delta = {_deltas(runs, setup)})")
     ax.set_ylabel("final validation loss (nats / response token)")
-    ax.set_title(f"slm organism on records: N={setup['num_train']}, E[B]={setup['expected_batch_size']:g}, "
-                 f"{setup['steps']} steps; mean ± sd over seeds", fontsize=9)
+    ax.set_title(
+        f"slm organism on records: N={setup['num_train']}, E[B]={setup['expected_batch_size']:g}, "
+        f"{setup['steps']} steps; mean ± sd over seeds",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -240,8 +307,16 @@ def _focus(ax, curves: list[list[float]]) -> None:
     low, high = min(later), max(c[1] for c in curves if len(c) > 1)
     ax.set_ylim(low - 0.05 * (high - low) - 0.02, high + 0.1 * (high - low) + 0.02)
     starts = sorted({round(c[0], 2) for c in curves})
-    ax.text(0.99, 0.97, f"step 0: {', '.join(f'{x:g}' for x in starts)} (off scale)",
-            transform=ax.transAxes, ha="right", va="top", fontsize=7, color="gray")
+    ax.text(
+        0.99,
+        0.97,
+        f"step 0: {', '.join(f'{x:g}' for x in starts)} (off scale)",
+        transform=ax.transAxes,
+        ha="right",
+        va="top",
+        fontsize=7,
+        color="gray",
+    )
 
 
 def plot_curves(data: dict[str, Any], path: Path) -> None:
@@ -287,21 +362,28 @@ def plot_curves(data: dict[str, Any], path: Path) -> None:
     steps, rate = _mean_curve(ref, "trace", "clip_rate")
     ax.plot(steps, rate, color="tab:green", label="dp-adam-ac: privatized clip rate")
     ax.axhline(setup["target_clip_rate"], color="tab:green", ls=":", lw=1, label="target clip rate")
-    for sel, color, name in ((ref, "tab:red", "dp-adam-ac"), (fixed, "tab:purple", "fixed-clip"),
-                             (no_lr, "tab:brown", "no-clip-lr")):
+    for sel, color, name in (
+        (ref, "tab:red", "dp-adam-ac"),
+        (fixed, "tab:purple", "fixed-clip"),
+        (no_lr, "tab:brown", "no-clip-lr"),
+    ):
         if sel:
             base = next(iter(sel.values()))["lr"]
             steps, lr = _mean_curve(sel, "trace", "lr")
             ax.plot(steps, [x / base for x in lr], color=color, label=f"{name}: lr / base lr")
-    ax.set_title("privatized clip rate and clip-driven lr multiplier (mean over seeds)",
-                 fontsize=10)
+    ax.set_title(
+        "privatized clip rate and clip-driven lr multiplier (mean over seeds)", fontsize=10
+    )
     for ax in axes[1]:
         ax.legend(fontsize=7)
     for ax in axes.flat:
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{setup['recipe']} recipe: N={setup['num_train']}, E[B]="
-                 f"{setup['expected_batch_size']:g}, {setup['steps']} steps", fontsize=10)
+    fig.suptitle(
+        f"{setup['recipe']} recipe: N={setup['num_train']}, E[B]="
+        f"{setup['expected_batch_size']:g}, {setup['steps']} steps",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

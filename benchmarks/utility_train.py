@@ -64,16 +64,26 @@ VARIANTS: dict[str, Variant] = {
     "dp-adam-ac-no-ema": Variant(ema=False, derived_from="dp-adam-ac"),
     "dp-adam-ac-no-clip-lr": Variant(clip_lr=False),
     "dp-adam-ac-fixed-clip": Variant(
-        clipping="fixed", note="fixed clip: no privatized clip rate, so the clip-driven lr "
-        "multiplier stays at 1 (this variant drops adaptive clipping and, in effect, the clip LR)"),
+        clipping="fixed",
+        note="fixed clip: no privatized clip rate, so the clip-driven lr "
+        "multiplier stays at 1 (this variant drops adaptive clipping and, in effect, the clip LR)",
+    ),
     "dp-adamw": Variant(clipping="fixed", ema=False, clip_lr=False, lr_family="dp-adamw"),
-    "dp-sgd": Variant(clipping="fixed", optimizer="sgd", momentum=0.9, ema=False, clip_lr=False,
-                      lr_family="dp-sgd"),
+    "dp-sgd": Variant(
+        clipping="fixed",
+        optimizer="sgd",
+        momentum=0.9,
+        ema=False,
+        clip_lr=False,
+        lr_family="dp-sgd",
+    ),
     # DP-AdamW plus the second-moment correction, at DP-AdamW's tuned rate (one change at a time).
-    "dp-adambc": Variant(clipping="fixed", ema=False, clip_lr=False, noise_correction=True,
-                         lr_family="dp-adamw"),
-    "nonprivate": Variant(private=False, clipping="fixed", ema=False, clip_lr=False,
-                          lr_family="nonprivate"),
+    "dp-adambc": Variant(
+        clipping="fixed", ema=False, clip_lr=False, noise_correction=True, lr_family="dp-adamw"
+    ),
+    "nonprivate": Variant(
+        private=False, clipping="fixed", ema=False, clip_lr=False, lr_family="nonprivate"
+    ),
 }
 
 
@@ -91,12 +101,16 @@ class Trace(L.Callback):
         self._acc.append((r.loss, r.batch_size))
         if (r.step + 1) % self.every == 0:
             losses = [x for x, _ in self._acc if math.isfinite(x)]
-            self.rows.append({
-                "step": r.step + 1, "train_loss": sum(losses) / len(losses) if losses else None,
-                "clip_bound": r.max_grad_norm if math.isfinite(r.max_grad_norm) else None,
-                "clip_rate": r.clip_rate, "lr": trainer.optimizers[0].param_groups[0]["lr"],
-                "batch_size": sum(b for _, b in self._acc) / len(self._acc),
-            })
+            self.rows.append(
+                {
+                    "step": r.step + 1,
+                    "train_loss": sum(losses) / len(losses) if losses else None,
+                    "clip_bound": r.max_grad_norm if math.isfinite(r.max_grad_norm) else None,
+                    "clip_rate": r.clip_rate,
+                    "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                    "batch_size": sum(b for _, b in self._acc) / len(self._acc),
+                }
+            )
             self._acc = []
 
 
@@ -135,9 +149,11 @@ class EMASweep(L.Callback):
             if d not in self.shadows:
                 self.shadows[d] = {n: p.detach().float().clone() for n, p in params.items()}
             shadow = self.shadows[d]
-            torch._foreach_lerp_([shadow[n] for n in params],
-                                 [p.detach().float() for p in params.values()],
-                                 1.0 - ema_decay(r.step, decay=d))
+            torch._foreach_lerp_(
+                [shadow[n] for n in params],
+                [p.detach().float() for p in params.values()],
+                1.0 - ema_decay(r.step, decay=d),
+            )
 
     @torch.no_grad()
     def on_train_end(self, trainer, pl_module) -> None:
@@ -162,9 +178,14 @@ def evaluate(pl_module: DPCausalLM, dm: SyntheticDataModule) -> float:
         batch = {k: v.to(pl_module.device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
-        total += float(torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-            ignore_index=-100, reduction="sum"))
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+        )
         count += int((labels != -100).sum())
     model.train(was_training)
     return total / count if count else math.nan
@@ -189,21 +210,35 @@ def train_one(spec: Any, recipe: Any, organism: Path) -> list[dict[str, Any]]:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     L.seed_everything(spec.seed, verbose=False)
     dm = SyntheticDataModule(
-        tokenizer=str(organism), dataset="records", num_train=recipe.num_train,
-        num_val=recipe.num_val, num_test=0, data_seed=recipe.data_seed,
-        batch_schedule=ConstantBatchSize(recipe.expected_batch_size), sampling_seed=spec.seed,
-        max_length=recipe.max_length, eval_batch_size=recipe.eval_batch_size,
+        tokenizer=str(organism),
+        dataset="records",
+        num_train=recipe.num_train,
+        num_val=recipe.num_val,
+        num_test=0,
+        data_seed=recipe.data_seed,
+        batch_schedule=ConstantBatchSize(recipe.expected_batch_size),
+        sampling_seed=spec.seed,
+        max_length=recipe.max_length,
+        eval_batch_size=recipe.eval_batch_size,
     )
     module = DPCausalLM(
-        model=str(organism), lora_rank=recipe.lora_rank, lora_alpha=recipe.lora_alpha,
-        private=variant.private, noise_multiplier="auto" if variant.private else 0.0,
-        clipping=FixedClip(recipe.max_grad_norm) if variant.clipping == "fixed" else PrivateQuantile(
-            initial_clip=recipe.max_grad_norm, target_clip_rate=recipe.target_clip_rate),
+        model=str(organism),
+        lora_rank=recipe.lora_rank,
+        lora_alpha=recipe.lora_alpha,
+        private=variant.private,
+        noise_multiplier="auto" if variant.private else 0.0,
+        clipping=FixedClip(recipe.max_grad_norm)
+        if variant.clipping == "fixed"
+        else PrivateQuantile(
+            initial_clip=recipe.max_grad_norm, target_clip_rate=recipe.target_clip_rate
+        ),
         optimizer=partial(torch.optim.SGD, lr=spec.lr, momentum=variant.momentum)
         if variant.optimizer == "sgd"
         else partial(DPAdamW, lr=spec.lr, noise_correction=variant.noise_correction),
-        noise_seed=spec.seed, max_physical_batch_size=recipe.max_physical_batch_size,
-        eval_before_fit=True, export_dir=None,
+        noise_seed=spec.seed,
+        max_physical_batch_size=recipe.max_physical_batch_size,
+        eval_before_fit=True,
+        export_dir=None,
     )
     trace = Trace(every=recipe.trace_every)
     callbacks: list[L.Callback] = [trace]
@@ -223,36 +258,60 @@ def train_one(spec: Any, recipe: Any, organism: Path) -> list[dict[str, Any]]:
         callbacks.append(sweep)
     with tempfile.TemporaryDirectory(prefix="lit_dp_utility_") as workdir:
         trainer = L.Trainer(
-            max_steps=recipe.steps, max_epochs=-1, accelerator=recipe.accelerator, devices=1,
-            logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
-            val_check_interval=recipe.val_every, check_val_every_n_epoch=None,
-            default_root_dir=workdir, callbacks=callbacks,
+            max_steps=recipe.steps,
+            max_epochs=-1,
+            accelerator=recipe.accelerator,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            num_sanity_val_steps=0,
+            val_check_interval=recipe.val_every,
+            check_val_every_n_epoch=None,
+            default_root_dir=workdir,
+            callbacks=callbacks,
         )
         start, cpu_start = time.time(), time.process_time()
         trainer.fit(module, datamodule=dm)
         seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
     gamma = next((cb.gamma for cb in callbacks if isinstance(cb, ClipDrivenLR)), 1.0)
     common: dict[str, Any] = {
-        "model": spec.model, "epsilon": spec.epsilon, "seed": spec.seed, "lr": spec.lr,
-        "steps": int(trainer.global_step), "expected_batch_size": recipe.expected_batch_size,
-        "phase": spec.phase, "private": variant.private,
+        "model": spec.model,
+        "epsilon": spec.epsilon,
+        "seed": spec.seed,
+        "lr": spec.lr,
+        "steps": int(trainer.global_step),
+        "expected_batch_size": recipe.expected_batch_size,
+        "phase": spec.phase,
+        "private": variant.private,
         "noise_multiplier": float(module.noise_multiplier) if variant.private else 0.0,
         "epsilon_spent": accounting.epsilon() if accounting else None,
         "delta": accounting.delta if accounting else None,
         "clipping": variant.clipping if variant.private else None,
         "final_clip_bound": float(module.clip.max_grad_norm) if variant.private else None,
-        "final_lr_multiplier": gamma, "variance_floor": floor.floor if floor else None,
+        "final_lr_multiplier": gamma,
+        "variance_floor": floor.floor if floor else None,
         "stop_reason": accounting.stop_reason if accounting else None,
-        "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
-        "torch_threads": torch.get_num_threads(), "trace": trace.rows,
+        "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+        "trace": trace.rows,
     }
     records = []
     for name in [spec.variant, *[n for n, v in VARIANTS.items() if v.derived_from == spec.variant]]:
         v = VARIANTS[name]
         curve = _curve(module.val_history, "loss_ema" if v.ema else "loss_raw")
-        rec = {"variant": name, **common, "weights": v.weights, "val_loss": curve[-1]["loss"],
-               "val_loss_curve": curve, "derived_from": None, "note": v.note}
+        rec = {
+            "variant": name,
+            **common,
+            "weights": v.weights,
+            "val_loss": curve[-1]["loss"],
+            "val_loss_curve": curve,
+            "derived_from": None,
+            "note": v.note,
+        }
         if v.derived_from:
             rec["derived_from"] = f"{v.derived_from} same run (its raw weights)"
             rec["seconds"] = rec["cpu_seconds"] = 0.0

@@ -63,7 +63,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer with :func:`atomic_torch_save` for local paths (remote
     URLs keep Lightning's fsspec writer)."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
@@ -92,8 +94,12 @@ class DPModelCheckpoint(ModelCheckpoint):
         save_top_k: int = 0,
     ) -> None:
         super().__init__(
-            dirpath=dirpath, filename="{step}", save_last=True, save_top_k=save_top_k,
-            every_n_train_steps=every_n_train_steps, enable_version_counter=False,
+            dirpath=dirpath,
+            filename="{step}",
+            save_last=True,
+            save_top_k=save_top_k,
+            every_n_train_steps=every_n_train_steps,
+            enable_version_counter=False,
         )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -33,14 +33,22 @@ from lit_dp.distributed import DPDDPStrategy
 from lit_dp.module import DPCausalLM
 
 if "dp_ddp" not in StrategyRegistry:
-    StrategyRegistry.register("dp_ddp", DPDDPStrategy, description="DDP exchanging clipped sums only")
+    StrategyRegistry.register(
+        "dp_ddp", DPDDPStrategy, description="DDP exchanging clipped sums only"
+    )
     StrategyRegistry.register(
         "dp_ddp_spawn", DPDDPStrategy, description="dp_ddp, spawned", start_method="spawn"
     )
 
 # Strategy names a user may write, and what lit_dp runs for them.
-_STRATEGY_MAP = {"auto": "auto", "single_device": "auto", "ddp": "dp_ddp", "dp_ddp": "dp_ddp",
-                 "ddp_spawn": "dp_ddp_spawn", "dp_ddp_spawn": "dp_ddp_spawn"}
+_STRATEGY_MAP = {
+    "auto": "auto",
+    "single_device": "auto",
+    "ddp": "dp_ddp",
+    "dp_ddp": "dp_ddp",
+    "ddp_spawn": "dp_ddp_spawn",
+    "dp_ddp_spawn": "dp_ddp_spawn",
+}
 
 
 # trainer.precision values that run Lightning's GradScaler (fp16 mixed precision).
@@ -79,7 +87,9 @@ def check_trainer_config(trainer_cfg) -> None:
             f"DP implementation here); use one of {sorted(_STRATEGY_MAP)}"
         )
     strategy = _STRATEGY_MAP[strategy]
-    per_node = _devices_per_node(trainer_cfg.get("accelerator", "auto"), trainer_cfg.get("devices", "auto"))
+    per_node = _devices_per_node(
+        trainer_cfg.get("accelerator", "auto"), trainer_cfg.get("devices", "auto")
+    )
     nodes = trainer_cfg.get("num_nodes") or 1
     if strategy == "auto" and (nodes > 1 or (per_node or 1) > 1):
         # Lightning's "auto" would pick its own DDP, which all-reduces raw gradients.
@@ -99,7 +109,9 @@ def check_trainer_config(trainer_cfg) -> None:
     if trainer_cfg.get("gradient_clip_val") not in (None, 0, 0.0):
         raise ValueError("trainer.gradient_clip_val must be unset: lit_dp clips per privacy unit")
     if trainer_cfg.get("use_distributed_sampler", False):
-        raise ValueError("trainer.use_distributed_sampler must be false: batches are Poisson-sampled")
+        raise ValueError(
+            "trainer.use_distributed_sampler must be false: batches are Poisson-sampled"
+        )
 
 
 _DEFAULT_SAVE_DIR = "runs"
@@ -203,7 +215,9 @@ class LitDPCLI(LightningCLI):
 
 
 # Lightning's info lines that are not about the run (advertising, absent accelerators).
-_NOISE = re.compile(r"💡 Tip:|(GPU|TPU|HPU) available: False|LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES")
+_NOISE = re.compile(
+    r"💡 Tip:|(GPU|TPU|HPU) available: False|LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES"
+)
 
 
 class _DropNoise(logging.Filter):
@@ -247,8 +261,10 @@ def run_summary(trainer, model: DPCausalLM, log_dir: Path) -> str:
                 f"noise_multiplier = {report['noise_multiplier']})"
             )
             if report.get("accountant") == "pld" and report.get("epsilon_rdp") is not None:
-                lines.append(f"accountant: PLD (RDP, looser, would bound the same steps at epsilon = "
-                             f"{report['epsilon_rdp']:.4f})")
+                lines.append(
+                    f"accountant: PLD (RDP, looser, would bound the same steps at epsilon = "
+                    f"{report['epsilon_rdp']:.4f})"
+                )
             lines.append(f"covers: {report['covers']}")
         else:
             lines.append("privacy: NONE (private: false, non-private baseline)")

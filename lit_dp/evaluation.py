@@ -66,11 +66,15 @@ class CausalLMEvaluation(L.LightningModule):
         self.privacy_report = report
 
     def _eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
         labels = batch["labels"][:, 1:]
         token_nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-            ignore_index=-100, reduction="sum",
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
         )
         return token_nll, logits, int((labels != -100).sum())
 
@@ -97,7 +101,11 @@ class CausalLMEvaluation(L.LightningModule):
             return
         self.log_dict({"val/loss": ema_loss, "val/loss_raw": raw_loss, "val/perplexity": ppl})
         self.val_history.append(
-            {"step": int(self.global_step), "loss_ema": float(ema_loss), "loss_raw": float(raw_loss)}
+            {
+                "step": int(self.global_step),
+                "loss_ema": float(ema_loss),
+                "loss_raw": float(raw_loss),
+            }
         )
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -137,14 +145,20 @@ class CausalLMEvaluation(L.LightningModule):
         if self._evaluation_weights is not None:
             with self.evaluation_weights():
                 ema_loss = self._evaluate()
-        self.val_history.append({"step": int(self.global_step), "loss_ema": ema_loss, "loss_raw": raw})
+        self.val_history.append(
+            {"step": int(self.global_step), "loss_ema": ema_loss, "loss_raw": raw}
+        )
 
     # --- end of fit: export the EMA model ----------------------------------------------------
     def on_fit_end(self) -> None:
         log_dir = Path(self.trainer.log_dir or ".")  # a collective under DDP: all ranks ask
         if self.hparams["export_dir"] is None or self.trainer.global_rank != 0:
             return
-        out = log_dir / "export" if self.hparams["export_dir"] == "auto" else Path(self.hparams["export_dir"])
+        out = (
+            log_dir / "export"
+            if self.hparams["export_dir"] == "auto"
+            else Path(self.hparams["export_dir"])
+        )
         tokenizer = getattr(self._datamodule(), "tokenizer", None)
         with self.evaluation_weights():  # export_model keeps the report's public part only
             self.export_path = models.export_model(

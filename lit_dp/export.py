@@ -48,8 +48,11 @@ def _scrub(obj: Any) -> Any:
     """Drop (recursively) every dict entry whose key names a seed or generator state, and the
     operator-side counts."""
     if isinstance(obj, dict):
-        return {k: _scrub(v) for k, v in obj.items()
-                if k != OPERATOR_SIDE_KEY and not _SECRET_KEY.search(str(k))}
+        return {
+            k: _scrub(v)
+            for k, v in obj.items()
+            if k != OPERATOR_SIDE_KEY and not _SECRET_KEY.search(str(k))
+        }
     if isinstance(obj, list | tuple):
         return [_scrub(v) for v in obj]
     return obj

@@ -36,8 +36,12 @@ def read_prompts(path: Path, field: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lit-dp generate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="exported model directory (or any model source)")
-    parser.add_argument("--prompts", required=True, type=Path, help="JSONL file with a prompt field")
+    parser.add_argument(
+        "--model", required=True, help="exported model directory (or any model source)"
+    )
+    parser.add_argument(
+        "--prompts", required=True, type=Path, help="JSONL file with a prompt field"
+    )
     parser.add_argument("--out", required=True, type=Path, help="JSONL file to write")
     parser.add_argument("--prompt-field", default="prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -56,8 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     with args.out.open("w", encoding="utf-8") as fh:
         for start in tqdm(range(0, len(rows), args.batch_size), desc="generate", unit="batch"):
             chunk = rows[start : start + args.batch_size]
-            outs = models.generate(model, tokenizer, [r[args.prompt_field] for r in chunk],
-                                   max_new_tokens=args.max_new_tokens)
+            outs = models.generate(
+                model,
+                tokenizer,
+                [r[args.prompt_field] for r in chunk],
+                max_new_tokens=args.max_new_tokens,
+            )
             for row, text in zip(chunk, outs, strict=True):
                 fh.write(json.dumps({**row, "response": text}) + "\n")
     print(f"wrote {len(rows)} responses to {args.out}")

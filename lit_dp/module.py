@@ -113,7 +113,9 @@ class DPCausalLM(CausalLMEvaluation):
     @staticmethod
     def _validate(args: dict[str, Any]) -> None:
         sigma = args["noise_multiplier"]
-        if sigma != "auto" and not (isinstance(sigma, int | float) and sigma >= 0 and math.isfinite(sigma)):
+        if sigma != "auto" and not (
+            isinstance(sigma, int | float) and sigma >= 0 and math.isfinite(sigma)
+        ):
             raise ValueError(f"model.noise_multiplier={sigma!r} must be a number >= 0 or 'auto'")
         if args["clipping"] is not None and not isinstance(args["clipping"], ClipBoundEstimator):
             raise TypeError(
@@ -206,8 +208,14 @@ class DPCausalLM(CausalLMEvaluation):
         record = self._dp_step(batch) if self.private else self._nonprivate_step(batch)
         self.last_record = record
         self.num_nonfinite_total += record.num_nonfinite
-        self.log("train/loss", record.loss, on_step=True, on_epoch=False, prog_bar=True,
-                 batch_size=max(1, record.batch_size))
+        self.log(
+            "train/loss",
+            record.loss,
+            on_step=True,
+            on_epoch=False,
+            prog_bar=True,
+            batch_size=max(1, record.batch_size),
+        )
         self.log("train/batch_size", float(record.batch_size), on_step=True, on_epoch=False)
         if self.private:
             self.log("privacy/clip_bound", record.max_grad_norm, on_step=True, on_epoch=False)
@@ -216,14 +224,22 @@ class DPCausalLM(CausalLMEvaluation):
 
     def _dp_step(self, batch: dict[str, Any]) -> DPStepRecord:
         if self._num_units is None:
-            raise RuntimeError("DPCausalLM needs a lit_dp DataModule (num_units) to train privately")
+            raise RuntimeError(
+                "DPCausalLM needs a lit_dp DataModule (num_units) to train privately"
+            )
         sample_rate = float(batch["sample_rate"])
         expected = sample_rate * self._num_units
         sigma = float(self.noise_multiplier)
         # 1-6. Clip, sum (across ranks), noise, divide by q * N, update C: lit_dp.privacy.mechanism.
         step = privatize(
-            self.model, batch, clip=self.clip, noise_multiplier=sigma, expected_batch_size=expected,
-            generator=self._generator(), engine=self.engine, max_rows=self.max_physical_batch_size,
+            self.model,
+            batch,
+            clip=self.clip,
+            noise_multiplier=sigma,
+            expected_batch_size=expected,
+            generator=self._generator(),
+            engine=self.engine,
+            max_rows=self.max_physical_batch_size,
         )
         # 7. The optimizer step (lr set by ClipDrivenLR): post-processing of the private gradient.
         for n, p in self.model.named_parameters():
@@ -237,13 +253,21 @@ class DPCausalLM(CausalLMEvaluation):
         if self.diagnostics and step.norms.numel():
             finite = step.norms[torch.isfinite(step.norms)]
             self.log("diagnostics/raw_norm_median", finite.median() if finite.numel() else math.nan)
-            self.log("diagnostics/raw_clip_fraction", (step.norms > step.max_grad_norm).float().mean())
+            self.log(
+                "diagnostics/raw_clip_fraction", (step.norms > step.max_grad_norm).float().mean()
+            )
         return DPStepRecord(
-            step=self.global_step - 1, private=True, sample_rate=sample_rate,
-            noise_multiplier=sigma, grad_noise_multiplier=step.grad_noise_multiplier,
-            max_grad_norm=step.max_grad_norm, expected_batch_size=expected,
-            clip_rate=step.clip_rate, batch_size=step.batch_size,
-            loss=self._mean_loss(step.losses), num_nonfinite=step.num_nonfinite,
+            step=self.global_step - 1,
+            private=True,
+            sample_rate=sample_rate,
+            noise_multiplier=sigma,
+            grad_noise_multiplier=step.grad_noise_multiplier,
+            max_grad_norm=step.max_grad_norm,
+            expected_batch_size=expected,
+            clip_rate=step.clip_rate,
+            batch_size=step.batch_size,
+            loss=self._mean_loss(step.losses),
+            num_nonfinite=step.num_nonfinite,
         )
 
     def _nonprivate_step(self, batch: dict[str, Any]) -> DPStepRecord:
@@ -251,7 +275,9 @@ class DPCausalLM(CausalLMEvaluation):
         opt = self._optimizer()
         losses = []
         for micro in split_micro_batches(batch, self.max_physical_batch_size):
-            logits = self.model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits
+            logits = self.model(
+                input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]
+            ).logits
             per_row = per_example_losses(logits, micro["labels"])
             has_labels = (micro["labels"][:, 1:] != -100).any(dim=1)
             self.manual_backward(torch.where(has_labels, per_row, 0.0).sum() / max(1, rows))
@@ -265,10 +291,17 @@ class DPCausalLM(CausalLMEvaluation):
         opt.zero_grad(set_to_none=True)
         losses_t = torch.cat(losses) if losses else torch.zeros(0)
         return DPStepRecord(
-            step=self.global_step - 1, private=False, sample_rate=float(batch.get("sample_rate", 1.0)),
-            noise_multiplier=0.0, grad_noise_multiplier=0.0, max_grad_norm=math.inf,
-            expected_batch_size=float(rows), clip_rate=None, batch_size=rows,
-            loss=self._mean_loss(losses_t), num_nonfinite=0,
+            step=self.global_step - 1,
+            private=False,
+            sample_rate=float(batch.get("sample_rate", 1.0)),
+            noise_multiplier=0.0,
+            grad_noise_multiplier=0.0,
+            max_grad_norm=math.inf,
+            expected_batch_size=float(rows),
+            clip_rate=None,
+            batch_size=rows,
+            loss=self._mean_loss(losses_t),
+            num_nonfinite=0,
         )
 
     @staticmethod
@@ -285,17 +318,23 @@ class DPCausalLM(CausalLMEvaluation):
             "checkpoints (hold noise and sampler generator states; keep them private)",
         ]
         if self.diagnostics:
-            not_covered.append("diagnostics/* logs: raw per-unit norm statistics (diagnostics: true)")
+            not_covered.append(
+                "diagnostics/* logs: raw per-unit norm statistics (diagnostics: true)"
+            )
         if not self.private:
             covers = "nothing: private=false (non-private baseline)"
         elif not self.clip.covered_by_dp:
-            covers = ("nothing: the clip bound is a percentile of raw per-unit norms "
-                      "(history_percentile), so epsilon is not a guarantee for the weights")
+            covers = (
+                "nothing: the clip bound is a percentile of raw per-unit norms "
+                "(history_percentile), so epsilon is not a guarantee for the weights"
+            )
             not_covered.append("clip bound C_t and privacy/clip_rate (raw norm history)")
         else:
-            covers = ("model weights and everything derived from them (EMA weights, exported "
-                      "model, generations, privatized clip rate and clip bound) for add/remove of "
-                      "one privacy unit")
+            covers = (
+                "model weights and everything derived from them (EMA weights, exported "
+                "model, generations, privatized clip rate and clip bound) for add/remove of "
+                "one privacy unit"
+            )
         return {
             "clipping": clip,
             "engine": self.engine,

@@ -115,7 +115,11 @@ def make_plan(config: Any) -> PrivacyPlan:
     dm = _instantiate(config.data.as_dict())  # with its batch_schedule component
     num_units, schedule = dm.units_and_schedule()
     # The clip-bound estimator as fit builds it (validates its fields the same way).
-    clip = PrivateQuantile() if model.clipping is None else instantiate_class((), model.clipping.as_dict())
+    clip = (
+        PrivateQuantile()
+        if model.clipping is None
+        else instantiate_class((), model.clipping.as_dict())
+    )
     max_steps = trainer_cfg.max_steps
     plan = PrivacyPlan(
         private=bool(model.private),
@@ -230,13 +234,25 @@ def format_plan(plan: PrivacyPlan, source: str = "") -> str:
             (f"epsilon after {plan.steps} steps", [f"{plan.epsilon[n]:.4f}" for n in names]),
         ]  # fmt: skip
         if plan.epsilon_rdp_of_run is not None:
-            rows.append(("RDP epsilon of this run", [f"{plan.epsilon_rdp_of_run:.4f} (the "
-                         "report's epsilon_rdp: RDP at the PLD sigma, a cross-check)"]))
+            rows.append(
+                (
+                    "RDP epsilon of this run",
+                    [
+                        f"{plan.epsilon_rdp_of_run:.4f} (the "
+                        "report's epsilon_rdp: RDP at the PLD sigma, a cross-check)"
+                    ],
+                )
+            )
         if plan.budget_steps is not None:
-            rows.append(("budget stop", [
-                f"after {plan.budget_steps} of {plan.steps} steps "
-                f"({plan.accountant.upper()} epsilon would pass the target)"
-            ]))
+            rows.append(
+                (
+                    "budget stop",
+                    [
+                        f"after {plan.budget_steps} of {plan.steps} steps "
+                        f"({plan.accountant.upper()} epsilon would pass the target)"
+                    ],
+                )
+            )
     elif plan.steps is None:
         rows.append(("epsilon", ["grows with every step until the budget stop (no max_steps)"]))
     share, count_std = plan.count_noise_share(0), plan.count_noise_std(0)
@@ -258,8 +274,15 @@ def format_plan(plan: PrivacyPlan, source: str = "") -> str:
         ]  # fmt: skip
         if plan.schedule.kind == "linear":
             end = plan.schedule.ramp_steps
-            rows.append(("", [f"{plan.noise_std(end):.4g} from step {end} on (E[B] "
-                              f"{plan.expected_batch_size(end):g})"]))
+            rows.append(
+                (
+                    "",
+                    [
+                        f"{plan.noise_std(end):.4g} from step {end} on (E[B] "
+                        f"{plan.expected_batch_size(end):g})"
+                    ],
+                )
+            )
     return _table(rows, source)
 
 

@@ -17,7 +17,9 @@ class DPStepRecord:
     private: bool  # False for the non-private baseline (no clipping, no noise, no accounting)
     sample_rate: float  # q_t: global Poisson inclusion probability of each privacy unit
     noise_multiplier: float  # sigma_t as accounted (0.0 when not private)
-    grad_noise_multiplier: float  # multiplier applied to the gradient sum (>= sigma_t with private quantile)
+    grad_noise_multiplier: (
+        float  # multiplier applied to the gradient sum (>= sigma_t with private quantile)
+    )
     max_grad_norm: float  # C_t used for this step's clipping
     expected_batch_size: float  # q_t * N, the divisor of the noisy sum
     clip_rate: float | None  # privatized fraction of units clipped (noisy count / expected batch)

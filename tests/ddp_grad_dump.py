@@ -27,7 +27,9 @@ class GradDump(L.Callback):
         }
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        flat = torch.cat([p.grad.flatten() for p in pl_module.model.parameters() if p.grad is not None])
+        flat = torch.cat(
+            [p.grad.flatten() for p in pl_module.model.parameters() if p.grad is not None]
+        )
         self.grads.append(flat.detach().clone())
 
     def on_fit_end(self, trainer, pl_module) -> None:

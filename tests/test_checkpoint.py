@@ -64,8 +64,9 @@ def test_save_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
     """SIGKILL while the temp file is being written: the target still holds a whole file."""
     path = tmp_path / "last.ckpt"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], env=env,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)], env=env, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "first"
         deadline = time.monotonic() + 120
@@ -83,15 +84,38 @@ def test_save_killed_mid_write_leaves_the_previous_checkpoint(tmp_path):
 
 
 def _fit(root: Path, *, max_steps: int, callback: DPModelCheckpoint, plugins=None) -> L.Trainer:
-    dm = SyntheticDataModule(tokenizer=tiny_tokenizer(), num_train=32, num_val=2, num_test=0,
-                             max_length=512, batch_schedule=ConstantBatchSize(4.0), sampling_seed=1)
-    module = DPCausalLM(model="tiny-qwen2", noise_multiplier=1.0, clipping=FixedClip(1.0), noise_seed=1,
-                        eval_before_fit=False, export_dir=None, max_physical_batch_size=8)
+    dm = SyntheticDataModule(
+        tokenizer=tiny_tokenizer(),
+        num_train=32,
+        num_val=2,
+        num_test=0,
+        max_length=512,
+        batch_schedule=ConstantBatchSize(4.0),
+        sampling_seed=1,
+    )
+    module = DPCausalLM(
+        model="tiny-qwen2",
+        noise_multiplier=1.0,
+        clipping=FixedClip(1.0),
+        noise_seed=1,
+        eval_before_fit=False,
+        export_dir=None,
+        max_physical_batch_size=8,
+    )
     trainer = L.Trainer(
-        max_steps=max_steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-        num_sanity_val_steps=0, val_check_interval=2, check_val_every_n_epoch=None,
-        default_root_dir=root, plugins=plugins,
+        max_steps=max_steps,
+        max_epochs=-1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        default_root_dir=root,
+        plugins=plugins,
         callbacks=[EMAWeights(), ClipDrivenLR(), PrivacyAccounting(target_epsilon=None), callback],
     )
     trainer.fit(module, datamodule=dm)
@@ -105,8 +129,12 @@ def test_checkpoint_at_every_validation_and_at_the_end(tmp_path):
     trainer = _fit(tmp_path, max_steps=5, callback=callback)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     ckpts = tmp_path / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step=2.ckpt", "step=4.ckpt",
-                                                      "step=5.ckpt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "last.ckpt",
+        "step=2.ckpt",
+        "step=4.ckpt",
+        "step=5.ckpt",
+    ]
     last = torch.load(ckpts / "last.ckpt", weights_only=False)
     assert last["global_step"] == 5
     assert last["lit_dp"]["noise_generator"] is not None
@@ -125,7 +153,9 @@ def test_default_keeps_only_last_removes_stale_temp_files_and_respects_a_custom_
     trainer = _fit(tmp_path, max_steps=3, callback=callback, plugins=[MyIO()])
     assert type(trainer.strategy.checkpoint_io) is MyIO
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert (
+        torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    )
 
 
 def _touch_last(root: Path, version: str, mtime: float) -> Path:
@@ -148,9 +178,13 @@ def test_last_is_the_newest_run(tmp_path):
 
 def _cli_cfg(save_dir, version=None, dirpath=None, logger=True):
     init = {"save_dir": str(save_dir), "name": "lit_dp", "version": version}
-    logger_cfg = SimpleNamespace(class_path="TensorBoardLogger", init_args=init) if logger else False
-    return {"trainer": {"logger": logger_cfg, "default_root_dir": str(save_dir)},
-            "checkpoint": {"dirpath": dirpath}}
+    logger_cfg = (
+        SimpleNamespace(class_path="TensorBoardLogger", init_args=init) if logger else False
+    )
+    return {
+        "trainer": {"logger": logger_cfg, "default_root_dir": str(save_dir)},
+        "checkpoint": {"dirpath": dirpath},
+    }
 
 
 def test_resolving_last_continues_in_the_run_directory(tmp_path):
@@ -161,7 +195,9 @@ def test_resolving_last_continues_in_the_run_directory(tmp_path):
     assert resolve_last_checkpoint(cfg) == str(newest)
     assert cfg["trainer"]["logger"].init_args["version"] == 4  # the run continues there
     # A named logger version, an explicit checkpoint directory: their last.ckpt.
-    assert resolve_last_checkpoint(_cli_cfg(tmp_path, version=0)).endswith("version_0/checkpoints/last.ckpt")
+    assert resolve_last_checkpoint(_cli_cfg(tmp_path, version=0)).endswith(
+        "version_0/checkpoints/last.ckpt"
+    )
     with pytest.raises(ValueError, match=r"no checkpoint found at .*version_7"):
         resolve_last_checkpoint(_cli_cfg(tmp_path, version=7))
     assert resolve_last_checkpoint(_cli_cfg(tmp_path, dirpath=str(newest.parent))) == str(newest)
@@ -173,18 +209,43 @@ def test_resolving_last_continues_in_the_run_directory(tmp_path):
 
 # --- crash -> resume through the CLI ---------------------------------------------------------
 _TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
-_RUN = ["--config", _TINY, "--trainer.max_steps", "6", "--trainer.val_check_interval", "2",
-        "--data.init_args.num_train", "64", "--data.init_args.num_val", "4",
-        "--data.init_args.batch_schedule.init_args.expected_batch_size", "8",
-        "--data.init_args.sampling_seed", "3",
-        "--model.noise_seed", "5", "--trainer.enable_progress_bar", "false"]
+_RUN = [
+    "--config",
+    _TINY,
+    "--trainer.max_steps",
+    "6",
+    "--trainer.val_check_interval",
+    "2",
+    "--data.init_args.num_train",
+    "64",
+    "--data.init_args.num_val",
+    "4",
+    "--data.init_args.batch_schedule.init_args.expected_batch_size",
+    "8",
+    "--data.init_args.sampling_seed",
+    "3",
+    "--model.noise_seed",
+    "5",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 def _cli(root: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    args = [sys.executable, "-m", "lit_dp", "fit", *_RUN, "--trainer.default_root_dir", str(root), *extra]
-    return subprocess.Popen(args, cwd=root.parent, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    args = [
+        sys.executable,
+        "-m",
+        "lit_dp",
+        "fit",
+        *_RUN,
+        "--trainer.default_root_dir",
+        str(root),
+        *extra,
+    ]
+    return subprocess.Popen(
+        args, cwd=root.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 @pytest.mark.slow
@@ -213,7 +274,9 @@ def test_cli_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(t
     resumed = _cli(crash_root, "--ckpt_path", "last")
     out_resumed = resumed.communicate(timeout=900)[0]
     assert resumed.returncode == 0, out_resumed[-3000:]
-    assert [p.name for p in (crash_root / "lit_dp").iterdir()] == ["version_0"]  # continued in place
+    assert [p.name for p in (crash_root / "lit_dp").iterdir()] == [
+        "version_0"
+    ]  # continued in place
 
     a, b = full_root / "lit_dp" / "version_0", crash_root / "lit_dp" / "version_0"
     rep_a = json.loads((a / "privacy_report.json").read_text())
@@ -237,5 +300,11 @@ def test_cli_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(t
         torch.testing.assert_close(final_b["state_dict"][name], value, rtol=0, atol=1e-6)
     # Quiet output: the run's lines, none of Lightning's tips or third-party deprecations.
     assert "privacy: epsilon = " in out_full and "privacy: epsilon = " in out_resumed
-    for noise in ("Tip:", "GPU available: False", "TPU available", "deprecated", "Writing model shards"):
+    for noise in (
+        "Tip:",
+        "GPU available: False",
+        "TPU available",
+        "deprecated",
+        "Writing model shards",
+    ):
         assert noise not in out_full + out_resumed, noise

@@ -80,7 +80,10 @@ def test_comment_check_finds_uncommented_leaves():
         "        decay: 0.9\n"
     )
     assert uncommented_leaves(text) == [
-        (2, "first"), (8, "trainer.accelerator"), (9, "trainer.url"), (10, "trainer.plugins"),
+        (2, "first"),
+        (8, "trainer.accelerator"),
+        (9, "trainer.url"),
+        (10, "trainer.plugins"),
         (16, "trainer.callbacks[0].init_args.decay"),
     ]
 
@@ -126,28 +129,52 @@ def test_quiet_output_drops_what_is_not_about_the_run():
     try:
         with warnings.catch_warnings(record=True) as caught:
             quiet_third_party_output()
-            for line in ("💡 Tip: For seamless cloud logging, try installing [litlogger]",
-                         "GPU available: False, used: False", "TPU available: False, using: 0 TPU cores",
-                         "GPU available: True (cuda), used: True", "`Trainer.fit` stopped: `max_steps=4` reached."):
+            for line in (
+                "💡 Tip: For seamless cloud logging, try installing [litlogger]",
+                "GPU available: False, used: False",
+                "TPU available: False, using: 0 TPU cores",
+                "GPU available: True (cuda), used: True",
+                "`Trainer.fit` stopped: `max_steps=4` reached.",
+            ):
                 rank_zero_info(line)
-            warnings.warn_explicit("`x` is deprecated", FutureWarning, "torch/_pytree.py", 21,
-                                   module="torch.utils._pytree")
-            warnings.warn_explicit("old", DeprecationWarning, "transformers/x.py", 1, module="transformers.x")
-            warnings.warn_explicit("precision=16 is deprecated", LightningDeprecationWarning,
-                                   "lightning/x.py", 1, module="lightning.pytorch.x")
+            warnings.warn_explicit(
+                "`x` is deprecated",
+                FutureWarning,
+                "torch/_pytree.py",
+                21,
+                module="torch.utils._pytree",
+            )
+            warnings.warn_explicit(
+                "old", DeprecationWarning, "transformers/x.py", 1, module="transformers.x"
+            )
+            warnings.warn_explicit(
+                "precision=16 is deprecated",
+                LightningDeprecationWarning,
+                "lightning/x.py",
+                1,
+                module="lightning.pytorch.x",
+            )
             check_delta(1e-4, 256)  # lit_dp's own warning
     finally:
         log.removeHandler(handler)
     assert [r.getMessage() for r in records] == [
-        "GPU available: True (cuda), used: True", "`Trainer.fit` stopped: `max_steps=4` reached."]
+        "GPU available: True (cuda), used: True",
+        "`Trainer.fit` stopped: `max_steps=4` reached.",
+    ]
     messages = [str(w.message) for w in caught]
     assert messages[0] == "precision=16 is deprecated" and "privacy.delta=0.0001" in messages[1]
     assert len(messages) == 2
 
 
 # Exact data-dependent counts: the run directory's report only, never the exported one.
-OPERATOR_SIDE = {"num_records", "num_validation", "num_test", "truncated", "records_without_labels",
-                 "num_nonfinite_zeroed"}
+OPERATOR_SIDE = {
+    "num_records",
+    "num_validation",
+    "num_test",
+    "truncated",
+    "records_without_labels",
+    "num_nonfinite_zeroed",
+}
 
 
 def _keys(obj) -> set[str]:
@@ -161,8 +188,14 @@ def _keys(obj) -> set[str]:
 
 def test_tiny_config_end_to_end(tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
-    overrides = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
-                 "--data.init_args.sampling_seed", "3"]
+    overrides = [
+        "--trainer.max_steps",
+        "4",
+        "--trainer.val_check_interval",
+        "2",
+        "--data.init_args.sampling_seed",
+        "3",
+    ]
     plan = make_plan(read_config(["--config", TINY, *overrides]))  # before fit, as a user would
     cli = LitDPCLI(args=["fit", "--config", TINY, *overrides, "--trainer.default_root_dir", "root"])
     out, err = capfd.readouterr()
@@ -178,12 +211,23 @@ def test_tiny_config_end_to_end(tmp_path, monkeypatch, capfd):
     assert report["privacy_unit"] == "example"
     assert report["delta"] == 1e-5  # min(1e-5, 1/256^1.1 = 0.0022)
     # The PLD accountant calibrated the run; RDP is reported beside it, larger for the same sigma.
-    assert report["accountant"] == "pld" and "privacy loss distributions" in report["accountant_description"]
+    assert (
+        report["accountant"] == "pld"
+        and "privacy loss distributions" in report["accountant_description"]
+    )
     assert report["epsilon_pld"] == report["epsilon"] < report["epsilon_rdp"]
     # The plan printed before training is what fit reports: N, q, delta, sigma, both epsilons.
     assert (plan.num_units, plan.schedule.rate(0), plan.delta, plan.steps) == (
-        report["num_units"], report["sample_rate"], report["delta"], report["steps"])
-    assert plan.noise_multiplier["pld"] == report["calibrated_noise_multiplier"] == report["noise_multiplier"]
+        report["num_units"],
+        report["sample_rate"],
+        report["delta"],
+        report["steps"],
+    )
+    assert (
+        plan.noise_multiplier["pld"]
+        == report["calibrated_noise_multiplier"]
+        == report["noise_multiplier"]
+    )
     assert plan.epsilon["pld"] == pytest.approx(report["epsilon"], rel=1e-8)
     assert plan.epsilon_rdp_of_run == pytest.approx(report["epsilon_rdp"], rel=1e-10)
     printed = format_plan(plan)
@@ -191,7 +235,9 @@ def test_tiny_config_end_to_end(tmp_path, monkeypatch, capfd):
     assert f"{report['delta']:.4g}" in printed and f"{report['epsilon_rdp']:.4f}" in printed
     assert set(report["operator_side"]) == OPERATOR_SIDE
     assert report["operator_side"]["num_records"] == 256
-    assert any("operator_side" in item and "never exported" in item for item in report["not_covered"])
+    assert any(
+        "operator_side" in item and "never exported" in item for item in report["not_covered"]
+    )
     export = log_dir / "export"
     assert (export / "config.json").exists()
     exported = json.loads((export / "privacy_report.json").read_text())
@@ -224,8 +270,15 @@ def _no_checkpoint(root: Path) -> bool:
         (["--model.noise_multiplier", "-1"], "noise_multiplier"),
         (["--model.clipping", "FixedClip", "--model.clipping.max_grad_norm", "0"], "max_grad_norm"),
         (["--privacy.delta", "0.01"], "delta"),
-        (["--data.init_args.batch_schedule", "lit_dp.data.ConstantSampleRate",
-          "--data.init_args.batch_schedule.init_args.sample_rate", "1.5"], "sample_rate"),
+        (
+            [
+                "--data.init_args.batch_schedule",
+                "lit_dp.data.ConstantSampleRate",
+                "--data.init_args.batch_schedule.init_args.sample_rate",
+                "1.5",
+            ],
+            "sample_rate",
+        ),
         (["--model.model", "./no/such/model"], "no/such/model"),
         (["--model.noise_multiplier", "0.1", "--privacy.target_epsilon", "0.5"], "target_epsilon"),
         (["--data.init_args.num_train", "0"], "empty"),
@@ -237,9 +290,22 @@ def _no_checkpoint(root: Path) -> bool:
         (["--trainer.precision", "16"], "bf16-mixed"),
         (["--ckpt_path", "last"], "ckpt_path=last: no checkpoint found"),
     ],
-    ids=["negative-sigma", "clip-zero", "delta-too-large", "sample-rate-gt-1", "missing-model",
-         "unreachable-epsilon", "empty-dataset", "fsdp", "grad-accumulation", "min-steps-with-budget",
-         "min-epochs-with-budget", "fp16-mixed", "fp16-legacy-name", "resume-without-checkpoint"],
+    ids=[
+        "negative-sigma",
+        "clip-zero",
+        "delta-too-large",
+        "sample-rate-gt-1",
+        "missing-model",
+        "unreachable-epsilon",
+        "empty-dataset",
+        "fsdp",
+        "grad-accumulation",
+        "min-steps-with-budget",
+        "min-epochs-with-budget",
+        "fp16-mixed",
+        "fp16-legacy-name",
+        "resume-without-checkpoint",
+    ],
 )
 def test_bad_input_fails_before_training(overrides, match, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -258,8 +324,17 @@ def test_bad_jsonl_fails_before_training(content, match, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "train.jsonl"
     path.write_text(content)
-    args = ["fit", "--config", TINY, "--data", "lit_dp.data.JSONLDataModule",
-            "--data.init_args.train_path", str(path), "--data.init_args.max_length", "512"]
+    args = [
+        "fit",
+        "--config",
+        TINY,
+        "--data",
+        "lit_dp.data.JSONLDataModule",
+        "--data.init_args.train_path",
+        str(path),
+        "--data.init_args.max_length",
+        "512",
+    ]
     with pytest.raises(ValueError, match=match):
         LitDPCLI(args=args)
     assert _no_checkpoint(tmp_path)
@@ -279,8 +354,18 @@ def test_bad_jsonl_fails_before_training(content, match, tmp_path, monkeypatch):
         ({"strategy": "auto", "accelerator": "cpu", "devices": "auto"}, "auto"),
         ({"strategy": "ddp_spawn", "devices": 2}, "dp_ddp_spawn"),
     ],
-    ids=["ddp", "one-device", "two-devices", "two-devices-str", "gpu-list", "gpu-str-list",
-         "two-nodes", "single-device-name", "cpu-auto", "spawn"],
+    ids=[
+        "ddp",
+        "one-device",
+        "two-devices",
+        "two-devices-str",
+        "gpu-list",
+        "gpu-str-list",
+        "two-nodes",
+        "single-device-name",
+        "cpu-auto",
+        "spawn",
+    ],
 )
 def test_every_multi_process_run_is_mapped_to_the_dp_strategy(cfg, strategy):
     check_trainer_config(cfg)
@@ -324,8 +409,13 @@ def test_generate_reads_a_prompt_file_written_on_windows(tmp_path):
     from lit_dp.generate import read_prompts
 
     path = tmp_path / "prompts.jsonl"
-    path.write_bytes(b'\xef\xbb\xbf{"prompt": "Hello", "id": 1}\r\n\r\n{"prompt": "Bye", "id": 2}\r\n')
-    assert read_prompts(path, "prompt") == [{"prompt": "Hello", "id": 1}, {"prompt": "Bye", "id": 2}]
+    path.write_bytes(
+        b'\xef\xbb\xbf{"prompt": "Hello", "id": 1}\r\n\r\n{"prompt": "Bye", "id": 2}\r\n'
+    )
+    assert read_prompts(path, "prompt") == [
+        {"prompt": "Hello", "id": 1},
+        {"prompt": "Bye", "id": 2},
+    ]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
@@ -352,7 +442,9 @@ def test_plan_works_on_every_config_without_the_model(config, capsys, monkeypatc
 
 
 def test_plan_reports_the_budget_stop_and_fit_errors(capsys):
-    main(["plan", "--config", TINY, "--model.noise_multiplier", "0.8", "--trainer.max_steps", "100"])
+    main(
+        ["plan", "--config", TINY, "--model.noise_multiplier", "0.8", "--trainer.max_steps", "100"]
+    )
     # Independent reference: step a PLD ledger at tiny.yaml's q = 32/256 until epsilon passes 8.
     ledger, steps = PLDAccountant(), 0
     while ledger.peek_epsilon(delta=1e-5, noise_multiplier=0.8, sample_rate=32 / 256) <= 8.0:
@@ -363,7 +455,15 @@ def test_plan_reports_the_budget_stop_and_fit_errors(capsys):
     with pytest.raises(ValueError, match="delta"):
         main(["plan", "--config", TINY, "--privacy.delta", "0.01"])
     with pytest.raises(ValueError, match="too small for private quantile"):
-        main(["plan", "--config", TINY, "--data.init_args.batch_schedule.init_args.expected_batch_size", "2"])
+        main(
+            [
+                "plan",
+                "--config",
+                TINY,
+                "--data.init_args.batch_schedule.init_args.expected_batch_size",
+                "2",
+            ]
+        )
 
 
 def test_plan_builds_the_batch_schedule_given_on_the_command_line():
@@ -376,19 +476,34 @@ def test_plan_builds_the_batch_schedule_given_on_the_command_line():
         "--data.init_args.batch_schedule.init_args.ramp_steps", "4",
     ]))  # fmt: skip
     assert plan.num_units == 256
-    assert plan.schedule.rates(6) == pytest.approx([0.0625, 0.109375, 0.15625, 0.203125, 0.25, 0.25])
+    assert plan.schedule.rates(6) == pytest.approx(
+        [0.0625, 0.109375, 0.15625, 0.203125, 0.25, 0.25]
+    )
     assert "16 -> 64" in format_plan(plan, "tiny.yaml")
 
 
 def test_generate_subcommand_writes_responses(tmp_path, monkeypatch):
     from lit_dp.models import export_model, load_model, load_tokenizer
 
-    export = export_model(load_model("tiny-qwen2"), load_tokenizer("tiny-qwen2"), tmp_path / "export")
+    export = export_model(
+        load_model("tiny-qwen2"), load_tokenizer("tiny-qwen2"), tmp_path / "export"
+    )
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Hello", "id": 1}\n{"prompt": "Bye", "id": 2}\n')
     out = tmp_path / "out.jsonl"
-    main(["generate", "--model", str(export), "--prompts", str(prompts), "--out", str(out),
-          "--max-new-tokens", "4"])
+    main(
+        [
+            "generate",
+            "--model",
+            str(export),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "4",
+        ]
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [1, 2]
     assert all(isinstance(r["response"], str) for r in rows)

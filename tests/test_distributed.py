@@ -18,13 +18,36 @@ ROOT = Path(__file__).parents[1]
 def _fit(tmp: Path, *extra: str) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     args = [
-        sys.executable, "-m", "lit_dp", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
-        "--model.clipping", "FixedClip", "--trainer.max_steps", "2", "--model.eval_before_fit", "false",
-        "--data.init_args.sampling_seed", "5", "--model.noise_seed", "1", "--model.export_dir", "null",
-        "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
-        "--trainer.callbacks+=ddp_grad_dump.GradDump", f"--trainer.callbacks.dirpath={tmp}", *extra,
+        sys.executable,
+        "-m",
+        "lit_dp",
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "--model.clipping",
+        "FixedClip",
+        "--trainer.max_steps",
+        "2",
+        "--model.eval_before_fit",
+        "false",
+        "--data.init_args.sampling_seed",
+        "5",
+        "--model.noise_seed",
+        "1",
+        "--model.export_dir",
+        "null",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.callbacks+=ddp_grad_dump.GradDump",
+        f"--trainer.callbacks.dirpath={tmp}",
+        *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     proc = subprocess.run(args, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -60,8 +83,17 @@ def test_ddp_matches_single_process_and_adds_noise_once(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # identical on both ranks
 
     # With noise: both ranks hold the same noisy gradient (one shared draw, not two).
-    _fit(tmp_path / "noisy", "--model.noise_multiplier", "1.0", "--privacy.target_epsilon", "null",
-         "--trainer.strategy", "ddp", "--trainer.devices", "2")
+    _fit(
+        tmp_path / "noisy",
+        "--model.noise_multiplier",
+        "1.0",
+        "--privacy.target_epsilon",
+        "null",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+    )
     n0 = torch.load(tmp_path / "noisy" / "grads_rank0.pt")
     n1 = torch.load(tmp_path / "noisy" / "grads_rank1.pt")
     for a, b in zip(n0, n1, strict=True):

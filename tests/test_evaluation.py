@@ -22,11 +22,18 @@ def _token_mean_nll(model: torch.nn.Module, loader) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in loader:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
             labels = batch["labels"][:, 1:]
-            total += float(torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                ignore_index=-100, reduction="sum"))
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                    labels.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
+            )
             count += int((labels != -100).sum())
     return total / count
 
@@ -72,8 +79,11 @@ def test_export_receives_the_report_in_memory_under_any_report_name(tmp_path):
     dm = make_dm()
     module = make_module(export_dir=str(tmp_path / "export"))
     trainer = make_trainer(tmp_path, max_steps=2)
-    trainer.callbacks[:] = [EMAWeights(decay=0.9), ClipDrivenLR(),
-                            PrivacyAccounting(target_epsilon=None, report_name="audit.json")]
+    trainer.callbacks[:] = [
+        EMAWeights(decay=0.9),
+        ClipDrivenLR(),
+        PrivacyAccounting(target_epsilon=None, report_name="audit.json"),
+    ]
     trainer.fit(module, datamodule=dm)
     assert not (tmp_path / "privacy_report.json").exists()
     run_report = json.loads((tmp_path / "audit.json").read_text())

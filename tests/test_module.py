@@ -27,25 +27,43 @@ from lit_dp.privacy.per_sample import per_example_losses
 
 def make_dm(num_train=32, expected=8.0, seed=1, **kw):
     return SyntheticDataModule(
-        tokenizer=tiny_tokenizer(), num_train=num_train, num_val=4, num_test=4,
-        max_length=512, batch_schedule=ConstantBatchSize(expected), sampling_seed=seed, **kw
+        tokenizer=tiny_tokenizer(),
+        num_train=num_train,
+        num_val=4,
+        num_test=4,
+        max_length=512,
+        batch_schedule=ConstantBatchSize(expected),
+        sampling_seed=seed,
+        **kw,
     )
 
 
 def make_module(**kw):
-    args = dict(model="tiny-qwen2", noise_multiplier=1.0, clipping="fixed", max_grad_norm=1.0,
-                noise_seed=123, eval_before_fit=False, export_dir=None, lr=1e-2,
-                max_physical_batch_size=4)
+    args = dict(
+        model="tiny-qwen2",
+        noise_multiplier=1.0,
+        clipping="fixed",
+        max_grad_norm=1.0,
+        noise_seed=123,
+        eval_before_fit=False,
+        export_dir=None,
+        lr=1e-2,
+        max_physical_batch_size=4,
+    )
     args.update(kw)
     return DPCausalLM(**components(args))
 
 
 _CLIP_FIELDS = {
     "fixed": (FixedClip, ()),
-    "private_quantile": (PrivateQuantile, ("target_clip_rate", "learning_rate",
-                                           "count_noise_divisor", "min_clip", "max_clip")),
-    "history_percentile": (HistoryPercentile, ("target_clip_rate", "history_size", "min_clip",
-                                               "max_clip")),
+    "private_quantile": (
+        PrivateQuantile,
+        ("target_clip_rate", "learning_rate", "count_noise_divisor", "min_clip", "max_clip"),
+    ),
+    "history_percentile": (
+        HistoryPercentile,
+        ("target_clip_rate", "history_size", "min_clip", "max_clip"),
+    ),
 }
 
 
@@ -59,8 +77,11 @@ def components(args: dict) -> dict:
     own = {f: args.pop(f) for f in fields if f in args}
     args["clipping"] = cls(c) if kind == "fixed" else cls(initial_clip=c, **own)
     name, lr = args.pop("optimizer", "adamw"), args.pop("lr", 5e-4)
-    opt_fields = ("momentum", "weight_decay") if name == "sgd" else (
-        "betas", "eps", "weight_decay", "noise_correction", "variance_floor")
+    opt_fields = (
+        ("momentum", "weight_decay")
+        if name == "sgd"
+        else ("betas", "eps", "weight_decay", "noise_correction", "variance_floor")
+    )
     opt_kw = {f: args.pop(f) for f in opt_fields if f in args}
     args["optimizer"] = functools.partial(
         torch.optim.SGD if name == "sgd" else DPAdamW, lr=lr, **opt_kw
@@ -72,10 +93,19 @@ def make_trainer(tmp_path, max_steps, callbacks=(), target_epsilon=None, account
     accounting = PrivacyAccounting(target_epsilon=target_epsilon, accountant=accountant)
     cbs = [EMAWeights(decay=0.9), ClipDrivenLR(), accounting, *callbacks]
     return L.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
-        limit_val_batches=0, default_root_dir=tmp_path, callbacks=cbs,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), **kw,
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=cbs,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        **kw,
     )
 
 
@@ -170,7 +200,9 @@ def test_budget_stop_before_exceeding_target(tmp_path):
     assert 0 < eps <= 3.0
     assert trainer.global_step < 50
     # one more step would have exceeded the budget
-    assert acct.accountant.peek_epsilon(delta=acct.delta, noise_multiplier=1.5, sample_rate=0.25) > 3.0
+    assert (
+        acct.accountant.peek_epsilon(delta=acct.delta, noise_multiplier=1.5, sample_rate=0.25) > 3.0
+    )
     report = json.loads((tmp_path / "privacy_report.json").read_text())
     assert report["stop_reason"].startswith("budget")
     assert report["epsilon"] == pytest.approx(eps)
@@ -179,15 +211,28 @@ def test_budget_stop_before_exceeding_target(tmp_path):
 def test_auto_noise_is_calibrated_to_target(tmp_path):
     dm = make_dm(num_train=32, expected=8.0)
     # sigma ~ 0.99 at delta = 1e-5: the count noise std 8 / 8 = 1 stays above sigma / 2.
-    module = make_module(noise_multiplier="auto", clipping="private_quantile", count_noise_divisor=8.0)
+    module = make_module(
+        noise_multiplier="auto", clipping="private_quantile", count_noise_divisor=8.0
+    )
     trainer = make_trainer(tmp_path, max_steps=4, target_epsilon=5.0)
     trainer.fit(module, datamodule=dm)
     report = json.loads((tmp_path / "privacy_report.json").read_text())
     assert 0.99 * 5.0 <= report["epsilon"] <= 5.0
     assert report["steps"] == 4
     assert report["clipping"]["name"] == "private_quantile"
-    for key in ("epsilon", "delta", "steps", "noise_multiplier", "sample_rate", "privacy_unit",
-                "accountant", "clipping", "covers", "not_covered", "stop_reason"):
+    for key in (
+        "epsilon",
+        "delta",
+        "steps",
+        "noise_multiplier",
+        "sample_rate",
+        "privacy_unit",
+        "accountant",
+        "clipping",
+        "covers",
+        "not_covered",
+        "stop_reason",
+    ):
         assert key in report
 
 
@@ -214,7 +259,11 @@ def _run(tmp_path, max_steps, ckpt_path=None, every=None):
     torch.manual_seed(0)
     dm = make_dm(num_train=48, expected=16.0, seed=7)
     module = make_module(clipping="private_quantile", noise_multiplier=1.0, noise_correction=True)
-    cbs = [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1)] if every else []
+    cbs = (
+        [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1)]
+        if every
+        else []
+    )
     trainer = make_trainer(tmp_path, max_steps=max_steps, callbacks=cbs)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     acct = next(c for c in trainer.callbacks if isinstance(c, PrivacyAccounting))
@@ -282,8 +331,13 @@ class _StepCapture(L.Callback):
         self.batches.append({k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()})
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters()
-                           if p.grad is not None})
+        self.grads.append(
+            {
+                n: p.grad.detach().clone()
+                for n, p in pl_module.model.named_parameters()
+                if p.grad is not None
+            }
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.weights.append(trainable(pl_module))
@@ -375,8 +429,10 @@ def _clipped_reference_gradient(model, batch, num_units):
     clip = float(norms.min() + norms.max()) / 2
     expected = batch["sample_rate"] * num_units  # q N, never the realized batch size
     factors = (clip / norms).clamp(max=1.0)
-    grad = {n: sum(f * u[n] for f, u in zip(factors, per_unit, strict=True)) / expected
-            for n in per_unit[0]}
+    grad = {
+        n: sum(f * u[n] for f, u in zip(factors, per_unit, strict=True)) / expected
+        for n in per_unit[0]
+    }
     unclipped = {n: sum(u[n] for u in per_unit) / expected for n in per_unit[0]}
     return grad, clip, norms, unclipped
 
@@ -435,8 +491,11 @@ class _GradCapture(L.Callback):
         self.grads = {}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads = {n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters()
-                      if p.grad is not None}
+        self.grads = {
+            n: p.grad.detach().clone()
+            for n, p in pl_module.model.named_parameters()
+            if p.grad is not None
+        }
 
 
 def test_optimizer_component_is_validated():
@@ -450,8 +509,9 @@ def test_optimizer_component_is_validated():
     with pytest.raises(ValueError, match=r"lr=-1\.0"):
         module.configure_optimizers()
     with pytest.raises(TypeError, match="momentum"):  # DPAdamW has no momentum field
-        DPCausalLM(model="tiny-qwen2",
-                   optimizer=functools.partial(DPAdamW, momentum=0.9)).configure_optimizers()
+        DPCausalLM(
+            model="tiny-qwen2", optimizer=functools.partial(DPAdamW, momentum=0.9)
+        ).configure_optimizers()
 
 
 def test_components_have_no_shared_default_instance():
@@ -468,8 +528,12 @@ def test_variance_floor_reaches_the_optimizer():
 
 def test_micro_batches_never_split_a_unit():
     ids = torch.tensor([0, 0, 0, 1, 2, 2, 3])
-    batch = {"input_ids": torch.zeros(7, 3), "attention_mask": torch.zeros(7, 3),
-             "labels": torch.zeros(7, 3), "unit_ids": ids}
+    batch = {
+        "input_ids": torch.zeros(7, 3),
+        "attention_mask": torch.zeros(7, 3),
+        "labels": torch.zeros(7, 3),
+        "unit_ids": ids,
+    }
     parts = split_micro_batches(batch, 3)
     seen = [p["unit_ids"].tolist() for p in parts]
     assert sum(len(s) for s in seen) == 7
@@ -485,13 +549,19 @@ def test_configure_optimizers_twice_never_wraps_or_hooks_the_model():
     """Lightning may call configure_optimizers more than once; it must never wrap or hook the model."""
     module = make_module()
     model_type = type(module.model)
-    hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.model.modules())
+    hooks_before = sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.model.modules()
+    )
     first, second = module.configure_optimizers(), module.configure_optimizers()
     assert type(module.model) is model_type
-    hooks_after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.model.modules())
+    hooks_after = sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.model.modules()
+    )
     assert hooks_after == hooks_before
     ids = lambda opt: [id(p) for g in opt.param_groups for p in g["params"]]  # noqa: E731
-    assert ids(first) == ids(second) == [id(p) for p in module.model.parameters() if p.requires_grad]
+    assert (
+        ids(first) == ids(second) == [id(p) for p in module.model.parameters() if p.requires_grad]
+    )
 
 
 def test_history_percentile_is_reported_as_not_covered(tmp_path):
@@ -529,11 +599,23 @@ def _run_precision(precision: str, accelerator: str, steps: int = 4):
 
     grads = AllGrads()
     trainer = L.Trainer(
-        max_steps=steps, accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False,
-        limit_val_batches=0, precision=precision,
-        callbacks=[EMAWeights(decay=0.9), ClipDrivenLR(adaptive=False),
-                   PrivacyAccounting(target_epsilon=None), grads, Losses()],
+        max_steps=steps,
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        limit_val_batches=0,
+        precision=precision,
+        callbacks=[
+            EMAWeights(decay=0.9),
+            ClipDrivenLR(adaptive=False),
+            PrivacyAccounting(target_epsilon=None),
+            grads,
+            Losses(),
+        ],
     )
     trainer.fit(module, datamodule=dm)
     end = trainable(module)
@@ -544,8 +626,16 @@ def _run_precision(precision: str, accelerator: str, steps: int = 4):
 
 @pytest.mark.parametrize(
     "accelerator",
-    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs a CUDA device")])],
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ],
 )
 def test_bf16_mixed_trains_and_matches_fp32(accelerator):
     """bf16-mixed needs no GradScaler: the DP step under autocast matches fp32. Tolerances:

@@ -30,10 +30,27 @@ def _load():
 
 utility = _load()
 
-RUN_KEYS = {"model", "variant", "epsilon", "seed", "lr", "steps", "expected_batch_size",
-            "val_loss", "val_loss_curve"}
-VARIANT_NAMES = {"dp-adam-ac", "dp-adam-ac-no-ema", "dp-adam-ac-no-clip-lr",
-                 "dp-adam-ac-fixed-clip", "dp-adamw", "dp-sgd", "dp-adambc", "nonprivate"}
+RUN_KEYS = {
+    "model",
+    "variant",
+    "epsilon",
+    "seed",
+    "lr",
+    "steps",
+    "expected_batch_size",
+    "val_loss",
+    "val_loss_curve",
+}
+VARIANT_NAMES = {
+    "dp-adam-ac",
+    "dp-adam-ac-no-ema",
+    "dp-adam-ac-no-clip-lr",
+    "dp-adam-ac-fixed-clip",
+    "dp-adamw",
+    "dp-sgd",
+    "dp-adambc",
+    "nonprivate",
+}
 
 
 @pytest.mark.parametrize(
@@ -46,8 +63,11 @@ VARIANT_NAMES = {"dp-adam-ac", "dp-adam-ac-no-ema", "dp-adam-ac-no-clip-lr",
         ({0.1: 3.0, 0.316: 2.5, 1.0: 2.0, 3.16: 2.2}, [0.1, 0.316, 1.0, 3.16], 1.0),
         ({0.1: 1.0, 0.316: 2.5, 1.0: 2.0}, [0.0316, 0.1, 0.316, 1.0], None),  # grows downward
         # two extensions per side at most: the edge is then accepted (and flagged in the report)
-        ({0.01: 0.5, 0.0316: 0.8, 0.1: 1.0, 0.316: 2.5, 1.0: 2.0},
-         [0.01, 0.0316, 0.1, 0.316, 1.0], 0.01),
+        (
+            {0.01: 0.5, 0.0316: 0.8, 0.1: 1.0, 0.316: 2.5, 1.0: 2.0},
+            [0.01, 0.0316, 0.1, 0.316, 1.0],
+            0.01,
+        ),
     ],
     ids=["empty", "partial", "interior", "up", "up-done", "down", "max-extensions"],
 )
@@ -68,12 +88,18 @@ def test_cpu_plan_covers_the_issue():
         assert len(tune) >= 3 and {s.seed for s in tune} == {0}
         assert all(s.lr is not None for s in tune)
         assert {s.seed for s in by_phase[2] if s.variant == family} == {1, 2}
-    assert {s.variant for s in by_phase[3]} == {"dp-adam-ac-no-clip-lr", "dp-adam-ac-fixed-clip",
-                                                 "dp-adambc"}
-    assert all(len([s for s in by_phase[3] if s.variant == v]) == 3 for v in
-               ("dp-adam-ac-no-clip-lr", "dp-adam-ac-fixed-clip", "dp-adambc"))
+    assert {s.variant for s in by_phase[3]} == {
+        "dp-adam-ac-no-clip-lr",
+        "dp-adam-ac-fixed-clip",
+        "dp-adambc",
+    }
+    assert all(
+        len([s for s in by_phase[3] if s.variant == v]) == 3
+        for v in ("dp-adam-ac-no-clip-lr", "dp-adam-ac-fixed-clip", "dp-adambc")
+    )
     assert sorted({(s.variant, s.epsilon) for s in by_phase[4]}) == [
-        (f, e) for f in ("dp-adam-ac", "dp-sgd") for e in (1.0, 2.0, 4.0)]
+        (f, e) for f in ("dp-adam-ac", "dp-sgd") for e in (1.0, 2.0, 4.0)
+    ]
     assert len(by_phase[4]) == 18
     assert {s.model for s in by_phase[5]} == {"bitnet"}
     assert len(by_phase[5]) == 15
@@ -115,13 +141,16 @@ def test_a_results_file_refuses_another_organism(tmp_path):
     recipe = utility.RECIPES["cpu"]
     out = tmp_path / "utility.json"
     setup = {"models": {"slm": {"weights_sha256": "a" * 64}}}
-    utility.check_or_create(out, recipe, lambda: setup, allow_mixed=False,
-                            fingerprints={"slm": "a" * 64})
-    utility.check_or_create(out, recipe, lambda: setup, allow_mixed=False,
-                            fingerprints={"slm": "a" * 64})
+    utility.check_or_create(
+        out, recipe, lambda: setup, allow_mixed=False, fingerprints={"slm": "a" * 64}
+    )
+    utility.check_or_create(
+        out, recipe, lambda: setup, allow_mixed=False, fingerprints={"slm": "a" * 64}
+    )
     with pytest.raises(SystemExit, match="another slm organism"):
-        utility.check_or_create(out, recipe, lambda: setup, allow_mixed=False,
-                                fingerprints={"slm": "b" * 64})
+        utility.check_or_create(
+            out, recipe, lambda: setup, allow_mixed=False, fingerprints={"slm": "b" * 64}
+        )
 
 
 @pytest.fixture
@@ -147,8 +176,13 @@ def test_quick_study_end_to_end(tmp_path, capsys, restore_threads):
     for info in setup["models"].values():
         assert math.isfinite(info["pretrained_val_loss"]) and info["parameters"] > 0
     runs = data["runs"]
-    assert {r["variant"] for r in runs} >= {"dp-adam-ac", "dp-adam-ac-no-ema", "dp-sgd",
-                                            "nonprivate", "dp-adambc"}
+    assert {r["variant"] for r in runs} >= {
+        "dp-adam-ac",
+        "dp-adam-ac-no-ema",
+        "dp-sgd",
+        "nonprivate",
+        "dp-adambc",
+    }
     assert {r["model"] for r in runs} == {"slm", "bitnet"}
     for r in runs:
         assert RUN_KEYS <= set(r), r["variant"]
@@ -159,7 +193,8 @@ def test_quick_study_end_to_end(tmp_path, capsys, restore_threads):
         # the step-0 loss is the organism's pretrained loss, computed by DPCausalLM here and by
         # the benchmark's own evaluation in setup
         assert r["val_loss_curve"][0]["loss"] == pytest.approx(
-            setup["models"][r["model"]]["pretrained_val_loss"], rel=1e-5)
+            setup["models"][r["model"]]["pretrained_val_loss"], rel=1e-5
+        )
         if r["variant"] == "nonprivate":
             assert r["epsilon"] is None and r["epsilon_spent"] is None
         else:

@@ -112,10 +112,16 @@ class PrivacyAccounting(L.Callback):
         log_epsilon_every_n_steps: int = 1,
         report_name: str = "privacy_report.json",
     ) -> None:
-        if target_epsilon is not None and not (target_epsilon > 0 and math.isfinite(target_epsilon)):
-            raise ValueError(f"privacy.target_epsilon={target_epsilon} must be a positive number or null")
+        if target_epsilon is not None and not (
+            target_epsilon > 0 and math.isfinite(target_epsilon)
+        ):
+            raise ValueError(
+                f"privacy.target_epsilon={target_epsilon} must be a positive number or null"
+            )
         if delta is not None and not 0.0 < delta < 1.0:
-            raise ValueError(f"privacy.delta={delta} must be in (0, 1) or null for min(1e-5, 1/N^1.1)")
+            raise ValueError(
+                f"privacy.delta={delta} must be in (0, 1) or null for min(1e-5, 1/N^1.1)"
+            )
         if log_epsilon_every_n_steps < 1:
             raise ValueError("privacy.log_epsilon_every_n_steps must be >= 1")
         self.target_epsilon = target_epsilon
@@ -126,7 +132,9 @@ class PrivacyAccounting(L.Callback):
         self.accountant_name = accountant
         self.accountant = make_accountant(accountant)  # ValueError naming privacy.accountant
         # The RDP figure beside the chosen one (the same object when RDP is chosen).
-        self.rdp = self.accountant if isinstance(self.accountant, RDPAccountant) else RDPAccountant()
+        self.rdp = (
+            self.accountant if isinstance(self.accountant, RDPAccountant) else RDPAccountant()
+        )
         self.stop_reason: str | None = None
         self.calibrated_noise_multiplier: float | None = None
         self.num_units: int | None = None
@@ -193,11 +201,16 @@ class PrivacyAccounting(L.Callback):
             )
         try:
             return calibrate_noise_multiplier(
-                target_epsilon=self.target_epsilon, delta=delta, sample_rate=schedule.rates(steps),
-                steps=steps, accountant=accountant or self.accountant_name,  # type: ignore[arg-type]
+                target_epsilon=self.target_epsilon,
+                delta=delta,
+                sample_rate=schedule.rates(steps),
+                steps=steps,
+                accountant=accountant or self.accountant_name,  # type: ignore[arg-type]
             )
         except ValueError as err:
-            raise ValueError(f"privacy.target_epsilon is unreachable in {steps} steps: {err}") from err
+            raise ValueError(
+                f"privacy.target_epsilon is unreachable in {steps} steps: {err}"
+            ) from err
 
     # --- per step ----------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -222,11 +235,15 @@ class PrivacyAccounting(L.Callback):
         if record is None or not record.private:
             return
         # The accounted sigma (not the raised gradient multiplier of private quantile clipping).
-        self.accountant.step(noise_multiplier=record.noise_multiplier, sample_rate=record.sample_rate)
+        self.accountant.step(
+            noise_multiplier=record.noise_multiplier, sample_rate=record.sample_rate
+        )
         if self.rdp is not self.accountant:
             self.rdp.step(noise_multiplier=record.noise_multiplier, sample_rate=record.sample_rate)
         if (record.step + 1) % self.log_every == 0:
-            pl_module.log("privacy/epsilon", self.epsilon(), on_step=True, on_epoch=False, rank_zero_only=True)
+            pl_module.log(
+                "privacy/epsilon", self.epsilon(), on_step=True, on_epoch=False, rank_zero_only=True
+            )
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.stop_reason is None:
@@ -270,7 +287,9 @@ class PrivacyAccounting(L.Callback):
         self.accountant.load_state_dict(state_dict["accountant"])
         if self.rdp is not self.accountant:  # the same ledger, composed with RDP
             history = state_dict["accountant"]["history"]
-            self.rdp.load_state_dict({"orders": self.rdp.state_dict()["orders"], "history": history})
+            self.rdp.load_state_dict(
+                {"orders": self.rdp.state_dict()["orders"], "history": history}
+            )
         self.stop_reason = state_dict.get("stop_reason")
         self.calibrated_noise_multiplier = state_dict.get("calibrated_noise_multiplier")
 
@@ -280,8 +299,10 @@ class PrivacyAccounting(L.Callback):
         data = dict(dm.data_report()) if dm is not None and hasattr(dm, "data_report") else {}
         mech = pl_module.privacy_description()
         # Exact data-dependent counts: this run directory's report only (export drops them).
-        operator_side = {**data.pop(OPERATOR_SIDE_KEY, {}),
-                         "num_nonfinite_zeroed": int(getattr(pl_module, "num_nonfinite_total", 0))}
+        operator_side = {
+            **data.pop(OPERATOR_SIDE_KEY, {}),
+            "num_nonfinite_zeroed": int(getattr(pl_module, "num_nonfinite_total", 0)),
+        }
         private = bool(pl_module.private)
         eps, eps_rdp, order = float("inf"), float("inf"), None
         if private and self.accountant.total_steps > 0:
@@ -298,14 +319,25 @@ class PrivacyAccounting(L.Callback):
             "epsilon": eps if math.isfinite(eps) else None,
             "epsilon_is_infinite": not math.isfinite(eps),
             "epsilon_rdp": eps_rdp if math.isfinite(eps_rdp) else None,
-            **({"epsilon_pld": eps if math.isfinite(eps) else None} if self.accountant_name == "pld" else {}),
+            **(
+                {"epsilon_pld": eps if math.isfinite(eps) else None}
+                if self.accountant_name == "pld"
+                else {}
+            ),
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "best_rdp_order": order,
             "steps": int(self.accountant.total_steps) if private else int(trainer.global_step),
             "noise_multiplier": sigmas[0] if len(sigmas) == 1 else sigmas,
             "calibrated_noise_multiplier": self.calibrated_noise_multiplier,
-            "sample_rate": rates[0] if len(rates) == 1 else {"schedule": dm.schedule_description() if dm is not None and hasattr(dm, "schedule_description") else None, "distinct_rates": rates},
+            "sample_rate": rates[0]
+            if len(rates) == 1
+            else {
+                "schedule": dm.schedule_description()
+                if dm is not None and hasattr(dm, "schedule_description")
+                else None,
+                "distinct_rates": rates,
+            },
             "ledger": history,
             "num_units": self.num_units,
             "privacy_unit": data.get("privacy_unit", "example"),
@@ -314,7 +346,10 @@ class PrivacyAccounting(L.Callback):
             "clipping": mech["clipping"],
             "mechanism": mech,
             "covers": mech["covers"],
-            "not_covered": [*mech["not_covered"], _OPERATOR_SIDE_NOTE.format(sorted(operator_side))],
+            "not_covered": [
+                *mech["not_covered"],
+                _OPERATOR_SIDE_NOTE.format(sorted(operator_side)),
+            ],
             "data": data,
             OPERATOR_SIDE_KEY: operator_side,
             "stop_reason": self.stop_reason,

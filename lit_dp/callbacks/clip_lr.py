@@ -93,15 +93,22 @@ class ClipDrivenLR(L.Callback):
         }
         for field, ok in checks.items():
             if not ok:
-                raise ValueError(f"{field} is out of range; see the ClipDrivenLR docstring for bounds")
+                raise ValueError(
+                    f"{field} is out of range; see the ClipDrivenLR docstring for bounds"
+                )
         if schedule not in ("constant", "cosine"):
             raise ValueError(f"clip_lr.schedule={schedule!r} must be 'constant' or 'cosine'")
         self.schedule, self.warmup_steps, self.min_lr_ratio = schedule, warmup_steps, min_lr_ratio
         self.adaptive = adaptive
         self.rule = dict(
-            target_clip_rate=DEFAULT_TARGET_CLIP_RATE if target_clip_rate is None else target_clip_rate,
-            band=band, up=up, down=down,
-            gamma_min=gamma_min, gamma_max=gamma_max,
+            target_clip_rate=DEFAULT_TARGET_CLIP_RATE
+            if target_clip_rate is None
+            else target_clip_rate,
+            band=band,
+            up=up,
+            down=down,
+            gamma_min=gamma_min,
+            gamma_max=gamma_max,
         )
         self.target_clip_rate = target_clip_rate
         self.gamma = 1.0
@@ -111,7 +118,9 @@ class ClipDrivenLR(L.Callback):
         target = self.target_clip_rate
         if target is None:
             target = getattr(getattr(pl_module, "clip", None), "target_clip_rate", None)
-        self.rule["target_clip_rate"] = DEFAULT_TARGET_CLIP_RATE if target is None else float(target)
+        self.rule["target_clip_rate"] = (
+            DEFAULT_TARGET_CLIP_RATE if target is None else float(target)
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"gamma": self.gamma}
@@ -121,8 +130,11 @@ class ClipDrivenLR(L.Callback):
 
     def current_lr_factor(self, step: int, total_steps: int | None) -> float:
         factor = base_schedule(
-            step, kind=self.schedule, warmup_steps=self.warmup_steps,
-            total_steps=total_steps, min_lr_ratio=self.min_lr_ratio,
+            step,
+            kind=self.schedule,
+            warmup_steps=self.warmup_steps,
+            total_steps=total_steps,
+            min_lr_ratio=self.min_lr_ratio,
         )
         return factor * self.gamma
 
@@ -133,7 +145,9 @@ class ClipDrivenLR(L.Callback):
             for group in opt.param_groups:
                 group.setdefault("base_lr", group["lr"])
                 group["lr"] = group["base_lr"] * factor
-        pl_module.log("lr", trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        pl_module.log(
+            "lr", trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False
+        )
         pl_module.log("lr_multiplier", self.gamma, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

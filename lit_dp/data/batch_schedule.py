@@ -26,7 +26,9 @@ from typing import Any
 from lit_dp.privacy.sampling import SampleRateSchedule
 
 DEFAULT_EXPECTED_BATCH_SIZE = 16.0
-_FIELD = "data.batch_schedule."  # how errors name a field (data.init_args.batch_schedule.init_args.X)
+_FIELD = (
+    "data.batch_schedule."  # how errors name a field (data.init_args.batch_schedule.init_args.X)
+)
 
 
 def _batch_size(name: str, value: Any) -> float:
@@ -114,7 +116,9 @@ class ConstantBatchSize(BatchSchedule):
 
     def sample_rates(self, num_units: int) -> SampleRateSchedule:
         n = _check_num_units(num_units)
-        return SampleRateSchedule.constant(_rate_of("expected_batch_size", self.expected_batch_size, n))
+        return SampleRateSchedule.constant(
+            _rate_of("expected_batch_size", self.expected_batch_size, n)
+        )
 
     def _parameters(self) -> dict[str, Any]:
         return {"expected_batch_size": self.expected_batch_size}
@@ -187,4 +191,8 @@ class LinearSampleRateRamp(BatchSchedule):
         )
 
     def _parameters(self) -> dict[str, Any]:
-        return {"start_rate": self.start_rate, "end_rate": self.end_rate, "ramp_steps": self.ramp_steps}
+        return {
+            "start_rate": self.start_rate,
+            "end_rate": self.end_rate,
+            "ramp_steps": self.ramp_steps,
+        }

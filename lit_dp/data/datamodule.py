@@ -40,15 +40,24 @@ from lit_dp.privacy.sampling import PoissonBatchSampler, SampleRateSchedule
 _CACHE_VERSION = 1
 
 
-def _positive(name: str, value: Any, *, allow_none: bool = True, integer: bool = False,
-              minimum: float = 0.0, strict: bool = True) -> None:
+def _positive(
+    name: str,
+    value: Any,
+    *,
+    allow_none: bool = True,
+    integer: bool = False,
+    minimum: float = 0.0,
+    strict: bool = True,
+) -> None:
     if value is None and allow_none:
         return
     bad = value is None or isinstance(value, bool) or not isinstance(value, int | float)
     bad = bad or (integer and not isinstance(value, int))
     if bad or not (value > minimum if strict else value >= minimum) or value != value:
         kind = "an integer" if integer else "a number"
-        raise ValueError(f"data.{name}={value!r} must be {kind} {'>' if strict else '>='} {minimum:g}")
+        raise ValueError(
+            f"data.{name}={value!r} must be {kind} {'>' if strict else '>='} {minimum:g}"
+        )
 
 
 class DPDataModule(L.LightningDataModule):
@@ -101,7 +110,9 @@ class DPDataModule(L.LightningDataModule):
         if isinstance(tokenizer, str) and not tokenizer.strip():
             raise ValueError("data.tokenizer is empty; give a model source or a tokenizer object")
         if tokenizer is None or (not isinstance(tokenizer, str) and not callable(tokenizer)):
-            raise ValueError(f"data.tokenizer={tokenizer!r} must be a tokenizer or a model source string")
+            raise ValueError(
+                f"data.tokenizer={tokenizer!r} must be a tokenizer or a model source string"
+            )
         _positive("max_length", max_length, allow_none=False, integer=True, minimum=2, strict=False)
         if batch_schedule is not None and not isinstance(batch_schedule, BatchSchedule):
             raise ValueError(
@@ -109,14 +120,25 @@ class DPDataModule(L.LightningDataModule):
                 "lit_dp.data.ConstantBatchSize(expected_batch_size=16) or ConstantSampleRate(sample_rate=0.01)"
             )
         _positive("steps_per_epoch", steps_per_epoch, integer=True, minimum=1, strict=False)
-        if sampling_seed is not None and (isinstance(sampling_seed, bool) or not isinstance(sampling_seed, int)):
+        if sampling_seed is not None and (
+            isinstance(sampling_seed, bool) or not isinstance(sampling_seed, int)
+        ):
             raise ValueError(f"data.sampling_seed={sampling_seed!r} must be an integer or null")
         if privacy_unit not in ("example", "group"):
             raise ValueError(f"data.privacy_unit={privacy_unit!r} must be 'example' or 'group'")
         if privacy_unit == "group" and not group_key:
-            raise ValueError("data.privacy_unit=group needs data.group_key (the record field "
-                             "naming the user/group, e.g. group_key: user)")
-        _positive("eval_batch_size", eval_batch_size, allow_none=False, integer=True, minimum=1, strict=False)
+            raise ValueError(
+                "data.privacy_unit=group needs data.group_key (the record field "
+                "naming the user/group, e.g. group_key: user)"
+            )
+        _positive(
+            "eval_batch_size",
+            eval_batch_size,
+            allow_none=False,
+            integer=True,
+            minimum=1,
+            strict=False,
+        )
         if loss_on not in ("response", "all"):
             raise ValueError(f"data.loss_on={loss_on!r} must be 'response' or 'all'")
         if not isinstance(truncate, bool):
@@ -130,7 +152,11 @@ class DPDataModule(L.LightningDataModule):
         self.steps_per_epoch = steps_per_epoch
         self.sampling_seed = sampling_seed if sampling_seed is not None else secrets.randbits(62)
         self.privacy_unit, self.group_key = privacy_unit, group_key
-        self.eval_batch_size, self.cache_dir, self.num_workers = eval_batch_size, cache_dir, num_workers
+        self.eval_batch_size, self.cache_dir, self.num_workers = (
+            eval_batch_size,
+            cache_dir,
+            num_workers,
+        )
         self.splits: dict[str, list[dict[str, Any]]] = {}
         self.encoded: dict[str, list[Row]] = {}
         self.num_truncated = 0
@@ -168,9 +194,22 @@ class DPDataModule(L.LightningDataModule):
         tok = self._get_tokenizer()
         path = None
         if self.cache_dir is not None:
-            key = json.dumps([_CACHE_VERSION, splits, tokenizer_fingerprint(tok), self.max_length,
-                              self.loss_on, self.truncate], sort_keys=True, default=str)
-            path = Path(self.cache_dir).expanduser() / f"tokens-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+            key = json.dumps(
+                [
+                    _CACHE_VERSION,
+                    splits,
+                    tokenizer_fingerprint(tok),
+                    self.max_length,
+                    self.loss_on,
+                    self.truncate,
+                ],
+                sort_keys=True,
+                default=str,
+            )
+            path = (
+                Path(self.cache_dir).expanduser()
+                / f"tokens-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+            )
             if path.is_file():
                 cached = json.loads(path.read_text())
                 self.num_truncated = cached["truncated"]
@@ -249,8 +288,10 @@ class DPDataModule(L.LightningDataModule):
         groups: dict[Any, list[int]] = {}
         for i, rec in enumerate(train):
             if self.group_key not in rec:
-                raise ValueError(f"data: train record {i} has no group_key field {self.group_key!r} "
-                                 f"(fields present: {sorted(rec)})")
+                raise ValueError(
+                    f"data: train record {i} has no group_key field {self.group_key!r} "
+                    f"(fields present: {sorted(rec)})"
+                )
             key = rec[self.group_key]
             if isinstance(key, list | dict):  # JSON arrays/objects are not hashable
                 key = json.dumps(key, sort_keys=True)
@@ -271,7 +312,9 @@ class DPDataModule(L.LightningDataModule):
         tok = self._get_tokenizer()
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         if pad is None:
-            raise ValueError("data.tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+            raise ValueError(
+                "data.tokenizer has neither a pad nor an eos token; set tokenizer.pad_token"
+            )
         return int(pad)
 
     def train_dataloader(self) -> DataLoader:
@@ -283,16 +326,24 @@ class DPDataModule(L.LightningDataModule):
             step_source = partial(getattr, trainer, "global_step")  # optimizer steps taken
             if trainer.world_size > 1:
                 if trainer._accelerator_connector.use_distributed_sampler:
-                    raise ValueError("Trainer(use_distributed_sampler=True) would replace the Poisson "
-                                     "sampler; set use_distributed_sampler=False (the lit-dp CLI does)")
+                    raise ValueError(
+                        "Trainer(use_distributed_sampler=True) would replace the Poisson "
+                        "sampler; set use_distributed_sampler=False (the lit-dp CLI does)"
+                    )
                 rank, world = trainer.global_rank, trainer.world_size
         self._sampler = PoissonBatchSampler(
-            self.num_units, self.schedule, seed=self.sampling_seed, steps_per_epoch=self.steps_per_epoch,
-            rank=rank, world_size=world, step_source=step_source,
+            self.num_units,
+            self.schedule,
+            seed=self.sampling_seed,
+            steps_per_epoch=self.steps_per_epoch,
+            rank=rank,
+            world_size=world,
+            step_source=step_source,
         )
         self._sampler.next_step = self._next_step
         return DataLoader(
-            UnitDataset(self.encoded["train"], self._units), batch_sampler=self._sampler,
+            UnitDataset(self.encoded["train"], self._units),
+            batch_sampler=self._sampler,
             # The fetcher hands the collate UnitDataset.__getitems__'s SampledRows, not a list.
             collate_fn=PoissonCollate(self._pad_id(), self.privacy_unit == "group"),  # type: ignore[arg-type]
             num_workers=self.num_workers,
@@ -302,9 +353,13 @@ class DPDataModule(L.LightningDataModule):
         rows = self.encoded.get(split)
         if not rows:
             return []
-        return DataLoader(rows, batch_size=self.eval_batch_size, shuffle=False,  # type: ignore[arg-type]
-                          collate_fn=partial(collate_rows, pad_id=self._pad_id()),
-                          num_workers=self.num_workers)
+        return DataLoader(
+            rows,
+            batch_size=self.eval_batch_size,
+            shuffle=False,  # type: ignore[arg-type]
+            collate_fn=partial(collate_rows, pad_id=self._pad_id()),
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         return self._eval_loader("validation")
@@ -322,9 +377,12 @@ class DPDataModule(L.LightningDataModule):
         in the run directory's report and are never exported."""
         train = self.encoded.get("train", [])
         return {
-            "dataset": self.dataset_name(), "privacy_unit": self.privacy_unit,
+            "dataset": self.dataset_name(),
+            "privacy_unit": self.privacy_unit,
             "group_key": self.group_key if self.privacy_unit == "group" else None,
-            "num_units": self.num_units, "max_length": self.max_length, "loss_on": self.loss_on,
+            "num_units": self.num_units,
+            "max_length": self.max_length,
+            "loss_on": self.loss_on,
             "batch_schedule": self.batch_schedule.describe(),
             OPERATOR_SIDE_KEY: {
                 "num_records": len(train),
@@ -340,7 +398,11 @@ class DPDataModule(L.LightningDataModule):
         return self.schedule.describe() if self.schedule else {}
 
     def state_dict(self) -> dict[str, Any]:
-        step = self._sampler.state_dict()["next_step"] if self._sampler is not None else self._next_step
+        step = (
+            self._sampler.state_dict()["next_step"]
+            if self._sampler is not None
+            else self._next_step
+        )
         return {"sampling_seed": self.sampling_seed, "next_step": int(step)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -348,7 +410,9 @@ class DPDataModule(L.LightningDataModule):
         self._next_step = int(state_dict.get("next_step", 0))
         self._seed_synced = True  # every rank loads the same checkpointed seed
         if self._sampler is not None:
-            self._sampler.load_state_dict({"seed": self.sampling_seed, "next_step": self._next_step})
+            self._sampler.load_state_dict(
+                {"seed": self.sampling_seed, "next_step": self._next_step}
+            )
 
 
 class SyntheticDataModule(DPDataModule):
@@ -392,9 +456,20 @@ class SyntheticDataModule(DPDataModule):
         _positive("num_test", num_test, allow_none=False, integer=True, strict=False)
         _positive("num_users", num_users, integer=True, minimum=1, strict=False)
         _positive("num_canaries", num_canaries, allow_none=False, integer=True, strict=False)
-        _positive("canary_repetitions", canary_repetitions, allow_none=False, integer=True, minimum=1,
-                  strict=False)
-        self.dataset, self.num_train, self.num_val, self.num_test = dataset, num_train, num_val, num_test
+        _positive(
+            "canary_repetitions",
+            canary_repetitions,
+            allow_none=False,
+            integer=True,
+            minimum=1,
+            strict=False,
+        )
+        self.dataset, self.num_train, self.num_val, self.num_test = (
+            dataset,
+            num_train,
+            num_val,
+            num_test,
+        )
         self.data_seed, self.num_users = data_seed, num_users
         self.num_canaries, self.canary_repetitions = num_canaries, canary_repetitions
         self.canaries: list[dict[str, Any]] = []
@@ -405,16 +480,27 @@ class SyntheticDataModule(DPDataModule):
     def load_records(self) -> dict[str, list[dict[str, Any]]]:
         from lit_dp.data.synthetic import make_splits, plant_canaries
 
-        splits = make_splits(self.dataset, num_train=self.num_train, num_val=self.num_val,
-                             num_test=self.num_test, seed=self.data_seed, num_users=self.num_users)
+        splits = make_splits(
+            self.dataset,
+            num_train=self.num_train,
+            num_val=self.num_val,
+            num_test=self.num_test,
+            seed=self.data_seed,
+            num_users=self.num_users,
+        )
         if self.num_canaries:
             splits["train"], self.canaries = plant_canaries(
-                splits["train"], num_canaries=self.num_canaries,
-                repetitions=self.canary_repetitions, seed=self.data_seed,
+                splits["train"],
+                num_canaries=self.num_canaries,
+                repetitions=self.canary_repetitions,
+                seed=self.data_seed,
             )
         return splits
 
     def data_report(self) -> dict[str, Any]:
         report = super().data_report()
-        report["canaries"] = {"num_canaries": self.num_canaries, "repetitions": self.canary_repetitions}
+        report["canaries"] = {
+            "num_canaries": self.num_canaries,
+            "repetitions": self.canary_repetitions,
+        }
         return report

@@ -28,8 +28,9 @@ def _texts(tokenizer: Any, record: dict[str, Any]) -> tuple[str, int, bool]:
     if getattr(tokenizer, "chat_template", None):
         user = [{"role": "user", "content": prompt}]
         head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": response}],
-                                             tokenize=False)
+        full = tokenizer.apply_chat_template(
+            [*user, {"role": "assistant", "content": response}], tokenize=False
+        )
         if full.startswith(head):
             return full, len(head), False
         at = full.rfind(response) if response else -1
@@ -62,8 +63,10 @@ def encode_records(tokenizer: Any, records: list[dict[str, Any]], *, loss_on: st
         elif fast:  # a merge across the boundary: tokens that start in the prompt are masked
             n_prompt = sum(1 for start, _ in enc["offset_mapping"][i] if start < boundary)
         else:
-            n_prompt = next((k for k, (a, b) in enumerate(zip(ids, head, strict=False)) if a != b),
-                            min(len(ids), len(head)))
+            n_prompt = next(
+                (k for k, (a, b) in enumerate(zip(ids, head, strict=False)) if a != b),
+                min(len(ids), len(head)),
+            )
         if add_eos and eos is not None:
             ids.append(eos)
         labels = list(ids) if loss_on == "all" else [-100] * n_prompt + ids[n_prompt:]
@@ -78,9 +81,17 @@ def encode_record(tokenizer: Any, record: dict[str, Any], *, loss_on: str) -> Ro
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    extra = [type(tokenizer).__name__, str(getattr(tokenizer, "chat_template", None)),
-             tokenizer.eos_token_id, tokenizer.pad_token_id]
+    body = (
+        backend.to_str()
+        if backend is not None
+        else json.dumps(sorted(tokenizer.get_vocab().items()))
+    )
+    extra = [
+        type(tokenizer).__name__,
+        str(getattr(tokenizer, "chat_template", None)),
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    ]
     return hashlib.sha256((body + json.dumps(extra)).encode()).hexdigest()
 
 

@@ -28,9 +28,16 @@ def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield lineno, line
 
 
-def read_jsonl(path: str | Path, *, prompt_field: str = "prompt", response_field: str = "response",
-               text_field: str = "text", group_key: str | None = None,
-               field: str = "train_path", line_numbers: list[int] | None = None) -> list[dict[str, Any]]:
+def read_jsonl(
+    path: str | Path,
+    *,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    text_field: str = "text",
+    group_key: str | None = None,
+    field: str = "train_path",
+    line_numbers: list[int] | None = None,
+) -> list[dict[str, Any]]:
     """Records of one JSONL file, normalized to {prompt, response} or {text} (+ group key).
 
     A line with ``prompt_field`` or ``response_field`` must have both as strings; otherwise it
@@ -45,7 +52,9 @@ def read_jsonl(path: str | Path, *, prompt_field: str = "prompt", response_field
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"data: {p}:{lineno} is not valid JSON ({err.msg}, column {err.colno})") from err
+            raise ValueError(
+                f"data: {p}:{lineno} is not valid JSON ({err.msg}, column {err.colno})"
+            ) from err
         if not isinstance(obj, dict):
             raise ValueError(f"data: {p}:{lineno} must be a JSON object, got {type(obj).__name__}")
         where = f"data: {p}:{lineno}"
@@ -53,8 +62,10 @@ def read_jsonl(path: str | Path, *, prompt_field: str = "prompt", response_field
             for name in (prompt_field, response_field):
                 if not isinstance(obj.get(name), str):
                     what = "is missing" if name not in obj else "has a non-string"
-                    raise ValueError(f"{where} {what} string field {name!r} (fields present: "
-                                     f"{sorted(obj)}); set data.prompt_field/response_field")
+                    raise ValueError(
+                        f"{where} {what} string field {name!r} (fields present: "
+                        f"{sorted(obj)}); set data.prompt_field/response_field"
+                    )
             rec: dict[str, Any] = {"prompt": obj[prompt_field], "response": obj[response_field]}
         elif isinstance(obj.get(text_field), str):
             rec = {"text": obj[text_field]}
@@ -65,14 +76,18 @@ def read_jsonl(path: str | Path, *, prompt_field: str = "prompt", response_field
             )
         if group_key is not None:
             if group_key not in obj:
-                raise ValueError(f"{where} is missing group_key field {group_key!r} "
-                                 f"(fields present: {sorted(obj)})")
+                raise ValueError(
+                    f"{where} is missing group_key field {group_key!r} "
+                    f"(fields present: {sorted(obj)})"
+                )
             rec[group_key] = obj[group_key]
         records.append(rec)
         if line_numbers is not None:
             line_numbers.append(lineno)
     if not records:
-        raise ValueError(f"data.{field}: file {str(p)!r} is empty; it needs at least one JSON record")
+        raise ValueError(
+            f"data.{field}: file {str(p)!r} is empty; it needs at least one JSON record"
+        )
     return records
 
 
@@ -108,18 +123,30 @@ class JSONLDataModule(DPDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(group_key=group_key, **kwargs)
-        for name, path in (("train_path", train_path), ("val_path", val_path), ("test_path", test_path)):
+        for name, path in (
+            ("train_path", train_path),
+            ("val_path", val_path),
+            ("test_path", test_path),
+        ):
             if path is not None:
                 _check_file(path, name)  # fail before any model is loaded
         if isinstance(val_fraction, bool) or not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={val_fraction!r} must be in [0, 1); 0 = no "
-                             "validation split, or give data.val_path")
-        names = {"prompt_field": prompt_field, "response_field": response_field, "text_field": text_field}
+            raise ValueError(
+                f"data.val_fraction={val_fraction!r} must be in [0, 1); 0 = no "
+                "validation split, or give data.val_path"
+            )
+        names = {
+            "prompt_field": prompt_field,
+            "response_field": response_field,
+            "text_field": text_field,
+        }
         for name, value in names.items():
             if not isinstance(value, str) or not value:
                 raise ValueError(f"data.{name}={value!r} must be a non-empty JSON field name")
         if len(set(names.values())) < 3:
-            raise ValueError(f"data.prompt_field, response_field and text_field must differ: {names}")
+            raise ValueError(
+                f"data.prompt_field, response_field and text_field must differ: {names}"
+            )
         self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.fields = names
@@ -127,7 +154,11 @@ class JSONLDataModule(DPDataModule):
 
     def record_location(self, split: str, index: int) -> str:
         where = self._where.get(split)
-        return f"{split} record {index} ({where[index]})" if where else super().record_location(split, index)
+        return (
+            f"{split} record {index} ({where[index]})"
+            if where
+            else super().record_location(split, index)
+        )
 
     def dataset_name(self) -> str:
         return f"jsonl:{self.train_path}"
@@ -157,6 +188,8 @@ class JSONLDataModule(DPDataModule):
             val, val_at = [train[i] for i in sorted(held)], [train_at[i] for i in sorted(held)]
             kept = [i for i in range(len(train)) if i not in held]
             train, train_at = [train[i] for i in kept], [train_at[i] for i in kept]
-        test, test_at = self._read(self.test_path, "test_path") if self.test_path is not None else ([], [])
+        test, test_at = (
+            self._read(self.test_path, "test_path") if self.test_path is not None else ([], [])
+        )
         self._where = {"train": train_at, "validation": val_at, "test": test_at}
         return {"train": train, "validation": val, "test": test}

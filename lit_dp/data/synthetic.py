@@ -102,7 +102,9 @@ def _amount(rng: random.Random) -> str:
 
 def _phone(rng: random.Random) -> str:
     a, b, c = rng.randint(100, 999), rng.randint(100, 999), rng.randint(1000, 9999)
-    return rng.choice([f"+1 555 {b} {c}", f"({a}) {b}-{c}", f"+44 20 {b}{a % 10} {c}", f"0{a} {b} {c}"])
+    return rng.choice(
+        [f"+1 555 {b} {c}", f"({a}) {b}-{c}", f"+44 20 {b}{a % 10} {c}", f"0{a} {b} {c}"]
+    )
 
 
 def _date(rng: random.Random) -> str:
@@ -129,24 +131,41 @@ def _unique_names(rng: random.Random, count: int, *, middle: bool) -> list[tuple
 def _owners(rng: random.Random, count: int) -> list[dict[str, Any]]:
     owners = []
     for first, last in _unique_names(rng, count, middle=False):
-        owners.append({
-            "me": first, "me_last": last, "greet": rng.choice(GREETINGS),
-            "sign": rng.choice(SIGNOFFS), "thanks": rng.choice(THANKS), "accept": rng.choice(ACCEPT),
-            "decline": rng.choice(DECLINE), "closer": rng.choice(CLOSERS),
-            "lower": rng.random() < 0.2,  # a consistent quirk of some owners
-        })
+        owners.append(
+            {
+                "me": first,
+                "me_last": last,
+                "greet": rng.choice(GREETINGS),
+                "sign": rng.choice(SIGNOFFS),
+                "thanks": rng.choice(THANKS),
+                "accept": rng.choice(ACCEPT),
+                "decline": rng.choice(DECLINE),
+                "closer": rng.choice(CLOSERS),
+                "lower": rng.random() < 0.2,  # a consistent quirk of some owners
+            }
+        )
     return owners
 
 
 def _email(rng: random.Random, owner: dict[str, Any]) -> dict[str, str]:
     first, last = rng.choice(FIRST), rng.choice(LAST)
     s = {
-        "first": first, "last": last, "friend": rng.choice(FIRST), "other": rng.choice(LAST),
-        "n": str(rng.randint(1000, 99999)), "amount": _amount(rng), "date": _date(rng),
+        "first": first,
+        "last": last,
+        "friend": rng.choice(FIRST),
+        "other": rng.choice(LAST),
+        "n": str(rng.randint(1000, 99999)),
+        "amount": _amount(rng),
+        "date": _date(rng),
         "time": f"{rng.randint(8, 18)}:{rng.choice(['00', '15', '30', '45'])}",
-        "phone": _phone(rng), "project": rng.choice(PROJECTS), "city": rng.choice(CITIES),
-        "weekday": rng.choice(WEEKDAYS), "restaurant": rng.choice(RESTAURANTS),
-        "month": rng.choice(MONTHS), "quarter": str(rng.randint(1, 4)), "role": rng.choice(ROLES),
+        "phone": _phone(rng),
+        "project": rng.choice(PROJECTS),
+        "city": rng.choice(CITIES),
+        "weekday": rng.choice(WEEKDAYS),
+        "restaurant": rng.choice(RESTAURANTS),
+        "month": rng.choice(MONTHS),
+        "quarter": str(rng.randint(1, 4)),
+        "role": rng.choice(ROLES),
         "code": "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ23456789") for _ in range(6)),
     }
     subject_t, body_t, core_t = rng.choice(TOPICS)
@@ -154,15 +173,19 @@ def _email(rng: random.Random, owner: dict[str, Any]) -> dict[str, str]:
     s["answer"] = owner["accept"] if accept else owner["decline"]
     opener = rng.choice(["Hi", "Hello", "Dear", "Hey"])
     sender_sign = f"{rng.choice(['Thanks,', 'Best,', 'Regards,', ''])} {first}".strip()
-    prompt = (f"From: {first} {last}\nTo: {owner['me']} {owner['me_last']}\n"
-              f"Subject: {subject_t.format(**s)}\n\n{opener} {owner['me']}, {body_t.format(**s)}\n"
-              f"{sender_sign}")
+    prompt = (
+        f"From: {first} {last}\nTo: {owner['me']} {owner['me_last']}\n"
+        f"Subject: {subject_t.format(**s)}\n\n{opener} {owner['me']}, {body_t.format(**s)}\n"
+        f"{sender_sign}"
+    )
     core = core_t.format(**s)
     if not accept and "{answer}" in core_t:  # a decline proposes another day instead
         core = f"{owner['decline']} Could we move it to {_date(rng)}?"
-    lines = [owner["greet"].format(**s),
-             f"{rng.choice(owner['thanks'])} {core} {owner['closer']}".strip(),
-             owner["sign"].format(**owner)]
+    lines = [
+        owner["greet"].format(**s),
+        f"{rng.choice(owner['thanks'])} {core} {owner['closer']}".strip(),
+        owner["sign"].format(**owner),
+    ]
     response = "\n".join(lines)
     if owner["lower"]:
         response = response.lower()
@@ -174,7 +197,9 @@ def _emails(rng: random.Random, num_records: int, num_users: int) -> list[dict[s
     out: list[dict[str, str]] = []
     seen: set[str] = set()
     while len(out) < num_records:
-        rec = _email(rng, owners[len(out) % num_users if len(out) < num_users else rng.randrange(num_users)])
+        rec = _email(
+            rng, owners[len(out) % num_users if len(out) < num_users else rng.randrange(num_users)]
+        )
         if rec["prompt"] not in seen:  # prompts are distinct, so splits are disjoint
             seen.add(rec["prompt"])
             out.append(rec)
@@ -201,9 +226,11 @@ QUESTIONS = {
 
 def _person(rng: random.Random) -> dict[str, str]:
     return {
-        "account": f"{rng.randrange(10**8, 10**9)}", "diagnosis": rng.choice(DIAGNOSES),
+        "account": f"{rng.randrange(10**8, 10**9)}",
+        "diagnosis": rng.choice(DIAGNOSES),
         "address": f"{rng.randint(1, 250)} {rng.choice(STREETS)}, {rng.randint(1000, 9999)} {rng.choice(CITIES)}",
-        "birth_date": f"{_date(rng)} {rng.randint(1940, 2005)}", "phone": _phone(rng),
+        "birth_date": f"{_date(rng)} {rng.randint(1940, 2005)}",
+        "phone": _phone(rng),
         "employer": rng.choice(EMPLOYERS),
         "blood_type": rng.choice(["A", "B", "AB", "O"]) + rng.choice(["+", "-"]),
     }
@@ -211,16 +238,23 @@ def _person(rng: random.Random) -> dict[str, str]:
 
 def _records(rng: random.Random, num_records: int, num_users: int) -> list[dict[str, str]]:
     if num_users * len(QUESTIONS) < num_records:
-        raise ValueError(f"num_users={num_users} people give at most {num_users * len(QUESTIONS)} "
-                         f"records; raise num_users or leave it unset")
+        raise ValueError(
+            f"num_users={num_users} people give at most {num_users * len(QUESTIONS)} "
+            f"records; raise num_users or leave it unset"
+        )
     people = [(f"{f} {la}", _person(rng)) for f, la in _unique_names(rng, num_users, middle=True)]
     pairs = [(i, attr) for i in range(num_users) for attr in QUESTIONS]
     out = []
     for i, attr in rng.sample(pairs, num_records):
         name, facts = people[i]
         questions, answer = QUESTIONS[attr]
-        out.append({"prompt": rng.choice(questions).format(p=name),
-                    "response": answer.format(p=name, v=facts[attr]), "user": name})
+        out.append(
+            {
+                "prompt": rng.choice(questions).format(p=name),
+                "response": answer.format(p=name, v=facts[attr]),
+                "user": name,
+            }
+        )
     return out
 
 
@@ -228,7 +262,9 @@ def _records(rng: random.Random, num_records: int, num_users: int) -> list[dict[
 GENERATORS = {"emails": (_emails, 8), "records": (_records, 4)}
 
 
-def generate(dataset: str, *, num_records: int, seed: int, num_users: int | None = None) -> list[dict[str, str]]:
+def generate(
+    dataset: str, *, num_records: int, seed: int, num_users: int | None = None
+) -> list[dict[str, str]]:
     """``num_records`` records {prompt, response, user} of ``dataset`` ("emails" or "records"),
     with distinct prompts, deterministic in (dataset, num_records, seed, num_users).
 
@@ -243,12 +279,21 @@ def generate(dataset: str, *, num_records: int, seed: int, num_users: int | None
     if num_users is None:
         num_users = max(4, math.ceil(num_records / per_user))
     elif isinstance(num_users, bool) or not isinstance(num_users, int) or num_users < 1:
-        raise ValueError(f"num_users={num_users!r} must be an integer >= 1 (or null for the default)")
+        raise ValueError(
+            f"num_users={num_users!r} must be an integer >= 1 (or null for the default)"
+        )
     return fn(random.Random(f"{dataset}:{seed}"), num_records, num_users)
 
 
-def make_splits(dataset: str, *, num_train: int, num_val: int, num_test: int, seed: int,
-                num_users: int | None = None) -> dict[str, list[dict[str, str]]]:
+def make_splits(
+    dataset: str,
+    *,
+    num_train: int,
+    num_val: int,
+    num_test: int,
+    seed: int,
+    num_users: int | None = None,
+) -> dict[str, list[dict[str, str]]]:
     """{"train", "validation", "test"} record lists, disjoint (no prompt in two splits).
 
     All splits share one population of users: the emails task is to write the replies of known
@@ -256,14 +301,25 @@ def make_splits(dataset: str, *, num_train: int, num_val: int, num_test: int, se
     for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}={value!r} must be an integer >= 0")
-    recs = generate(dataset, num_records=num_train + num_val + num_test, seed=seed, num_users=num_users)
-    return {"train": recs[:num_train], "validation": recs[num_train:num_train + num_val],
-            "test": recs[num_train + num_val:]}
+    recs = generate(
+        dataset, num_records=num_train + num_val + num_test, seed=seed, num_users=num_users
+    )
+    return {
+        "train": recs[:num_train],
+        "validation": recs[num_train : num_train + num_val],
+        "test": recs[num_train + num_val :],
+    }
 
 
 def plant_canaries(
-    records: list[dict[str, Any]], *, num_canaries: int, repetitions: int, seed: int,
-    template: str = CANARY_TEMPLATE, prompt: str = CANARY_PROMPT, num_digits: int = 9,
+    records: list[dict[str, Any]],
+    *,
+    num_canaries: int,
+    repetitions: int,
+    seed: int,
+    template: str = CANARY_TEMPLATE,
+    prompt: str = CANARY_PROMPT,
+    num_digits: int = 9,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Insert ``num_canaries`` random secrets, each repeated ``repetitions`` times.
 
@@ -280,11 +336,15 @@ def plant_canaries(
     if isinstance(num_canaries, bool) or not isinstance(num_canaries, int) or num_canaries < 0:
         raise ValueError(f"num_canaries={num_canaries!r} must be an integer >= 0")
     if isinstance(repetitions, bool) or not isinstance(repetitions, int) or repetitions < 1:
-        raise ValueError(f"repetitions={repetitions!r} (canary_repetitions) must be an integer >= 1")
+        raise ValueError(
+            f"repetitions={repetitions!r} (canary_repetitions) must be an integer >= 1"
+        )
     if template.count("{secret}") != 1:
         raise ValueError(f"template={template!r} must contain '{{secret}}' exactly once")
     if not 1 <= num_digits <= 18 or 10**num_digits < num_canaries:
-        raise ValueError(f"num_digits={num_digits} must be in [1, 18] with room for {num_canaries} secrets")
+        raise ValueError(
+            f"num_digits={num_digits} must be in [1, 18] with room for {num_canaries} secrets"
+        )
     rng = random.Random(f"canary:{seed}")
     prefix = template.split("{secret}")[0]
     out, canaries, secrets_seen = list(records), [], set()
@@ -294,8 +354,17 @@ def plant_canaries(
             secret = f"{rng.randrange(10**num_digits):0{num_digits}d}"
         secrets_seen.add(secret)
         text, user = template.replace("{secret}", secret), f"canary-{i}"
-        canaries.append({"secret": secret, "prefix": prefix, "text": text, "prompt": prompt,
-                         "repetitions": repetitions, "user": user, "num_digits": num_digits})
+        canaries.append(
+            {
+                "secret": secret,
+                "prefix": prefix,
+                "text": text,
+                "prompt": prompt,
+                "repetitions": repetitions,
+                "user": user,
+                "num_digits": num_digits,
+            }
+        )
         for _ in range(repetitions):
             out.insert(rng.randint(0, len(out)), {"prompt": prompt, "response": text, "user": user})
     return out, canaries

@@ -139,7 +139,13 @@ def privatize(
     # 6. The clip bound for the next step (private quantile: noisy counts, same generator).
     clip_rate = clip.update(norms=all_norms, expected_batch_size=expected, generator=generator)
     return PrivateStep(
-        grads=grads, max_grad_norm=c, grad_noise_multiplier=grad_sigma,
-        noise_std=grad_sigma * c / expected, clip_rate=clip_rate, norms=all_norms,
-        losses=losses_t, batch_size=int(counts[0].item()), num_nonfinite=int(counts[1].item()),
+        grads=grads,
+        max_grad_norm=c,
+        grad_noise_multiplier=grad_sigma,
+        noise_std=grad_sigma * c / expected,
+        clip_rate=clip_rate,
+        norms=all_norms,
+        losses=losses_t,
+        batch_size=int(counts[0].item()),
+        num_nonfinite=int(counts[1].item()),
     )

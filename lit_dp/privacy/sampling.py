@@ -73,10 +73,18 @@ class SampleRateSchedule:
             _check_rate("end_rate", self.end_rate, self.kind)
             if self.sample_rate is not None:
                 raise ValueError("sample_rate is only used by kind='constant'; use start_rate")
-            if isinstance(self.ramp_steps, bool) or int(self.ramp_steps) != self.ramp_steps or self.ramp_steps < 1:
-                raise ValueError(f"ramp_steps={self.ramp_steps!r} must be an integer >= 1 for kind='linear'")
+            if (
+                isinstance(self.ramp_steps, bool)
+                or int(self.ramp_steps) != self.ramp_steps
+                or self.ramp_steps < 1
+            ):
+                raise ValueError(
+                    f"ramp_steps={self.ramp_steps!r} must be an integer >= 1 for kind='linear'"
+                )
         else:
-            raise ValueError(f"kind={self.kind!r} must be 'constant' or 'linear' (the schedule kind)")
+            raise ValueError(
+                f"kind={self.kind!r} must be 'constant' or 'linear' (the schedule kind)"
+            )
 
     @classmethod
     def constant(cls, sample_rate: float) -> SampleRateSchedule:
@@ -123,8 +131,12 @@ class SampleRateSchedule:
     def describe(self) -> dict[str, Any]:
         if self.kind == "constant":
             return {"kind": "constant", "sample_rate": self.sample_rate}
-        return {"kind": "linear", "start_rate": self.start_rate, "end_rate": self.end_rate,
-                "ramp_steps": self.ramp_steps}
+        return {
+            "kind": "linear",
+            "start_rate": self.start_rate,
+            "end_rate": self.end_rate,
+            "ramp_steps": self.ramp_steps,
+        }
 
 
 class PoissonBatch(list):
@@ -148,7 +160,9 @@ def _rebuild_batch(indices: list[int], step: int, sample_rate: float) -> Poisson
 
 def _step_seed(seed: int, step: int) -> int:
     """63-bit generator seed of (seed, step); a hash, so no two (seed, step) pairs share it."""
-    digest = hashlib.blake2b(f"lit_dp.poisson:{int(seed)}:{int(step)}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(
+        f"lit_dp.poisson:{int(seed)}:{int(step)}".encode(), digest_size=8
+    ).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
@@ -172,8 +186,9 @@ def inclusion_thresholds(sample_rate: float, *, bits: int = _UNIFORM_BITS) -> tu
     return whole, math.floor((scaled - whole) * 2.0**bits)
 
 
-def bernoulli_draw(num_units: int, sample_rate: float, *, generator: torch.Generator,
-                   bits: int = _UNIFORM_BITS) -> torch.Tensor:
+def bernoulli_draw(
+    num_units: int, sample_rate: float, *, generator: torch.Generator, bits: int = _UNIFORM_BITS
+) -> torch.Tensor:
     """(num_units,) bool: independent Bernoulli(q) with realized probability exactly q (see
     :func:`inclusion_thresholds`), drawn from ``generator`` on the CPU."""
     whole, tie = inclusion_thresholds(sample_rate, bits=bits)
@@ -232,7 +247,9 @@ class PoissonBatchSampler:
     ) -> None:
         _check_int("num_units", num_units, 1)
         if not isinstance(schedule, SampleRateSchedule):
-            raise ValueError(f"schedule must be a SampleRateSchedule, got {type(schedule).__name__}")
+            raise ValueError(
+                f"schedule must be a SampleRateSchedule, got {type(schedule).__name__}"
+            )
         _check_int("seed", seed, -(2**63))
         if steps_per_epoch is not None:
             _check_int("steps_per_epoch", steps_per_epoch, 1)

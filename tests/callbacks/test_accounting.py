@@ -69,11 +69,15 @@ def test_unknown_accountant_is_refused():
         PrivacyAccounting(accountant="gdp")  # type: ignore[arg-type]
 
 
-
 @pytest.mark.parametrize(
     ("num_units", "expected"),
-    [(12, 1e-5), (256, 1e-5), (35_000, 1e-5), (36_000, 1 / 36_000**1.1),
-     (10**7, 1 / (10**7) ** 1.1)],
+    [
+        (12, 1e-5),
+        (256, 1e-5),
+        (35_000, 1e-5),
+        (36_000, 1 / 36_000**1.1),
+        (10**7, 1 / (10**7) ** 1.1),
+    ],
     ids=["12-users", "N256", "N35k", "N36k", "N1e7"],
 )
 def test_default_delta_is_min_of_1e5_and_inverse_n_pow_1_1(num_units, expected):
@@ -94,26 +98,55 @@ def test_explicit_delta_above_1e5_warns_and_at_or_above_1_over_n_fails():
         check_delta(1 / 250, 256)
 
 
-@pytest.mark.parametrize(("limits", "named"),
-                         [({"min_steps": 3}, "trainer.min_steps=3"),
-                          ({"min_epochs": 2}, "trainer.min_epochs=2")],
-                         ids=["min_steps", "min_epochs"])
+@pytest.mark.parametrize(
+    ("limits", "named"),
+    [({"min_steps": 3}, "trainer.min_steps=3"), ({"min_epochs": 2}, "trainer.min_epochs=2")],
+    ids=["min_steps", "min_epochs"],
+)
 def test_budget_stop_with_a_minimum_length_is_refused_before_training(tmp_path, limits, named):
-    dm = SyntheticDataModule(tokenizer=tiny_tokenizer(), num_train=32, num_val=0, num_test=0,
-                             max_length=512, batch_schedule=ConstantBatchSize(8.0), sampling_seed=0)
-    module = DPCausalLM(model="tiny-qwen2", noise_multiplier=1.0, clipping=FixedClip(1.0),
-                        eval_before_fit=False, export_dir=None)
-    trainer = L.Trainer(max_steps=50, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False, default_root_dir=tmp_path,
-                        callbacks=[PrivacyAccounting(target_epsilon=3.0)], **limits)
+    dm = SyntheticDataModule(
+        tokenizer=tiny_tokenizer(),
+        num_train=32,
+        num_val=0,
+        num_test=0,
+        max_length=512,
+        batch_schedule=ConstantBatchSize(8.0),
+        sampling_seed=0,
+    )
+    module = DPCausalLM(
+        model="tiny-qwen2",
+        noise_multiplier=1.0,
+        clipping=FixedClip(1.0),
+        eval_before_fit=False,
+        export_dir=None,
+    )
+    trainer = L.Trainer(
+        max_steps=50,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=tmp_path,
+        callbacks=[PrivacyAccounting(target_epsilon=3.0)],
+        **limits,
+    )
     with pytest.raises(ValueError, match=rf"{named} cannot be combined with the budget stop"):
         trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 0
     # Without a budget, the minimum length is allowed.
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False, default_root_dir=tmp_path,
-                        callbacks=[PrivacyAccounting(target_epsilon=None)], min_steps=1)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=tmp_path,
+        callbacks=[PrivacyAccounting(target_epsilon=None)],
+        min_steps=1,
+    )
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2

@@ -11,7 +11,16 @@ from lit_dp.callbacks.clip_lr import ClipDrivenLR, base_schedule, next_lr_multip
 
 @pytest.mark.parametrize(
     "clip_rate,expected",
-    [(0.0, 1.01), (0.05, 1.01), (0.1, 1.0), (0.2, 1.0), (0.3, 1.0), (0.31, 0.995), (0.9, 0.995), (None, 1.0)],
+    [
+        (0.0, 1.01),
+        (0.05, 1.01),
+        (0.1, 1.0),
+        (0.2, 1.0),
+        (0.3, 1.0),
+        (0.31, 0.995),
+        (0.9, 0.995),
+        (None, 1.0),
+    ],
 )
 def test_rule(clip_rate, expected):
     assert next_lr_multiplier(1.0, clip_rate, target_clip_rate=0.2) == pytest.approx(expected)
@@ -37,7 +46,10 @@ def test_cosine_schedule():
     assert base_schedule(9, **kw) == pytest.approx(1.0)
     assert base_schedule(60, **kw) == pytest.approx(0.55)
     assert base_schedule(110, **kw) == pytest.approx(0.1)
-    assert base_schedule(500, kind="constant", warmup_steps=0, total_steps=None, min_lr_ratio=0.1) == 1.0
+    assert (
+        base_schedule(500, kind="constant", warmup_steps=0, total_steps=None, min_lr_ratio=0.1)
+        == 1.0
+    )
 
 
 def test_callback_sets_lr_and_updates_gamma_from_record():
@@ -60,7 +72,14 @@ def test_callback_sets_lr_and_updates_gamma_from_record():
     assert restored.gamma == cb.gamma
 
 
-@pytest.mark.parametrize("field,kwargs", [("warmup_steps", {"warmup_steps": -1}), ("target_clip_rate", {"target_clip_rate": 1.5}), ("schedule", {"schedule": "linear"})])
+@pytest.mark.parametrize(
+    "field,kwargs",
+    [
+        ("warmup_steps", {"warmup_steps": -1}),
+        ("target_clip_rate", {"target_clip_rate": 1.5}),
+        ("schedule", {"schedule": "linear"}),
+    ],
+)
 def test_bad_args(field, kwargs):
     with pytest.raises(ValueError, match=field):
         ClipDrivenLR(**kwargs)

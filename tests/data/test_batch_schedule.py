@@ -44,10 +44,26 @@ from lit_dp.privacy.sampling import SampleRateSchedule
         (lambda: LinearSampleRateRamp(start_rate=0.1, end_rate=0.2, ramp_steps=-1), "ramp_steps"),
         (lambda: LinearSampleRateRamp(start_rate=0.1, end_rate=0.2, ramp_steps=True), "ramp_steps"),
     ],
-    ids=["ebs-zero", "ebs-negative", "ebs-nan", "ebs-inf", "ebs-bool", "ebs-str", "rate-zero",
-         "rate-gt-1", "rate-nan", "rate-bool", "ramp-start-zero", "ramp-end-negative",
-         "ramp-steps-zero", "ramp-steps-float", "rate-ramp-start-zero", "rate-ramp-end-gt-1",
-         "rate-ramp-steps-negative", "rate-ramp-steps-bool"],
+    ids=[
+        "ebs-zero",
+        "ebs-negative",
+        "ebs-nan",
+        "ebs-inf",
+        "ebs-bool",
+        "ebs-str",
+        "rate-zero",
+        "rate-gt-1",
+        "rate-nan",
+        "rate-bool",
+        "ramp-start-zero",
+        "ramp-end-negative",
+        "ramp-steps-zero",
+        "ramp-steps-float",
+        "rate-ramp-start-zero",
+        "rate-ramp-end-gt-1",
+        "rate-ramp-steps-negative",
+        "rate-ramp-steps-bool",
+    ],
 )
 def test_bad_fields_name_the_field(make, field):
     with pytest.raises(ValueError, match=rf"data\.batch_schedule\.{field}=") as exc:
@@ -65,7 +81,9 @@ def test_bad_fields_name_the_field(make, field):
     ids=["constant", "ramp-start", "ramp-end"],
 )
 def test_expected_batch_size_above_n_says_to_lower_it(schedule, field):
-    with pytest.raises(ValueError, match=rf"{field}=11 exceeds the 10 privacy units; lower it") as exc:
+    with pytest.raises(
+        ValueError, match=rf"{field}=11 exceeds the 10 privacy units; lower it"
+    ) as exc:
         schedule.sample_rates(10)
     assert "q = expected batch size / N must be <= 1" in str(exc.value)
     schedule.sample_rates(11)  # E[B] = N is q = 1: allowed

@@ -59,14 +59,21 @@ def qa(i, user=None):
 
 def rows_of(batch):
     """The rows of a batch as token tuples without padding (order-free comparisons)."""
-    return sorted(tuple(ids[m.bool()].tolist()) for ids, m in zip(batch["input_ids"], batch["attention_mask"], strict=True))
+    return sorted(
+        tuple(ids[m.bool()].tolist())
+        for ids, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    )
 
 
 def fake_trainer(*, step=0, rank=0, world=1, seed_from_rank0=None, distributed_sampler=False):
     return SimpleNamespace(
-        global_step=step, global_rank=rank, world_size=world,
+        global_step=step,
+        global_rank=rank,
+        world_size=world,
         _accelerator_connector=SimpleNamespace(use_distributed_sampler=distributed_sampler),
-        strategy=SimpleNamespace(broadcast=lambda obj, src=0: seed_from_rank0 if seed_from_rank0 is not None else obj),
+        strategy=SimpleNamespace(
+            broadcast=lambda obj, src=0: seed_from_rank0 if seed_from_rank0 is not None else obj
+        ),
     )
 
 
@@ -80,8 +87,9 @@ def test_chat_template_labels_are_exactly_the_assistant_part(tok):
     assert labels[n_masked:] == ids[n_masked:]
     assert tok.decode(ids[n_masked:]) == "General Kenobi<|eos|>"  # the end-of-turn is labeled
     # Reference: the prompt turn with the generation prompt is exactly the masked part.
-    head = tok.apply_chat_template([{"role": "user", "content": "Hello there"}], tokenize=False,
-                                   add_generation_prompt=True)
+    head = tok.apply_chat_template(
+        [{"role": "user", "content": "Hello there"}], tokenize=False, add_generation_prompt=True
+    )
     assert tok.decode(ids[:n_masked]) == head == "<|bos|>user\nHello there<|eos|><|bos|>assistant\n"
 
 
@@ -119,7 +127,8 @@ def test_text_record_loss_on_all_tokens(tok, loss_on):
 def test_batched_encoding_equals_one_by_one(tok):
     recs = [qa(1), {"text": "t"}, {"prompt": "p" * 30, "response": ""}, qa(22)]
     assert encode_records(tok, recs, loss_on="response") == [
-        encode_record(tok, r, loss_on="response") for r in recs]
+        encode_record(tok, r, loss_on="response") for r in recs
+    ]
 
 
 def test_collate_right_pads():
@@ -143,7 +152,9 @@ def test_train_batch_padding_and_masking_with_template(tok):
     dm.setup("fit")
     (b,) = list(dm.train_dataloader())
     assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
-    for ids, lab, m, rec in zip(b["input_ids"], b["labels"], b["attention_mask"], recs, strict=True):
+    for ids, lab, m, rec in zip(
+        b["input_ids"], b["labels"], b["attention_mask"], recs, strict=True
+    ):
         n = int(m.sum())
         assert (ids[n:] == tok.pad_token_id).all() and (lab[n:] == -100).all()  # right padding
         assert tok.decode(lab[lab != -100]) == rec["response"] + "<|eos|>"  # prompt tokens masked
@@ -171,12 +182,16 @@ def test_explicit_sample_rate():
 
 
 def test_linear_schedules():
-    dm = ListDataModule([qa(i) for i in range(20)],
-                        batch_schedule=LinearBatchSizeRamp(start=2, end=10, ramp_steps=4))
+    dm = ListDataModule(
+        [qa(i) for i in range(20)],
+        batch_schedule=LinearBatchSizeRamp(start=2, end=10, ramp_steps=4),
+    )
     dm.setup("fit")
     assert dm.schedule.rates(5) == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5], abs=1e-12)
-    dm = ListDataModule([qa(i) for i in range(20)],
-                        batch_schedule=LinearSampleRateRamp(start_rate=0.4, end_rate=0.2, ramp_steps=2))
+    dm = ListDataModule(
+        [qa(i) for i in range(20)],
+        batch_schedule=LinearSampleRateRamp(start_rate=0.4, end_rate=0.2, ramp_steps=2),
+    )
     dm.setup("fit")
     assert dm.schedule.rates(3) == pytest.approx([0.4, 0.3, 0.2], abs=1e-12)
     batches = list(dm.train_dataloader())
@@ -205,8 +220,11 @@ def test_units_and_schedule_without_a_tokenizer_equal_setup(kwargs):
 
 @pytest.mark.parametrize("field", ["expected_batch_size", "end"])
 def test_expected_batch_size_above_n_raises(field):
-    kw = {"batch_schedule": ConstantBatchSize(6) if field == "expected_batch_size"
-          else LinearBatchSizeRamp(start=2, end=6, ramp_steps=2)}
+    kw = {
+        "batch_schedule": ConstantBatchSize(6)
+        if field == "expected_batch_size"
+        else LinearBatchSizeRamp(start=2, end=6, ramp_steps=2)
+    }
     dm = ListDataModule([qa(i) for i in range(5)], **kw)
     with pytest.raises(ValueError, match=rf"{field}=6 exceeds the 5 privacy units"):
         dm.setup("fit")
@@ -229,9 +247,20 @@ def test_expected_batch_size_above_n_raises(field):
         ({"tokenizer": ""}, "tokenizer"),
         ({"tokenizer": 3}, "tokenizer"),
     ],
-    ids=["not-a-schedule", "max-length", "privacy-unit", "group-no-key", "steps-per-epoch",
-         "float-seed", "eval-bs", "loss-on", "truncate", "workers", "empty-tokenizer",
-         "bad-tokenizer"],
+    ids=[
+        "not-a-schedule",
+        "max-length",
+        "privacy-unit",
+        "group-no-key",
+        "steps-per-epoch",
+        "float-seed",
+        "eval-bs",
+        "loss-on",
+        "truncate",
+        "workers",
+        "empty-tokenizer",
+        "bad-tokenizer",
+    ],
 )
 def test_bad_args_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -251,8 +280,11 @@ def test_too_long_record_names_index_and_max_length():
 
 
 def test_truncate_counts_in_report():
-    recs = [{"prompt": "a", "response": "b"}, {"prompt": "a" * 50, "response": "b"},
-            {"text": "z" * 40}]
+    recs = [
+        {"prompt": "a", "response": "b"},
+        {"prompt": "a" * 50, "response": "b"},
+        {"text": "z" * 40},
+    ]
     dm = ListDataModule(recs, batch_schedule=ConstantBatchSize(1), max_length=40, truncate=True)
     with pytest.warns(UserWarning, match="1 of 3 training records have no token to learn"):
         dm.setup("fit")
@@ -280,7 +312,9 @@ def test_tokenizer_source_string_is_loaded_lazily(monkeypatch):
         return tiny_tokenizer()
 
     monkeypatch.setattr("lit_dp.models.load_tokenizer", fake_load)
-    dm = ListDataModule([qa(i) for i in range(4)], tokenizer="tiny-qwen2", batch_schedule=ConstantBatchSize(1))
+    dm = ListDataModule(
+        [qa(i) for i in range(4)], tokenizer="tiny-qwen2", batch_schedule=ConstantBatchSize(1)
+    )
     assert calls == [] and dm.tokenizer is None
     dm.setup("fit")
     assert calls == ["tiny-qwen2"] and dm.tokenizer is not None
@@ -300,7 +334,9 @@ def test_disk_cache_is_reused_and_keyed_by_max_length(tmp_path, monkeypatch):
     again.setup("fit")
     assert again.encoded == first.encoded
     with pytest.raises(AssertionError, match="tokenized again"):
-        ListDataModule(recs, cache_dir=str(tmp_path), batch_schedule=ConstantBatchSize(1), max_length=64).setup("fit")
+        ListDataModule(
+            recs, cache_dir=str(tmp_path), batch_schedule=ConstantBatchSize(1), max_length=64
+        ).setup("fit")
 
 
 # --- training batches ----------------------------------------------------------------------
@@ -319,7 +355,9 @@ def test_train_batches_keys_steps_and_epoch_length():
         assert b["input_ids"].shape[0] == b["attention_mask"].sum(1).gt(0).sum()
     # The next epoch continues the global step.
     assert [b["step"] for b in loader] == [5, 6, 7, 8, 9]
-    dm = ListDataModule([qa(i) for i in range(30)], batch_schedule=ConstantBatchSize(6), steps_per_epoch=3)
+    dm = ListDataModule(
+        [qa(i) for i in range(30)], batch_schedule=ConstantBatchSize(6), steps_per_epoch=3
+    )
     dm.setup("fit")
     assert len(dm.train_dataloader()) == 3
 
@@ -327,7 +365,13 @@ def test_train_batches_keys_steps_and_epoch_length():
 @pytest.mark.parametrize("unit", ["example", "group"])
 def test_empty_train_batch(unit):
     recs = [qa(i, user=f"u{i}") for i in range(3)]
-    dm = ListDataModule(recs, batch_schedule=ConstantSampleRate(1e-6), steps_per_epoch=3, privacy_unit=unit, group_key="user")
+    dm = ListDataModule(
+        recs,
+        batch_schedule=ConstantSampleRate(1e-6),
+        steps_per_epoch=3,
+        privacy_unit=unit,
+        group_key="user",
+    )
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     assert [b["step"] for b in batches] == [0, 1, 2]  # empty batches are still steps
@@ -342,7 +386,13 @@ def test_empty_train_batch(unit):
 def test_group_units_sample_whole_groups():
     users = ["u0", "u1", "u0", "u2", "u1", "u0"]
     recs = [qa(i, user=u) for i, u in enumerate(users)]
-    dm = ListDataModule(recs, batch_schedule=ConstantSampleRate(0.5), privacy_unit="group", group_key="user", steps_per_epoch=20)
+    dm = ListDataModule(
+        recs,
+        batch_schedule=ConstantSampleRate(0.5),
+        privacy_unit="group",
+        group_key="user",
+        steps_per_epoch=20,
+    )
     dm.setup("fit")
     assert dm.num_units == 3
     rep = dm.data_report()
@@ -359,8 +409,15 @@ def test_group_units_sample_whole_groups():
         seen.update(present)
         for u in present:  # all records of a sampled group, contiguous
             first = uids.index(u)
-            assert uids[first:first + len(members[u])] == [u] * len(members[u]) == [x for x in uids if x == u]
-            got = [b["input_ids"][first + k][: len(encoded[r][0])].tolist() for k, r in enumerate(members[u])]
+            assert (
+                uids[first : first + len(members[u])]
+                == [u] * len(members[u])
+                == [x for x in uids if x == u]
+            )
+            got = [
+                b["input_ids"][first + k][: len(encoded[r][0])].tolist()
+                for k, r in enumerate(members[u])
+            ]
             assert got == [encoded[r][0] for r in members[u]]
     assert seen == {0, 1, 2}
 
@@ -368,7 +425,9 @@ def test_group_units_sample_whole_groups():
 def test_num_units_example_vs_group():
     recs = [qa(i, user=f"u{i % 4}") for i in range(10)]
     ex = ListDataModule(recs, batch_schedule=ConstantBatchSize(1))
-    grp = ListDataModule(recs, batch_schedule=ConstantBatchSize(1), privacy_unit="group", group_key="user")
+    grp = ListDataModule(
+        recs, batch_schedule=ConstantBatchSize(1), privacy_unit="group", group_key="user"
+    )
     ex.setup("fit")
     grp.setup("fit")
     assert (ex.num_units, grp.num_units) == (10, 4)
@@ -376,8 +435,12 @@ def test_num_units_example_vs_group():
 
 
 def test_group_record_without_group_field_raises():
-    dm = ListDataModule([qa(0, user="a"), qa(1)], batch_schedule=ConstantBatchSize(1), privacy_unit="group",
-                        group_key="user")
+    dm = ListDataModule(
+        [qa(0, user="a"), qa(1)],
+        batch_schedule=ConstantBatchSize(1),
+        privacy_unit="group",
+        group_key="user",
+    )
     with pytest.raises(ValueError, match=r"record 1 has no group_key field 'user'"):
         dm.setup("fit")
 
@@ -390,27 +453,37 @@ def test_example_units_have_no_unit_ids():
 
 
 def test_eval_loaders_are_sequential_without_sample_rate():
-    dm = ListDataModule([qa(i) for i in range(4)], validation=[qa(i) for i in range(5)],
-                        batch_schedule=ConstantBatchSize(1), eval_batch_size=2)
+    dm = ListDataModule(
+        [qa(i) for i in range(4)],
+        validation=[qa(i) for i in range(5)],
+        batch_schedule=ConstantBatchSize(1),
+        eval_batch_size=2,
+    )
     dm.setup("fit")
     val = list(dm.val_dataloader())
     assert [b["input_ids"].shape[0] for b in val] == [2, 2, 1]
     for b in val:
         assert set(b) == {"input_ids", "attention_mask", "labels"}
-    assert torch.equal(val[0]["input_ids"][0, : len(dm.encoded["validation"][0][0])],
-                       torch.tensor(dm.encoded["validation"][0][0]))
+    assert torch.equal(
+        val[0]["input_ids"][0, : len(dm.encoded["validation"][0][0])],
+        torch.tensor(dm.encoded["validation"][0][0]),
+    )
     assert dm.test_dataloader() == []
 
 
 # --- DDP shards and resume -----------------------------------------------------------------
 def test_ddp_ranks_shard_one_global_draw_with_rank0_seed():
     recs = [qa(i) for i in range(40)]
-    single = ListDataModule(recs, batch_schedule=ConstantSampleRate(0.3), sampling_seed=1234, steps_per_epoch=4)
+    single = ListDataModule(
+        recs, batch_schedule=ConstantSampleRate(0.3), sampling_seed=1234, steps_per_epoch=4
+    )
     single.setup("fit")
     ref = list(single.train_dataloader())
     shards = []
     for rank in range(2):
-        dm = ListDataModule(recs, batch_schedule=ConstantSampleRate(0.3), sampling_seed=None, steps_per_epoch=4)
+        dm = ListDataModule(
+            recs, batch_schedule=ConstantSampleRate(0.3), sampling_seed=None, steps_per_epoch=4
+        )
         dm.trainer = fake_trainer(rank=rank, world=2, seed_from_rank0=1234)
         dm.setup("fit")
         assert dm.sampling_seed == 1234  # every rank takes rank 0's seed
@@ -432,10 +505,14 @@ def test_distributed_sampler_is_refused():
 
 def test_state_dict_resume_without_trainer():
     recs = [qa(i) for i in range(20)]
-    ref_dm = ListDataModule(recs, batch_schedule=ConstantBatchSize(5), sampling_seed=11, steps_per_epoch=6)
+    ref_dm = ListDataModule(
+        recs, batch_schedule=ConstantBatchSize(5), sampling_seed=11, steps_per_epoch=6
+    )
     ref_dm.setup("fit")
     ref = list(ref_dm.train_dataloader())
-    run = ListDataModule(recs, batch_schedule=ConstantBatchSize(5), sampling_seed=11, steps_per_epoch=6)
+    run = ListDataModule(
+        recs, batch_schedule=ConstantBatchSize(5), sampling_seed=11, steps_per_epoch=6
+    )
     run.setup("fit")
     it = iter(run.train_dataloader())
     for _ in range(2):
@@ -443,7 +520,9 @@ def test_state_dict_resume_without_trainer():
     state = run.state_dict()
     assert state == {"sampling_seed": 11, "next_step": 2}
 
-    dm = ListDataModule(recs, batch_schedule=ConstantBatchSize(5), sampling_seed=999, steps_per_epoch=6)
+    dm = ListDataModule(
+        recs, batch_schedule=ConstantBatchSize(5), sampling_seed=999, steps_per_epoch=6
+    )
     dm.load_state_dict(state)  # Lightning: after setup, before train_dataloader
     dm.setup("fit")
     batches = list(dm.train_dataloader())
@@ -456,11 +535,15 @@ def test_state_dict_resume_without_trainer():
 def test_worker_prefetch_does_not_shift_resume():
     """A DataLoader worker prefetches batches ahead; the step comes from the trainer's counter."""
     recs = [qa(i) for i in range(30)]
-    ref_dm = ListDataModule(recs, batch_schedule=ConstantBatchSize(6), sampling_seed=4, steps_per_epoch=8)
+    ref_dm = ListDataModule(
+        recs, batch_schedule=ConstantBatchSize(6), sampling_seed=4, steps_per_epoch=8
+    )
     ref_dm.setup("fit")
     ref = list(ref_dm.train_dataloader())
 
-    dm = ListDataModule(recs, batch_schedule=ConstantBatchSize(6), sampling_seed=4, steps_per_epoch=8, num_workers=1)
+    dm = ListDataModule(
+        recs, batch_schedule=ConstantBatchSize(6), sampling_seed=4, steps_per_epoch=8, num_workers=1
+    )
     dm.trainer = trainer = fake_trainer()
     dm.setup("fit")
     it = iter(dm.train_dataloader())
@@ -473,7 +556,9 @@ def test_worker_prefetch_does_not_shift_resume():
     assert state == {"sampling_seed": 4, "next_step": 3}
     del it
 
-    resumed = ListDataModule(recs, batch_schedule=ConstantBatchSize(6), sampling_seed=None, steps_per_epoch=8)
+    resumed = ListDataModule(
+        recs, batch_schedule=ConstantBatchSize(6), sampling_seed=None, steps_per_epoch=8
+    )
     resumed.trainer = fake_trainer(step=3)  # Lightning restores global_step from the checkpoint
     resumed.setup("fit")
     resumed.load_state_dict(state)
@@ -501,14 +586,33 @@ class _Recorder(L.LightningModule):
 
 
 def _fit(tmp_path, max_steps, seed, ckpt_path=None, every=None):
-    dm = ListDataModule([qa(i) for i in range(24)], batch_schedule=ConstantBatchSize(4), sampling_seed=seed,
-                        steps_per_epoch=4, num_workers=1)
+    dm = ListDataModule(
+        [qa(i) for i in range(24)],
+        batch_schedule=ConstantBatchSize(4),
+        sampling_seed=seed,
+        steps_per_epoch=4,
+        num_workers=1,
+    )
     module = _Recorder()
-    cbs = [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1)] if every else []
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        enable_checkpointing=bool(every), callbacks=cbs, default_root_dir=tmp_path)
+    cbs = (
+        [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1)]
+        if every
+        else []
+    )
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=bool(every),
+        callbacks=cbs,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return module.seen
 
@@ -519,16 +623,27 @@ def test_lightning_crash_resume_draws_the_uninterrupted_batches(tmp_path):
     assert [s for s, _ in full] == list(range(7))  # across an epoch boundary (4 per epoch)
     _fit(tmp_path / "b", 3, seed=5, every=3)  # "crash" mid-epoch after the step-3 checkpoint
     ckpt = next((tmp_path / "b").glob("*step=3*.ckpt"))
-    assert torch.load(ckpt, weights_only=False)["ListDataModule"] == {"sampling_seed": 5, "next_step": 3}
+    assert torch.load(ckpt, weights_only=False)["ListDataModule"] == {
+        "sampling_seed": 5,
+        "next_step": 3,
+    }
     resumed = _fit(tmp_path / "c", 7, seed=None, ckpt_path=str(ckpt))  # seed from the checkpoint
     assert resumed == full[3:]
 
 
 # --- synthetic -----------------------------------------------------------------------------
 def test_synthetic_datamodule_with_canaries():
-    dm = SyntheticDataModule(dataset="records", num_train=30, num_val=4, num_test=3,
-                             num_canaries=2, canary_repetitions=3, tokenizer=tiny_tokenizer(),
-                             batch_schedule=ConstantBatchSize(4), sampling_seed=0)
+    dm = SyntheticDataModule(
+        dataset="records",
+        num_train=30,
+        num_val=4,
+        num_test=3,
+        num_canaries=2,
+        canary_repetitions=3,
+        tokenizer=tiny_tokenizer(),
+        batch_schedule=ConstantBatchSize(4),
+        sampling_seed=0,
+    )
     dm.setup("fit")
     assert dm.num_units == 36 and len(dm.canaries) == 2
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": 36, "validation": 4, "test": 3}
@@ -540,9 +655,16 @@ def test_synthetic_datamodule_with_canaries():
 
 
 def test_synthetic_group_units_are_users():
-    dm = SyntheticDataModule(dataset="emails", num_train=40, num_val=0, num_test=0,
-                             tokenizer=tiny_tokenizer(), batch_schedule=ConstantBatchSize(2),
-                             privacy_unit="group", max_length=512)
+    dm = SyntheticDataModule(
+        dataset="emails",
+        num_train=40,
+        num_val=0,
+        num_test=0,
+        tokenizer=tiny_tokenizer(),
+        batch_schedule=ConstantBatchSize(2),
+        privacy_unit="group",
+        max_length=512,
+    )
     dm.setup("fit")
     assert dm.num_units == len({r["user"] for r in dm.splits["train"]}) > 1
     assert dm.data_report()["group_key"] == "user"
@@ -550,9 +672,14 @@ def test_synthetic_group_units_are_users():
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"dataset": "news"}, "dataset"), ({"num_train": 0}, "empty"), ({"num_val": -1}, "num_val"),
-     ({"num_canaries": -1}, "num_canaries"), ({"canary_repetitions": 0}, "canary_repetitions"),
-     ({"num_users": 0}, "num_users")],
+    [
+        ({"dataset": "news"}, "dataset"),
+        ({"num_train": 0}, "empty"),
+        ({"num_val": -1}, "num_val"),
+        ({"num_canaries": -1}, "num_canaries"),
+        ({"canary_repetitions": 0}, "canary_repetitions"),
+        ({"num_users": 0}, "num_users"),
+    ],
     ids=["dataset", "num-train", "num-val", "canaries", "repetitions", "users"],
 )
 def test_synthetic_bad_args(kwargs, field):

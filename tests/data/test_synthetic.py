@@ -119,7 +119,9 @@ def test_canaries_planted(num, reps):
         assert c["user"] == f"canary-{i}"
         copies = [r for r in out if r["response"] == c["text"]]
         assert len(copies) == reps
-        assert all(r == {"prompt": c["prompt"], "response": c["text"], "user": c["user"]} for r in copies)
+        assert all(
+            r == {"prompt": c["prompt"], "response": c["text"], "user": c["user"]} for r in copies
+        )
     planted = [r for r in out if any(c["secret"] in r["response"] for c in canaries)]
     assert len(planted) == num * reps
     # Original records keep their order.
@@ -128,8 +130,14 @@ def test_canaries_planted(num, reps):
 
 
 def test_canary_template_and_digits():
-    out, (c,) = plant_canaries([], num_canaries=1, repetitions=2, seed=0,
-                               template="The vault code of Ana is {secret}, keep it.", num_digits=6)
+    out, (c,) = plant_canaries(
+        [],
+        num_canaries=1,
+        repetitions=2,
+        seed=0,
+        template="The vault code of Ana is {secret}, keep it.",
+        num_digits=6,
+    )
     assert c["prefix"] == "The vault code of Ana is "
     assert re.fullmatch(r"\d{6}", c["secret"])
     assert c["text"] == f"The vault code of Ana is {c['secret']}, keep it."

@@ -37,8 +37,11 @@ def test_inclusion_frequency_matches_q(q):
     assert (counts - steps * q).abs().max().item() < 6 * math.sqrt(steps * q * (1 - q))
 
 
-@pytest.mark.parametrize("q", [1e-6, 0.3, 0.123456789, 2.0**-54, 1.0],
-                         ids=["q1e-6", "q0.3", "q-irregular", "q2^-54", "q1"])
+@pytest.mark.parametrize(
+    "q",
+    [1e-6, 0.3, 0.123456789, 2.0**-54, 1.0],
+    ids=["q1e-6", "q0.3", "q-irregular", "q2^-54", "q1"],
+)
 def test_realized_inclusion_probability_equals_the_accounted_rate(q):
     """The draw includes a unit when U < whole, or U == whole and V < tie (U, V uniform integers
     in [0, 2^53)): its probability, in exact rational arithmetic, is the float64 q itself."""
@@ -65,8 +68,10 @@ def test_two_stage_draw_realizes_the_exact_rate():
 
 def test_batch_sizes_are_binomial_not_fixed():
     n, q, steps = 100, 0.2, 300
-    sizes = torch.tensor([len(b) for b in PoissonBatchSampler(n, const(q), seed=1, steps_per_epoch=steps)],
-                         dtype=torch.float64)
+    sizes = torch.tensor(
+        [len(b) for b in PoissonBatchSampler(n, const(q), seed=1, steps_per_epoch=steps)],
+        dtype=torch.float64,
+    )
     # Binomial(100, 0.2): mean 20, variance 16. A shuffled fixed-size sampler has variance 0.
     assert abs(sizes.mean().item() - n * q) < 5 * math.sqrt(n * q * (1 - q) / steps)
     assert 16 * 0.6 < sizes.var().item() < 16 * 1.6
@@ -123,11 +128,16 @@ def _one_pass_reference(schedule):
 
 @pytest.mark.parametrize(
     "schedule",
-    [const(0.03), const(0.1), const(1 / 3), const(1.0),
-     SampleRateSchedule.linear(start_rate=0.1, end_rate=0.5, ramp_steps=4),
-     SampleRateSchedule.linear(start_rate=0.01, end_rate=0.02, ramp_steps=10),
-     SampleRateSchedule.linear(start_rate=0.3, end_rate=0.01, ramp_steps=1000),
-     SampleRateSchedule.linear(start_rate=0.001, end_rate=0.9, ramp_steps=500)],
+    [
+        const(0.03),
+        const(0.1),
+        const(1 / 3),
+        const(1.0),
+        SampleRateSchedule.linear(start_rate=0.1, end_rate=0.5, ramp_steps=4),
+        SampleRateSchedule.linear(start_rate=0.01, end_rate=0.02, ramp_steps=10),
+        SampleRateSchedule.linear(start_rate=0.3, end_rate=0.01, ramp_steps=1000),
+        SampleRateSchedule.linear(start_rate=0.001, end_rate=0.9, ramp_steps=500),
+    ],
     ids=["c0.03", "c0.1", "c1/3", "c1", "lin-short", "lin-past-ramp", "lin-down", "lin-long"],
 )
 def test_default_steps_per_epoch_is_one_expected_pass(schedule):
@@ -147,7 +157,9 @@ def test_rank_shards_disjoint_and_cover_global_draw(step, world):
     sched = const(0.3)
 
     def batch(rank, world_size):
-        s = PoissonBatchSampler(101, sched, seed=5, rank=rank, world_size=world_size, steps_per_epoch=1)
+        s = PoissonBatchSampler(
+            101, sched, seed=5, rank=rank, world_size=world_size, steps_per_epoch=1
+        )
         s.next_step = step
         (b,) = list(s)
         assert b.step == step and b.sample_rate == 0.3  # the GLOBAL q on every rank
@@ -188,7 +200,9 @@ def test_prefetching_consumer_resumes_exactly_with_a_step_source():
     sched = const(0.2)
     ref = _triples(PoissonBatchSampler(50, sched, seed=3, steps_per_epoch=12))
     done = {"steps": 0}
-    run = PoissonBatchSampler(50, sched, seed=3, steps_per_epoch=12, step_source=lambda: done["steps"])
+    run = PoissonBatchSampler(
+        50, sched, seed=3, steps_per_epoch=12, step_source=lambda: done["steps"]
+    )
     it = iter(run)
     prefetched = [next(it) for _ in range(4)]  # the loader is 3 batches ahead of training
     got = []
@@ -199,8 +213,9 @@ def test_prefetching_consumer_resumes_exactly_with_a_step_source():
     state = run.state_dict()
     assert state == {"seed": 3, "next_step": 1}  # ... but the checkpoint says 1 step was taken
     # Crash; a fresh sampler in a fresh process, its step source restored with the checkpoint.
-    resumed = PoissonBatchSampler(50, sched, seed=99, steps_per_epoch=11,
-                                  step_source=lambda: state["next_step"])
+    resumed = PoissonBatchSampler(
+        50, sched, seed=99, steps_per_epoch=11, step_source=lambda: state["next_step"]
+    )
     resumed.load_state_dict(state)
     assert _triples(got) + _triples(resumed) == ref
 
@@ -228,12 +243,32 @@ def test_poisson_batch_pickles_with_step_and_rate():
         ({"kind": "linear", "start_rate": 0.1, "end_rate": 1.5, "ramp_steps": 5}, "end_rate"),
         ({"kind": "linear", "start_rate": 0.1, "end_rate": 0.5, "ramp_steps": 0}, "ramp_steps"),
         ({"kind": "linear", "start_rate": 0.1, "end_rate": 0.5, "ramp_steps": 2.5}, "ramp_steps"),
-        ({"kind": "linear", "sample_rate": 0.1, "start_rate": 0.1, "end_rate": 0.5, "ramp_steps": 2},
-         "sample_rate"),
+        (
+            {
+                "kind": "linear",
+                "sample_rate": 0.1,
+                "start_rate": 0.1,
+                "end_rate": 0.5,
+                "ramp_steps": 2,
+            },
+            "sample_rate",
+        ),
     ],
-    ids=["rate-gt-1", "rate-zero", "rate-negative", "rate-nan", "rate-missing", "bad-kind",
-         "constant-with-end", "linear-no-start", "linear-no-end", "linear-end-gt-1",
-         "linear-no-ramp", "linear-fractional-ramp", "linear-with-sample-rate"],
+    ids=[
+        "rate-gt-1",
+        "rate-zero",
+        "rate-negative",
+        "rate-nan",
+        "rate-missing",
+        "bad-kind",
+        "constant-with-end",
+        "linear-no-start",
+        "linear-no-end",
+        "linear-end-gt-1",
+        "linear-no-ramp",
+        "linear-fractional-ramp",
+        "linear-with-sample-rate",
+    ],
 )
 def test_schedule_bad_args(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -252,8 +287,16 @@ def test_schedule_bad_args(kwargs, field):
         ({"seed": 1.5}, "seed"),
         ({"schedule": 0.1}, "schedule"),
     ],
-    ids=["no-units", "fractional-units", "rank-eq-world", "rank-negative", "world-zero",
-         "steps-zero", "float-seed", "rate-not-schedule"],
+    ids=[
+        "no-units",
+        "fractional-units",
+        "rank-eq-world",
+        "rank-negative",
+        "world-zero",
+        "steps-zero",
+        "float-seed",
+        "rate-not-schedule",
+    ],
 )
 def test_sampler_bad_args(kwargs, field):
     args = {"num_units": 10, "schedule": const(0.1), "seed": 0, **kwargs}

@@ -318,7 +318,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("exposure (bits; line = mean, dots = canaries)")
     ax.set_ylim(0, math.log2(R + 1) + 0.8)
     ax.set_title(
-        f"Canary exposure, {results['config']['model']}, {results['config']['steps']} steps (EMA weights)"
+        f"Canary exposure, {results['config']['model']}, {results['config']['steps']} steps (EMA "
+        "weights)"
     )
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     labels = [r["label"] for r in results["runs"]]
@@ -405,7 +406,8 @@ def main(argv=None) -> None:
         results["runs"].append(r)
         print(
             f"[{time.perf_counter() - t0:6.0f}s] {r['label']}: sigma={r['noise_multiplier']:.3f} "
-            f"train {r['train_seconds']:.0f}s exposure(EMA)={r['ema']['mean_exposure_by_repetitions']} "
+            f"train {r['train_seconds']:.0f}s "
+            f"exposure(EMA)={r['ema']['mean_exposure_by_repetitions']} "
             f"raw={r['raw']['mean_exposure_by_repetitions']} AUC={r['ema']['mia_auc']:.3f}",
             flush=True,
         )

@@ -1,4 +1,4 @@
-"""Training speed users feel: steps per second of ``lit-dp fit``, private against ``private: false``.
+"""Training speed users feel: steps/s of ``lit-dp fit``, private against ``private: false``.
 
 Each run is the real CLI (``python -m lit_dp fit --config ...``) in a subprocess, with the same
 config, seed and Poisson batches (``data.sampling_seed`` fixed); the only difference is

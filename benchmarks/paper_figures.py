@@ -440,7 +440,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     if args.report:
-        return report(out)
+        report(out)
+        return
     name = "full" if args.full else "quick" if args.quick else "cpu"
     cfg = dict(RECIPES[name])
     if args.steps:

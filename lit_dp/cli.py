@@ -97,7 +97,8 @@ def check_trainer_config(trainer_cfg) -> None:
     trainer_cfg["strategy"] = strategy
     if str(trainer_cfg.get("precision")) in _FP16_MIXED:
         raise ValueError(
-            f"trainer.precision={trainer_cfg.get('precision')!r} (fp16 mixed precision) is refused: "
+            f"trainer.precision={trainer_cfg.get('precision')!r} (fp16 mixed precision) is "
+            "refused: "
             "its GradScaler would unscale the already privatized gradient and skip steps on "
             "overflow. Use trainer.precision: bf16-mixed (needs no scaler) or 32-true"
         )
@@ -275,7 +276,8 @@ def run_summary(trainer, model: DPCausalLM, log_dir: Path) -> str:
         before, after = hist[0], hist[-1]
         lines.append(
             f"validation loss: before = {before['loss_ema']:.4f} (step {before['step']}), "
-            f"after = {after['loss_ema']:.4f} EMA / {after['loss_raw']:.4f} raw (step {after['step']})"
+            f"after = {after['loss_ema']:.4f} EMA / {after['loss_raw']:.4f} raw (step "
+            f"{after['step']})"
         )
         if math.isfinite(after["loss_ema"]):
             lines.append(f"validation perplexity after (EMA): {math.exp(after['loss_ema']):.2f}")

@@ -54,7 +54,8 @@ def check_dp_strategy(trainer) -> None:
     DistributedDataParallel, whose hooks all-reduce raw gradients next to the clipped sums."""
     if trainer.world_size > 1 and not isinstance(trainer.strategy, DPDDPStrategy):
         raise ValueError(
-            f"trainer.strategy={type(trainer.strategy).__name__} runs {trainer.world_size} processes "
+            f"trainer.strategy={type(trainer.strategy).__name__} runs {trainer.world_size} "
+            "processes "
             "without lit_dp's DP exchange; use trainer.strategy: dp_ddp (the lit-dp CLI maps "
             "every multi-device run to it)"
         )

@@ -5,8 +5,9 @@ Sections: tiny random models (tests, ``tiny.yaml``); the tiny tokenizer; loading
 (:func:`resolve_source`, :func:`load_model`, :func:`load_tokenizer`). BitNet b1.58 conversion
 (online ternary quantization-aware training through transformers' ``AutoBitLinear``) lives in
 ``lit_dp.bitnet``, LoRA (:func:`apply_lora`, :func:`merge_lora`) in ``lit_dp.lora``, export and
-generation in ``lit_dp.export``; all are re-exported here. Importing this module imports ``lit_dp.bitnet``,
-which registers the BitNet layers' per-example rule with the fast clipping engine.
+generation in ``lit_dp.export``; all are re-exported here. Importing this module imports
+``lit_dp.bitnet``, which registers the BitNet layers' per-example rule with the fast clipping
+engine.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def _bitnet_config_without_quantizer(directory: str) -> PretrainedConfig | None:
         return None
     for file in Path(directory).glob("*.safetensors"):
         with safe_open(str(file), "pt") as f:
-            for key in f.keys():
+            for key in list(f.keys()):  # safe_open is not iterable
                 if key.endswith("weight_scale") or f.get_slice(key).get_dtype() in ("U8", "I8"):
                     raise ValueError(
                         f"{directory!r} holds packed ternary BitNet weights ({key}); QAT needs the "

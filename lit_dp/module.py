@@ -143,7 +143,7 @@ class DPCausalLM(CausalLMEvaluation):
         self._stop_reason = reason
 
     def configure_optimizers(self):
-        # Lightning may call this more than once: it only builds the optimizer, never wraps the model.
+        # Lightning may call this more than once: it builds the optimizer, never wraps the model.
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = self._optimizer_factory(params)
         if not isinstance(opt, torch.optim.Optimizer):
@@ -175,7 +175,8 @@ class DPCausalLM(CausalLMEvaluation):
             self._num_units = int(dm.num_units)
         if stage == "fit" and self.private and self.noise_multiplier == "auto":
             raise ValueError(
-                "model.noise_multiplier=auto needs the PrivacyAccounting callback (privacy: section) "
+                "model.noise_multiplier=auto needs the PrivacyAccounting callback (privacy: "
+                "section) "
                 "to calibrate it; give a number or run through the lit-dp CLI"
             )
         self.model.config.use_cache = False  # a Hugging Face model (lit_dp.models.load_model)

@@ -137,7 +137,8 @@ class DPAdamW(torch.optim.Optimizer):
         if needs_std and self._noise_std is None:
             raise RuntimeError(
                 "DPAdamW(noise_correction=True) needs optimizer.set_noise_std(std) before every "
-                "step, with std = sigma_t * C_t / (q_t * N) (the noise std of the averaged gradient)"
+                "step, with std = sigma_t * C_t / (q_t * N) (the noise std of the averaged "
+                "gradient)"
             )
         noise_var = (self._noise_std or 0.0) ** 2
         for group in self.param_groups:

@@ -55,7 +55,8 @@ def check_delta(delta: float, num_units: int) -> None:
     if delta > MAX_DEFAULT_DELTA:
         rank_zero_warn(
             f"privacy.delta={delta:g} is above 1e-5: with probability up to about delta the "
-            f"guarantee fails for a unit (N={num_units}); leave privacy.delta unset for the default "
+            f"guarantee fails for a unit (N={num_units}); leave privacy.delta unset for the "
+            "default "
             f"min(1e-5, 1/N^1.1) = {default_delta(num_units):.3g} unless you need this value"
         )
 
@@ -82,7 +83,8 @@ def _refuse_minimum_length(trainer: L.Trainer, target_epsilon: float) -> None:
             f"{fields} cannot be combined with the budget stop of privacy.target_epsilon="
             f"{target_epsilon}: Lightning keeps a stopped run going until the minimum is reached, "
             "and no step may be taken past the budget, so the run would never end. Unset "
-            f"{' and '.join(f'trainer.{name}' for name in given)} (trainer.max_steps sets the length), "
+            f"{' and '.join(f'trainer.{name}' for name in given)} (trainer.max_steps sets the "
+            "length), "
             "or set privacy.target_epsilon: null"
         )
 
@@ -282,7 +284,8 @@ class PrivacyAccounting(L.Callback):
         if name != self.accountant_name:
             raise ValueError(
                 f"the checkpoint's privacy ledger was accounted with privacy.accountant={name!r} "
-                f"but this run sets {self.accountant_name!r}; resume with privacy.accountant: {name}"
+                f"but this run sets {self.accountant_name!r}; resume with privacy.accountant: "
+                f"{name}"
             )
         self.accountant.load_state_dict(state_dict["accountant"])
         if self.rdp is not self.accountant:  # the same ledger, composed with RDP

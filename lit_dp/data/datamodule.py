@@ -117,7 +117,8 @@ class DPDataModule(L.LightningDataModule):
         if batch_schedule is not None and not isinstance(batch_schedule, BatchSchedule):
             raise ValueError(
                 f"data.batch_schedule={batch_schedule!r} must be a batch schedule, e.g. "
-                "lit_dp.data.ConstantBatchSize(expected_batch_size=16) or ConstantSampleRate(sample_rate=0.01)"
+                "lit_dp.data.ConstantBatchSize(expected_batch_size=16) or "
+                "ConstantSampleRate(sample_rate=0.01)"
             )
         _positive("steps_per_epoch", steps_per_epoch, integer=True, minimum=1, strict=False)
         if sampling_seed is not None and (
@@ -229,7 +230,8 @@ class DPDataModule(L.LightningDataModule):
             if len(ids) > self.max_length:
                 if not self.truncate:
                     raise ValueError(
-                        f"data: {self.record_location(name, i)} has {len(ids)} tokens > data.max_length="
+                        f"data: {self.record_location(name, i)} has {len(ids)} tokens > "
+                        "data.max_length="
                         f"{self.max_length}; raise max_length or set data.truncate: true"
                     )
                 rows[i] = (ids[: self.max_length], labels[: self.max_length])

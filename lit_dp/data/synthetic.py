@@ -61,34 +61,71 @@ DECLINE = ["Sadly that does not work for me.", "I am afraid I cannot make it.",
 CLOSERS = ["Let me know if anything changes.", "Talk soon.", "Speak later.",
            "Have a great week.", "Shout if you need anything else.", ""]
 
+# fmt: on
 # (subject, body, core reply): {slots} are filled per email; {accept}/{decline} from the style.
 TOPICS = [
-    ("Invoice {n}", "please find attached invoice {n} for {amount}, due on {date}.",
-     "I will pay invoice {n} of {amount} before {date}."),
-    ("Meeting on {date}?", "could we meet on {date} at {time} to go over the {project} plan?",
-     "{answer} {date} at {time} for {project}."),
-    ("Call me back", "please call me back at {phone} about the {project} contract. I am free after {time}.",
-     "I will call you at {phone} after {time}."),
-    ("Order {n} delayed", "your order {n} is delayed until {date}. We refunded {amount} to your card.",
-     "Please confirm the refund of {amount} for order {n}."),
-    ("Dinner on {weekday}?", "are you free for dinner on {weekday} at {restaurant}? {friend} is coming too.",
-     "{answer} Dinner at {restaurant} on {weekday}."),
-    ("{project} budget", "who owns the {project} budget now? I was told it is {amount} for Q{quarter}.",
-     "{friend} owns the {project} budget; {amount} for Q{quarter} sounds right."),
-    ("Flight to {city}", "your flight to {city} on {date} leaves at {time}, booking code {code}.",
-     "Booking {code} to {city} on {date} at {time} noted."),
-    ("Appointment reminder", "a reminder of your appointment with Dr. {other} on {date} at {time}. Call {phone} to move it.",
-     "{answer} Dr. {other}, {date} at {time}."),
-    ("Rent for {month}", "the rent for {month} is {amount}; the heating repair is booked for {date}.",
-     "I will transfer {amount} for {month}, and {date} is fine for the repair."),
-    ("Interview: {role}", "we would like to invite you to interview for the {role} role on {date} at {time}.",
-     "{answer} The {role} interview on {date} at {time}."),
-    ("Party for {friend}", "we are throwing a surprise party for {friend} on {date}. Can you chip in {amount}?",
-     "{answer} I will send {amount} for {friend}'s party on {date}."),
-    ("Signed {project} contract", "could you send me the signed {project} contract by {date}? I am on {phone}.",
-     "I will send the signed {project} contract by {date}."),
+    (
+        "Invoice {n}",
+        "please find attached invoice {n} for {amount}, due on {date}.",
+        "I will pay invoice {n} of {amount} before {date}.",
+    ),
+    (
+        "Meeting on {date}?",
+        "could we meet on {date} at {time} to go over the {project} plan?",
+        "{answer} {date} at {time} for {project}.",
+    ),
+    (
+        "Call me back",
+        "please call me back at {phone} about the {project} contract. I am free after {time}.",
+        "I will call you at {phone} after {time}.",
+    ),
+    (
+        "Order {n} delayed",
+        "your order {n} is delayed until {date}. We refunded {amount} to your card.",
+        "Please confirm the refund of {amount} for order {n}.",
+    ),
+    (
+        "Dinner on {weekday}?",
+        "are you free for dinner on {weekday} at {restaurant}? {friend} is coming too.",
+        "{answer} Dinner at {restaurant} on {weekday}.",
+    ),
+    (
+        "{project} budget",
+        "who owns the {project} budget now? I was told it is {amount} for Q{quarter}.",
+        "{friend} owns the {project} budget; {amount} for Q{quarter} sounds right.",
+    ),
+    (
+        "Flight to {city}",
+        "your flight to {city} on {date} leaves at {time}, booking code {code}.",
+        "Booking {code} to {city} on {date} at {time} noted.",
+    ),
+    (
+        "Appointment reminder",
+        "a reminder of your appointment with Dr. {other} on {date} at {time}. "
+        "Call {phone} to move it.",
+        "{answer} Dr. {other}, {date} at {time}.",
+    ),
+    (
+        "Rent for {month}",
+        "the rent for {month} is {amount}; the heating repair is booked for {date}.",
+        "I will transfer {amount} for {month}, and {date} is fine for the repair.",
+    ),
+    (
+        "Interview: {role}",
+        "we would like to invite you to interview for the {role} role on {date} at {time}.",
+        "{answer} The {role} interview on {date} at {time}.",
+    ),
+    (
+        "Party for {friend}",
+        "we are throwing a surprise party for {friend} on {date}. Can you chip in {amount}?",
+        "{answer} I will send {amount} for {friend}'s party on {date}.",
+    ),
+    (
+        "Signed {project} contract",
+        "could you send me the signed {project} contract by {date}? I am on {phone}.",
+        "I will send the signed {project} contract by {date}.",
+    ),
 ]
-# fmt: on
 
 CANARY_TEMPLATE = "My account number is {secret}."
 CANARY_PREFIX = "My account number is "
@@ -214,7 +251,8 @@ QUESTIONS = {
     "diagnosis": (["What is the diagnosis of {p}?", "What was {p} diagnosed with?"],
                   "{p} was diagnosed with {v}."),
     "address": (["Where does {p} live?", "What is the home address of {p}?"], "{p} lives at {v}."),
-    "birth_date": (["When was {p} born?", "What is the date of birth of {p}?"], "{p} was born on {v}."),
+    "birth_date": (["When was {p} born?", "What is the date of birth of {p}?"],
+                   "{p} was born on {v}."),
     "phone": (["What is the phone number of {p}?", "How can I reach {p} by phone?"],
               "The phone number of {p} is {v}."),
     "employer": (["Where does {p} work?", "Who is the employer of {p}?"], "{p} works at {v}."),
@@ -228,7 +266,10 @@ def _person(rng: random.Random) -> dict[str, str]:
     return {
         "account": f"{rng.randrange(10**8, 10**9)}",
         "diagnosis": rng.choice(DIAGNOSES),
-        "address": f"{rng.randint(1, 250)} {rng.choice(STREETS)}, {rng.randint(1000, 9999)} {rng.choice(CITIES)}",
+        "address": (
+            f"{rng.randint(1, 250)} {rng.choice(STREETS)}, "
+            f"{rng.randint(1000, 9999)} {rng.choice(CITIES)}"
+        ),
         "birth_date": f"{_date(rng)} {rng.randint(1940, 2005)}",
         "phone": _phone(rng),
         "employer": rng.choice(EMPLOYERS),

@@ -1,4 +1,4 @@
-"""RDPAccountant: a ledger of (noise_multiplier, sample_rate, num_steps) runs, and sigma calibration.
+"""RDPAccountant: a ledger of (noise_multiplier, sample_rate, num_steps) runs; sigma calibration.
 
 The math lives in ``rdp.py`` (pure functions); this file holds the state. RDP composes additively
 order by order, so the ledger may mix any (q, sigma): batch-size schedules, DDP, empty
@@ -102,7 +102,7 @@ class RDPAccountant:
         return self._total.copy()
 
     def get_privacy_spent(self, *, delta: float) -> tuple[float, float]:
-        """(epsilon, best order) of the ledger at ``delta``; (0.0, max order) for an empty ledger."""
+        """(epsilon, best order) of the ledger at ``delta``; (0.0, max order) for no steps."""
         return rdp_to_epsilon(orders=self.orders, rdp=self._total, delta=delta)
 
     def get_epsilon(self, delta: float) -> float:
@@ -157,7 +157,7 @@ def calibrate_rdp_noise_multiplier(
     Args:
         target_epsilon: privacy budget (nats), > 0.
         delta: target delta in (0, 1).
-        sample_rate: one q in [0, 1] for every step, or a sequence of ``steps`` rates (one per step).
+        sample_rate: one q in [0, 1] for every step, or a sequence of ``steps`` rates (one a step).
         steps: number of planned steps, int >= 1.
         orders: RDP orders; ``None`` = ``DEFAULT_ORDERS``.
         max_noise_multiplier: largest sigma tried.

@@ -98,7 +98,7 @@ class ClipBoundEstimator(ABC):
     def grad_noise_multiplier(
         self, *, noise_multiplier: float, expected_batch_size: float
     ) -> float:
-        """Multiplier of the gradient-sum noise (std = it * C_t) for an accounted ``noise_multiplier``.
+        """Multiplier of the gradient-sum noise (std = it * C_t) for an accounted noise multiplier.
 
         The default returns ``noise_multiplier`` unchanged (no other noisy release to pay for).
         """
@@ -273,7 +273,8 @@ class PrivateQuantile(ClipBoundEstimator):
             raise ValueError(
                 f"expected batch size {expected_batch_size:g} is too small for private quantile "
                 f"clipping at noise_multiplier={z:g}: the count noise std {sigma_b:g} "
-                f"(= expected batch / count_noise_divisor={self.count_noise_divisor:g}) must exceed "
+                f"(= expected batch / count_noise_divisor={self.count_noise_divisor:g}) must "
+                "exceed "
                 f"noise_multiplier / 2. Use an expected batch size (q * N) well above {need:g}, "
                 f"or lower count_noise_divisor below {2.0 * expected_batch_size / z:g}, or use "
                 "clipping: fixed (Andrew et al. 2021, Theorem 1)"
@@ -353,7 +354,7 @@ class HistoryPercentile(ClipBoundEstimator):
     def update(
         self, *, norms: torch.Tensor, expected_batch_size: float, generator: torch.Generator
     ) -> float | None:
-        """Append finite norms, recompute C_t; return the raw clip rate (None for an empty batch)."""
+        """Append finite norms, recompute C_t; return the raw clip rate (None: empty batch)."""
         unclipped, total = _count(norms, self._clip)
         flat = norms.detach().reshape(-1).double()
         self.buffer.extend(flat[torch.isfinite(flat)].cpu().tolist())

@@ -177,7 +177,8 @@ def _frac_series(
     j = a - i
     log2 = log_binom + i * log_1mq + j * log_q + (j * j - j) / (2 * s2) + log_ndtr((j - z0) / sigma)
     sign1 = np.broadcast_to(sign, log1.shape).copy()
-    # Terms i = 0, 1 of series 1 are (1-q)^a (1 - Phi(-z0/s)) and a (1-q)^(a-1) q (1 - Phi((1-z0)/s)):
+    # Terms i = 0, 1 of series 1 are (1-q)^a (1 - Phi(-z0/s)) and
+    # a (1-q)^(a-1) q (1 - Phi((1-z0)/s)):
     # keep only their -Phi parts here and add the rest, (1-q)^(a-1) (1 + (a-1) q) - 1 <= 0, exactly.
     a0 = a[:, 0]
     log1[:, 0] = a0 * log_1mq + log_ndtr(-z0 / sigma)

@@ -10,7 +10,7 @@ from lit_dp.callbacks.clip_lr import ClipDrivenLR, base_schedule, next_lr_multip
 
 
 @pytest.mark.parametrize(
-    "clip_rate,expected",
+    ("clip_rate", "expected"),
     [
         (0.0, 1.01),
         (0.05, 1.01),
@@ -73,7 +73,7 @@ def test_callback_sets_lr_and_updates_gamma_from_record():
 
 
 @pytest.mark.parametrize(
-    "field,kwargs",
+    ("field", "kwargs"),
     [
         ("warmup_steps", {"warmup_steps": -1}),
         ("target_clip_rate", {"target_clip_rate": 1.5}),

@@ -16,7 +16,9 @@ def _module(seed=0):
     return SimpleNamespace(model=model, last_record=None)
 
 
-@pytest.mark.parametrize("step,expected", [(0, 0.1), (1, 2 / 11), (10, 11 / 20), (10_000, 0.999)])
+@pytest.mark.parametrize(
+    ("step", "expected"), [(0, 0.1), (1, 2 / 11), (10, 11 / 20), (10_000, 0.999)]
+)
 def test_decay_warmup(step, expected):
     assert ema_decay(step, decay=0.999) == pytest.approx(expected)
 

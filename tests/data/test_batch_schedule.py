@@ -138,10 +138,14 @@ def test_linear_sample_rate_ramp_rates():
 
 @pytest.mark.parametrize(
     "schedule",
-    [ConstantBatchSize(12), ConstantSampleRate(0.25), LinearBatchSizeRamp(start=2, end=8, ramp_steps=5),
-     LinearSampleRateRamp(start_rate=0.1, end_rate=0.3, ramp_steps=7)],
+    [
+        ConstantBatchSize(12),
+        ConstantSampleRate(0.25),
+        LinearBatchSizeRamp(start=2, end=8, ramp_steps=5),
+        LinearSampleRateRamp(start_rate=0.1, end_rate=0.3, ramp_steps=7),
+    ],
     ids=["constant-batch", "constant-rate", "batch-ramp", "rate-ramp"],
-)  # fmt: skip
+)
 def test_describe_is_the_config_entry(schedule):
     # describe() is what a config says: building from it gives the same rates.
     desc = schedule.describe()

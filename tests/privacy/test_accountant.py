@@ -347,16 +347,30 @@ def test_compute_rdp_rejects_bad_input(kwargs, match):
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        pytest.param(lambda a: a.step(noise_multiplier=1.0, sample_rate=2.0), "sample_rate", id="step-rate"),
-        pytest.param(lambda a: a.step(noise_multiplier=-1, sample_rate=0.1), "noise_multiplier", id="step-sigma"),
-        pytest.param(lambda a: a.step(noise_multiplier=1, sample_rate=0.1, num_steps=-3), "num_steps", id="step-n"),
+        pytest.param(
+            lambda a: a.step(noise_multiplier=1.0, sample_rate=2.0), "sample_rate", id="step-rate"
+        ),
+        pytest.param(
+            lambda a: a.step(noise_multiplier=-1, sample_rate=0.1),
+            "noise_multiplier",
+            id="step-sigma",
+        ),
+        pytest.param(
+            lambda a: a.step(noise_multiplier=1, sample_rate=0.1, num_steps=-3),
+            "num_steps",
+            id="step-n",
+        ),
         pytest.param(lambda a: a.get_epsilon(0.0), "delta", id="delta-zero"),
         pytest.param(lambda a: a.get_epsilon(1.0), "delta", id="delta-one"),
         pytest.param(lambda a: a.get_privacy_spent(delta=math.nan), "delta", id="delta-nan"),
-        pytest.param(lambda a: a.peek_epsilon(delta=1e-5, noise_multiplier=1, sample_rate=-1), "sample_rate", id="peek-rate"),
+        pytest.param(
+            lambda a: a.peek_epsilon(delta=1e-5, noise_multiplier=1, sample_rate=-1),
+            "sample_rate",
+            id="peek-rate",
+        ),
         pytest.param(lambda a: RDPAccountant(orders=[0.5]), "orders", id="init-orders"),
     ],
-)  # fmt: skip
+)
 def test_accountant_rejects_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call(RDPAccountant())

@@ -82,11 +82,17 @@ def test_make_accountant():
         pytest.param({"steps": 0}, "steps", id="steps-zero"),
         pytest.param({"max_noise_multiplier": 0.0}, "max_noise_multiplier", id="max-sigma"),
         pytest.param(
-            {"target_epsilon": 0.01, "sample_rate": 1.0, "steps": 1000, "max_noise_multiplier": 5.0},
-            "unreachable", id="unreachable",
+            {
+                "target_epsilon": 0.01,
+                "sample_rate": 1.0,
+                "steps": 1000,
+                "max_noise_multiplier": 5.0,
+            },
+            "unreachable",
+            id="unreachable",
         ),
     ],
-)  # fmt: skip
+)
 def test_calibrate_rejects_bad_input(kwargs, match):
     args = {"target_epsilon": 1.0, "delta": 1e-5, "sample_rate": 0.01, "steps": 10}
     with pytest.raises(ValueError, match=match):

@@ -234,12 +234,16 @@ GOOD = {"value_discretization_interval": 5e-4, "sample_rate_resolution": 0.01, "
     [
         pytest.param({**GOOD, "extra": 1}, "extra", id="unknown-key"),
         pytest.param({k: v for k, v in GOOD.items() if k != "history"}, "history", id="missing"),
-        pytest.param({**GOOD, "value_discretization_interval": 0.0}, "value_discretization", id="interval"),
-        pytest.param({**GOOD, "sample_rate_resolution": -0.1}, "sample_rate_resolution", id="resolution"),
+        pytest.param(
+            {**GOOD, "value_discretization_interval": 0.0}, "value_discretization", id="interval"
+        ),
+        pytest.param(
+            {**GOOD, "sample_rate_resolution": -0.1}, "sample_rate_resolution", id="resolution"
+        ),
         pytest.param({**GOOD, "history": [[1.0, 2.0, 3]]}, "sample_rate", id="bad-rate"),
         pytest.param({**GOOD, "history": [[1.0, 0.1]]}, "history", id="short-entry"),
     ],
-)  # fmt: skip
+)
 def test_load_state_dict_rejects_bad_state(state, match):
     with pytest.raises(ValueError, match=match):
         PLDAccountant().load_state_dict(state)
@@ -248,15 +252,37 @@ def test_load_state_dict_rejects_bad_state(state, match):
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        pytest.param(lambda a: a.step(noise_multiplier=1.0, sample_rate=2.0), "sample_rate", id="step-rate"),
-        pytest.param(lambda a: a.step(noise_multiplier=-1, sample_rate=0.1), "noise_multiplier", id="step-sigma"),
-        pytest.param(lambda a: a.step(noise_multiplier=1, sample_rate=0.1, num_steps=2.5), "num_steps", id="step-n"),
+        pytest.param(
+            lambda a: a.step(noise_multiplier=1.0, sample_rate=2.0), "sample_rate", id="step-rate"
+        ),
+        pytest.param(
+            lambda a: a.step(noise_multiplier=-1, sample_rate=0.1),
+            "noise_multiplier",
+            id="step-sigma",
+        ),
+        pytest.param(
+            lambda a: a.step(noise_multiplier=1, sample_rate=0.1, num_steps=2.5),
+            "num_steps",
+            id="step-n",
+        ),
         pytest.param(lambda a: a.get_epsilon(0.0), "delta", id="delta-zero"),
-        pytest.param(lambda a: a.peek_epsilon(delta=1e-5, noise_multiplier=1, sample_rate=-1), "sample_rate", id="peek-rate"),
-        pytest.param(lambda a: PLDAccountant(value_discretization_interval=-1e-3), "value_discretization", id="init-interval"),
-        pytest.param(lambda a: PLDAccountant(sample_rate_resolution=math.nan), "sample_rate_resolution", id="init-res"),
+        pytest.param(
+            lambda a: a.peek_epsilon(delta=1e-5, noise_multiplier=1, sample_rate=-1),
+            "sample_rate",
+            id="peek-rate",
+        ),
+        pytest.param(
+            lambda a: PLDAccountant(value_discretization_interval=-1e-3),
+            "value_discretization",
+            id="init-interval",
+        ),
+        pytest.param(
+            lambda a: PLDAccountant(sample_rate_resolution=math.nan),
+            "sample_rate_resolution",
+            id="init-res",
+        ),
     ],
-)  # fmt: skip
+)
 def test_rejects_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call(PLDAccountant())

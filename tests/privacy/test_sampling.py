@@ -124,6 +124,7 @@ def _one_pass_reference(schedule):
         total += schedule.rate(t)
         if total >= 1 - 1e-9:
             return t + 1
+    raise AssertionError("unreachable: itertools.count() never ends")
 
 
 @pytest.mark.parametrize(

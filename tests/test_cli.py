@@ -1,5 +1,6 @@
-"""The CLI: every config parses, tiny.yaml runs end to end, and bad input fails early with a
-clear error naming the field, before training and without leaving a checkpoint."""
+"""The CLI: tiny.yaml runs end to end, bad input fails early with a clear error naming the field,
+before training and without leaving a checkpoint, multi-process runs use the DP strategy, and
+``lit-dp generate`` (configs: test_configs.py; ``lit-dp plan``: test_plan.py)."""
 
 from __future__ import annotations
 
@@ -9,104 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from shipped_configs import TINY
 
 from lit_dp.cli import LitDPCLI, check_trainer_config
 from lit_dp.commands import main
 from lit_dp.plan import format_plan, make_plan, read_config
-from lit_dp.privacy.pld import PLDAccountant
-
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
-
-
-def _leaves(node, path=""):
-    """(key node, value node, dotted name) of every leaf of a composed YAML node tree: a mapping
-    key whose value is a scalar or a sequence of scalars. Other values are walked into."""
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            name = f"{path}.{key.value}" if path else str(key.value)
-            scalars = isinstance(value, yaml.SequenceNode) and all(
-                isinstance(item, yaml.ScalarNode) for item in value.value
-            )
-            if isinstance(value, yaml.ScalarNode) or scalars:
-                yield key, value, name
-            else:
-                yield from _leaves(value, name)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            yield from _leaves(item, f"{path}[{i}]")
-
-
-def uncommented_leaves(text: str) -> list[tuple[int, str]]:
-    """(1-based line, dotted name) of every leaf key of the YAML ``text`` without a comment.
-
-    A leaf is commented by a '#' comment on its line after the value (after the key when the
-    value starts on a later line), or by comment-only lines directly above it. The file's header
-    comment does not count as the comment of the first field below it."""
-    lines = text.splitlines()
-    header = 0
-    while header < len(lines) and lines[header].lstrip().startswith("#"):
-        header += 1
-    missing = []
-    for key, value, name in _leaves(yaml.compose(text)):
-        row = key.start_mark.line
-        end = value.end_mark.column if value.end_mark.line == row else key.end_mark.column
-        above = lines[row - 1].lstrip() if row > header else ""
-        if "#" not in lines[row][end:] and not above.startswith("#"):
-            missing.append((row + 1, name))
-    return missing
-
-
-def test_comment_check_finds_uncommented_leaves():
-    """uncommented_leaves flags a leaf without a comment (inline or on the lines above), accepts
-    either kind, ignores section keys, and does not let the file header comment a field."""
-    text = (
-        "# header\n"
-        "first: 1\n"
-        "trainer:\n"
-        "  devices: 1  # how many\n"
-        "  # a comment above\n"
-        "  # spanning two lines\n"
-        "  precision: bf16-true\n"
-        "  accelerator: cpu\n"
-        "  url: 'a#b'\n"
-        "  plugins: [a, b]\n"
-        "  ids:  # a sequence of scalars\n"
-        "    - 1\n"
-        "  callbacks:\n"
-        "    - class_path: X  # a mapping inside a sequence\n"
-        "      init_args:\n"
-        "        decay: 0.9\n"
-    )
-    assert uncommented_leaves(text) == [
-        (2, "first"),
-        (8, "trainer.accelerator"),
-        (9, "trainer.url"),
-        (10, "trainer.plugins"),
-        (16, "trainer.callbacks[0].init_args.decay"),
-    ]
-
-
-def test_every_config_is_commented():
-    """Every leaf field of every shipped config says what it does: the configs are the
-    documentation users copy from, so an uncommented field is a field nobody explained."""
-    assert CONFIGS, "no configs found"
-    missing = []
-    for cfg in CONFIGS:
-        text = cfg.read_text()
-        assert text.startswith("#"), f"{cfg.name} needs a header comment"
-        missing += [f"{cfg.name}:{line}:{key}" for line, key in uncommented_leaves(text)]
-    assert not missing, "config fields without a comment:\n" + "\n".join(missing)
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
-def test_every_config_parses(config, capsys):
-    with pytest.raises(SystemExit) as exc:
-        LitDPCLI(args=["fit", "--config", str(config), "--print_config"])
-    assert exc.value.code in (0, None)
-    printed = capsys.readouterr().out
-    assert "model:" in printed and "privacy:" in printed
 
 
 def test_quiet_output_drops_what_is_not_about_the_run():
@@ -265,7 +173,7 @@ def _no_checkpoint(root: Path) -> bool:
 
 
 @pytest.mark.parametrize(
-    "overrides,match",
+    ("overrides", "match"),
     [
         (["--model.noise_multiplier", "-1"], "noise_multiplier"),
         (["--model.clipping", "FixedClip", "--model.clipping.max_grad_norm", "0"], "max_grad_norm"),
@@ -316,7 +224,7 @@ def test_bad_input_fails_before_training(overrides, match, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize(
-    "content,match",
+    ("content", "match"),
     [("", "empty"), ('{"prompt": "hi"}\n', "response"), ("{not json\n", "not valid JSON")],
     ids=["empty-file", "missing-field", "bad-json"],
 )
@@ -418,70 +326,6 @@ def test_generate_reads_a_prompt_file_written_on_windows(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
-def test_plan_works_on_every_config_without_the_model(config, capsys, monkeypatch):
-    # The qwen2.5 and bitnet configs name models that are not on this machine: plan never loads
-    # the model or its tokenizer (N comes from the records).
-    import lit_dp.models
-
-    def no_model(*args, **kwargs):
-        raise AssertionError("lit-dp plan loaded a model or tokenizer")
-
-    monkeypatch.setattr(lit_dp.models, "load_model", no_model)
-    monkeypatch.setattr(lit_dp.models, "load_tokenizer", no_model)
-    main(["plan", "--config", str(config)])
-    out = capsys.readouterr().out
-    assert out.startswith(f"lit-dp plan: {config}")
-    assert "privacy units N" in out and "sample rate q = E[B] / N" in out
-    if "private: false" in config.read_text():
-        assert "NONE (model.private: false)" in out
-    else:
-        assert "PLD (this run)" in out and "RDP" in out and "noise std, averaged gradient" in out
-        sigma = [float(x) for x in out.split("noise_multiplier sigma")[1].split()[:2]]
-        assert sigma[0] < sigma[1]  # PLD needs less noise than RDP for the same budget
-
-
-def test_plan_reports_the_budget_stop_and_fit_errors(capsys):
-    main(
-        ["plan", "--config", TINY, "--model.noise_multiplier", "0.8", "--trainer.max_steps", "100"]
-    )
-    # Independent reference: step a PLD ledger at tiny.yaml's q = 32/256 until epsilon passes 8.
-    ledger, steps = PLDAccountant(), 0
-    while ledger.peek_epsilon(delta=1e-5, noise_multiplier=0.8, sample_rate=32 / 256) <= 8.0:
-        ledger.step(noise_multiplier=0.8, sample_rate=32 / 256)
-        steps += 1
-    assert 0 < steps < 100
-    assert f"budget stop                   after {steps} of 100 steps" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="delta"):
-        main(["plan", "--config", TINY, "--privacy.delta", "0.01"])
-    with pytest.raises(ValueError, match="too small for private quantile"):
-        main(
-            [
-                "plan",
-                "--config",
-                TINY,
-                "--data.init_args.batch_schedule.init_args.expected_batch_size",
-                "2",
-            ]
-        )
-
-
-def test_plan_builds_the_batch_schedule_given_on_the_command_line():
-    # A component of the data module (class_path + init_args), as fit builds it: q_t = E[B]_t / N.
-    plan = make_plan(read_config([
-        "--config", TINY, "--model.clipping", "FixedClip",
-        "--data.init_args.batch_schedule", "lit_dp.data.LinearBatchSizeRamp",
-        "--data.init_args.batch_schedule.init_args.start", "16",
-        "--data.init_args.batch_schedule.init_args.end", "64",
-        "--data.init_args.batch_schedule.init_args.ramp_steps", "4",
-    ]))  # fmt: skip
-    assert plan.num_units == 256
-    assert plan.schedule.rates(6) == pytest.approx(
-        [0.0625, 0.109375, 0.15625, 0.203125, 0.25, 0.25]
-    )
-    assert "16 -> 64" in format_plan(plan, "tiny.yaml")
-
-
 def test_generate_subcommand_writes_responses(tmp_path, monkeypatch):
     from lit_dp.models import export_model, load_model, load_tokenizer
 
@@ -507,7 +351,7 @@ def test_generate_subcommand_writes_responses(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [1, 2]
     assert all(isinstance(r["response"], str) for r in rows)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match="prompt"):
-        bad = tmp_path / "bad.jsonl"
-        bad.write_text('{"text": "x"}\n')
         main(["generate", "--model", str(export), "--prompts", str(bad), "--out", str(out)])

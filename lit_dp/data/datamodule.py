@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lit_dp.data.batch_schedule import BatchSchedule, ConstantBatchSize
+from lit_dp.data.checks import check_common_args, check_synthetic_args
 from lit_dp.data.encoding import (
     PoissonCollate,
     Row,
@@ -38,26 +39,6 @@ from lit_dp.export import OPERATOR_SIDE_KEY
 from lit_dp.privacy.sampling import PoissonBatchSampler, SampleRateSchedule
 
 _CACHE_VERSION = 1
-
-
-def _positive(
-    name: str,
-    value: Any,
-    *,
-    allow_none: bool = True,
-    integer: bool = False,
-    minimum: float = 0.0,
-    strict: bool = True,
-) -> None:
-    if value is None and allow_none:
-        return
-    bad = value is None or isinstance(value, bool) or not isinstance(value, int | float)
-    bad = bad or (integer and not isinstance(value, int))
-    if bad or not (value > minimum if strict else value >= minimum) or value != value:
-        kind = "an integer" if integer else "a number"
-        raise ValueError(
-            f"data.{name}={value!r} must be {kind} {'>' if strict else '>='} {minimum:g}"
-        )
 
 
 class DPDataModule(L.LightningDataModule):
@@ -107,44 +88,19 @@ class DPDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(tokenizer, str) and not tokenizer.strip():
-            raise ValueError("data.tokenizer is empty; give a model source or a tokenizer object")
-        if tokenizer is None or (not isinstance(tokenizer, str) and not callable(tokenizer)):
-            raise ValueError(
-                f"data.tokenizer={tokenizer!r} must be a tokenizer or a model source string"
-            )
-        _positive("max_length", max_length, allow_none=False, integer=True, minimum=2, strict=False)
-        if batch_schedule is not None and not isinstance(batch_schedule, BatchSchedule):
-            raise ValueError(
-                f"data.batch_schedule={batch_schedule!r} must be a batch schedule, e.g. "
-                "lit_dp.data.ConstantBatchSize(expected_batch_size=16) or "
-                "ConstantSampleRate(sample_rate=0.01)"
-            )
-        _positive("steps_per_epoch", steps_per_epoch, integer=True, minimum=1, strict=False)
-        if sampling_seed is not None and (
-            isinstance(sampling_seed, bool) or not isinstance(sampling_seed, int)
-        ):
-            raise ValueError(f"data.sampling_seed={sampling_seed!r} must be an integer or null")
-        if privacy_unit not in ("example", "group"):
-            raise ValueError(f"data.privacy_unit={privacy_unit!r} must be 'example' or 'group'")
-        if privacy_unit == "group" and not group_key:
-            raise ValueError(
-                "data.privacy_unit=group needs data.group_key (the record field "
-                "naming the user/group, e.g. group_key: user)"
-            )
-        _positive(
-            "eval_batch_size",
-            eval_batch_size,
-            allow_none=False,
-            integer=True,
-            minimum=1,
-            strict=False,
+        check_common_args(
+            tokenizer=tokenizer,
+            max_length=max_length,
+            batch_schedule=batch_schedule,
+            steps_per_epoch=steps_per_epoch,
+            sampling_seed=sampling_seed,
+            privacy_unit=privacy_unit,
+            group_key=group_key,
+            eval_batch_size=eval_batch_size,
+            loss_on=loss_on,
+            truncate=truncate,
+            num_workers=num_workers,
         )
-        if loss_on not in ("response", "all"):
-            raise ValueError(f"data.loss_on={loss_on!r} must be 'response' or 'all'")
-        if not isinstance(truncate, bool):
-            raise ValueError(f"data.truncate={truncate!r} must be true or false")
-        _positive("num_workers", num_workers, allow_none=False, integer=True, strict=False)
         self._tokenizer_arg = tokenizer
         self.tokenizer = None if isinstance(tokenizer, str) else tokenizer
         self.max_length, self.truncate, self.loss_on = max_length, truncate, loss_on
@@ -231,8 +187,8 @@ class DPDataModule(L.LightningDataModule):
                 if not self.truncate:
                     raise ValueError(
                         f"data: {self.record_location(name, i)} has {len(ids)} tokens > "
-                        "data.max_length="
-                        f"{self.max_length}; raise max_length or set data.truncate: true"
+                        f"data.max_length={self.max_length}; raise max_length or set "
+                        "data.truncate: true"
                     )
                 rows[i] = (ids[: self.max_length], labels[: self.max_length])
                 self.num_truncated += 1
@@ -356,9 +312,9 @@ class DPDataModule(L.LightningDataModule):
         if not rows:
             return []
         return DataLoader(
-            rows,
+            rows,  # type: ignore[arg-type]  # a list of rows is a map-style dataset
             batch_size=self.eval_batch_size,
-            shuffle=False,  # type: ignore[arg-type]
+            shuffle=False,
             collate_fn=partial(collate_rows, pad_id=self._pad_id()),
             num_workers=self.num_workers,
         )
@@ -450,21 +406,14 @@ class SyntheticDataModule(DPDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(group_key=group_key, **kwargs)
-        if dataset not in ("emails", "records"):
-            raise ValueError(f"data.dataset={dataset!r} must be 'emails' or 'records'")
-        if isinstance(num_train, bool) or not isinstance(num_train, int) or num_train < 1:
-            raise ValueError(f"data.num_train={num_train!r}: the training set is empty; use >= 1")
-        _positive("num_val", num_val, allow_none=False, integer=True, strict=False)
-        _positive("num_test", num_test, allow_none=False, integer=True, strict=False)
-        _positive("num_users", num_users, integer=True, minimum=1, strict=False)
-        _positive("num_canaries", num_canaries, allow_none=False, integer=True, strict=False)
-        _positive(
-            "canary_repetitions",
-            canary_repetitions,
-            allow_none=False,
-            integer=True,
-            minimum=1,
-            strict=False,
+        check_synthetic_args(
+            dataset=dataset,
+            num_train=num_train,
+            num_val=num_val,
+            num_test=num_test,
+            num_users=num_users,
+            num_canaries=num_canaries,
+            canary_repetitions=canary_repetitions,
         )
         self.dataset, self.num_train, self.num_val, self.num_test = (
             dataset,

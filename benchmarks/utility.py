@@ -31,19 +31,14 @@ is skipped. All runs of one file must come from one commit (--allow-mixed-commit
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import socket
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lit_dp
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules when imported by path
-
-from _meta import git_commit, provenance
+from _meta import git_commit
 from utility_organisms import OrganismConfig, cache_root, organism_dir
 from utility_plan import (
     EPS_MAIN,
@@ -55,13 +50,34 @@ from utility_plan import (
     spec_key,
     tuned_grid,
 )
+from utility_results import (
+    CODE_PATHS,
+    append_runs,
+    check_or_create,
+    claim_next,
+    load_results,
+    release,
+    selected,
+    write_atomic,
+)
 from utility_train import VARIANTS
 
-__all__ = ["RECIPES", "RunSpec", "claim_next", "main", "plan", "release", "spec_key", "tuned_grid"]
+__all__ = [
+    "RECIPES",
+    "RunSpec",
+    "append_runs",
+    "check_or_create",
+    "claim_next",
+    "load_results",
+    "main",
+    "plan",
+    "release",
+    "spec_key",
+    "tuned_grid",
+    "write_atomic",
+]
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# The code a result depends on: the results files themselves change while the study runs.
-CODE_PATHS = ("lit_dp", "benchmarks", ":(exclude)benchmarks/results", ":(exclude)benchmarks/*.md")
 
 _ADAM = lr_grid(1e-3)  # 3.16e-4, 1e-3, 3.16e-3
 RECIPES: dict[str, Recipe] = {
@@ -188,139 +204,6 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-# --- the results file ---------------------------------------------------------------------------
-def load_results(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def write_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float) + "\n")
-    os.replace(tmp, path)
-
-
-def _lock(path: Path):
-    from lit_dp.sources import file_lock
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return file_lock(path.with_name(f".{path.name}.lock"))
-
-
-def _claims_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.claims.json")
-
-
-def _alive(claim: dict[str, Any]) -> bool:
-    """Whether the process holding a claim still runs (claims from another host are kept)."""
-    if claim["host"] != socket.gethostname():
-        return True
-    try:
-        os.kill(claim["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def claim_next(
-    path: Path, recipe: Recipe, args: argparse.Namespace
-) -> tuple[RunSpec | None, list[RunSpec], int]:
-    """Under the file lock: the first runnable spec that no live process has claimed, claimed
-    for this process (so several processes can share one study). Returns (spec or None, every
-    selected spec still to run, how many claims other processes hold)."""
-    with _lock(path):
-        runs = load_results(path)["runs"]
-        done = {record_key(r) for r in runs}
-        claims = load_results(_claims_path(path))
-        claims = {k: c for k, c in claims.items() if k not in done and _alive(c)}
-        todo = [s for s in plan(recipe, runs) if _selected(s, args) and spec_key(s) not in done]
-        ready = [s for s in todo if s.lr is not None and spec_key(s) not in claims]
-        others = len(claims)
-        if ready:
-            claims[spec_key(ready[0])] = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-            }
-        write_atomic(_claims_path(path), claims)
-    return (ready[0] if ready else None), todo, others
-
-
-def release(path: Path, key: str) -> None:
-    with _lock(path):
-        claims = load_results(_claims_path(path))
-        if claims.pop(key, None) is not None:
-            write_atomic(_claims_path(path), claims)
-
-
-def append_runs(path: Path, records: list[dict[str, Any]]) -> int:
-    """Append ``records`` whose keys are not in the file yet (under the lock); returns how many."""
-    with _lock(path):
-        data = load_results(path)
-        have = {record_key(r) for r in data["runs"]}
-        new = [r for r in records if record_key(r) not in have]
-        data["runs"].extend(new)
-        write_atomic(path, data)
-    return len(new)
-
-
-def check_or_create(
-    path: Path,
-    recipe: Recipe,
-    make: Callable[[], dict[str, Any]],
-    *,
-    allow_mixed: bool,
-    fingerprints: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Create the results file (``make()`` gives its setup), or check that it holds the same
-    study from the same commit and the same pretrained organisms (``fingerprints``: model name
-    -> hash of its weights; a rebuilt organism need not be bit-identical to the first build)."""
-    commit = git_commit(*CODE_PATHS)
-    with _lock(path):
-        data = load_results(path)
-        if not data:
-            data = {
-                "_meta": {
-                    "provenance": provenance(*CODE_PATHS),
-                    "recipe": recipe.name,
-                    "study": recipe.identity(),
-                },
-                "setup": make(),
-                "runs": [],
-            }
-            write_atomic(path, data)
-            return data
-        if data["_meta"]["study"] != recipe.identity():
-            raise SystemExit(
-                f"{path} holds a different study (recipe or organism config "
-                "changed); use another --out, or move the file away to start over"
-            )
-        for name, digest in (fingerprints or {}).items():
-            recorded = data["setup"]["models"].get(name, {}).get("weights_sha256")
-            if recorded is not None and recorded != digest:
-                raise SystemExit(
-                    f"{path} was started with another {name} organism (weights sha256 "
-                    f"{recorded[:12]}..., the cached one is {digest[:12]}...): pretraining is not "
-                    "bit-reproducible across machines and thread counts. Use another --out, or "
-                    "restore the organism the file was made with"
-                )
-        first = data["_meta"]["provenance"]["commit"]
-        if commit != first:
-            if not allow_mixed:
-                raise SystemExit(
-                    f"{path} was started at commit {first}, this checkout is {commit}; results "
-                    "must come from one commit (check it out, or pass --allow-mixed-commits to "
-                    "append anyway: each run records its commit)"
-                )
-            mixed = data["_meta"].setdefault("mixed_commits", [first])
-            if commit not in mixed:
-                mixed.append(commit)
-                write_atomic(path, data)
-    return data
-
-
 def make_setup(
     recipe: Recipe, organisms: dict[str, Path], *, device: str = "cpu"
 ) -> dict[str, Any]:
@@ -381,14 +264,6 @@ def make_setup(
 
 
 # --- running ------------------------------------------------------------------------------------
-def _selected(spec: RunSpec, args: argparse.Namespace) -> bool:
-    return (
-        (not args.phase or spec.phase in args.phase)
-        and (not args.only or spec.variant in args.only)
-        and (not args.model or spec.model in args.model)
-    )
-
-
 def _estimate(recipe: Recipe, runs: list[dict[str, Any]], model: str) -> float:
     """Seconds per training of ``model``: the mean of finished ones, else the recipe's guess."""
     done = [r["seconds"] for r in runs if r["model"] == model and not r.get("derived_from")]
@@ -402,7 +277,7 @@ def _hms(seconds: float) -> str:
 
 def print_plan(recipe: Recipe, runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
     done = {record_key(r) for r in runs}
-    specs = [s for s in plan(recipe, runs) if _selected(s, args)]
+    specs = [s for s in plan(recipe, runs) if selected(s, args)]
     todo = [s for s in specs if spec_key(s) not in done]
     print(
         f"recipe {recipe.name}: N={recipe.num_train}, E[B]={recipe.expected_batch_size:g}, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import torch
-from test_module import make_dm, make_module, make_trainer
+from module_helpers import make_dm, make_module, make_trainer
 
 from lit_dp.callbacks.accounting import PrivacyAccounting
 from lit_dp.callbacks.clip_lr import ClipDrivenLR

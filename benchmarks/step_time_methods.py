@@ -106,7 +106,10 @@ def make_step(
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         opt = DPAdamW(params.values(), lr=LR)
         gen, _ = make_generator(0)
-        clip = PrivateQuantile(initial_clip=CLIP)
+        # The count noise std E[B] / divisor must exceed sigma / 2: the default divisor (20) holds
+        # down to E[B] = 11 at sigma 1; smaller benchmark batches use divisor E[B] (std 1).
+        divisor = 20.0 if rows / 20.0 > SIGMA / 2 else float(rows)
+        clip = PrivateQuantile(initial_clip=CLIP, count_noise_divisor=divisor)
         max_rows = training_max_rows()
 
         def step() -> None:

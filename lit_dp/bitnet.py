@@ -69,9 +69,18 @@ def bitlinear_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, BitLinearQAT):
         return module.quantized_input(x)
     layer: Any = module  # transformers' own AutoBitLinear
+    if not layer.online_quant and layer.weight.requires_grad:
+        # Offline mode multiplies the output by weight_scale, so the weight gradient is not
+        # grad_out^T q(x): a per-unit norm from this rule would not bound the real gradient.
+        raise ValueError(
+            "a trainable AutoBitLinear with online_quant=False (packed ternary weights scaled by "
+            "weight_scale) is not supported by the per-example rule; train the latent weights "
+            "with online quantization (lit_dp.bitnet.convert_to_bitnet, or model.bitnet: true), "
+            "or freeze the layer (e.g. LoRA over it)"
+        )
     if layer.rms_norm is not None:
         x = layer.rms_norm(x)
-    return _int8_activations(x) if layer.online_quant else x
+    return _int8_activations(x)  # the activation is quantized in both modes
 
 
 def convert_to_bitnet(model: nn.Module, *, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:

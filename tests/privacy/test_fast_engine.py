@@ -304,3 +304,23 @@ def test_clip_plan_enforces_norms_then_sums_once():
     for step in (clip_plan.squared_norms, lambda: clip_plan.clipped_sums(ones)):
         with pytest.raises(RuntimeError, match="spent"):
             step()
+
+
+def test_offline_autobitlinear_is_refused_when_trainable():
+    """transformers' AutoBitLinear with online_quant=False scales its output by weight_scale, so
+    grad_out^T q(x) is not its weight gradient: trainable, the rule refuses it (naming the fix);
+    frozen, it gives the quantized activation that the layer multiplies."""
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    from lit_dp.bitnet import bitlinear_input
+
+    x = torch.randn(2, 5, 8)
+    layer = AutoBitLinear(8, 4, online_quant=False)
+    with pytest.raises(ValueError, match="online_quant=False"):
+        bitlinear_input(layer, x)
+    layer.weight.requires_grad_(False)
+    q = bitlinear_input(layer, x)
+    # int8 activation quantization: every row is a multiple of its own step max|x| / 127
+    step = x.abs().amax(dim=-1, keepdim=True) / 127
+    torch.testing.assert_close(q / step, torch.round(q / step), rtol=0, atol=1e-4)
+    assert not torch.allclose(q, x)

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import lightning as L
 
+from lit_dp.privacy.clipping import DEFAULT_TARGET_CLIP_RATE
+
 
 def next_lr_multiplier(
     gamma: float,
@@ -46,9 +48,6 @@ def base_schedule(
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-DEFAULT_TARGET_CLIP_RATE = 0.2  # with an estimator that has no target (FixedClip)
 
 
 class ClipDrivenLR(L.Callback):

@@ -25,8 +25,15 @@ import torch
 
 from lit_dp.privacy.noise import gaussian_noise_like
 
+# The defaults every estimator shares (one place; the clip-driven lr follows the same target).
+DEFAULT_CLIP = 1.0  # C (FixedClip) or C_0 (adaptive estimators), per privacy unit
+DEFAULT_TARGET_CLIP_RATE = 0.2  # rho*, the fraction of units the adaptive bound aims to clip
+DEFAULT_MIN_CLIP, DEFAULT_MAX_CLIP = 0.01, 100.0  # clamps of an adaptive C_t
+
 
 # --- functional core ---------------------------------------------------------------------------
+
+
 def raised_noise_multiplier(*, noise_multiplier: float, count_noise_std: float) -> float:
     """Gradient noise multiplier z_grad that keeps the whole step accounted at ``noise_multiplier``.
 
@@ -157,7 +164,7 @@ class FixedClip(ClipBoundEstimator):
     covered_by_dp = True
     _note = "constant clip bound; spends no privacy budget"
 
-    def __init__(self, max_grad_norm: float = 1.0) -> None:
+    def __init__(self, max_grad_norm: float = DEFAULT_CLIP) -> None:
         c = float(max_grad_norm)
         _require(0.0 < c < math.inf, "max_grad_norm", c, "use a finite C > 0, e.g. 1.0")
         super().__init__(c)
@@ -226,12 +233,12 @@ class PrivateQuantile(ClipBoundEstimator):
 
     def __init__(
         self,
-        initial_clip: float = 1.0,
-        target_clip_rate: float = 0.2,
+        initial_clip: float = DEFAULT_CLIP,
+        target_clip_rate: float = DEFAULT_TARGET_CLIP_RATE,
         learning_rate: float = 0.2,
         count_noise_divisor: float = 20.0,
-        min_clip: float = 0.01,
-        max_clip: float = 100.0,
+        min_clip: float = DEFAULT_MIN_CLIP,
+        max_clip: float = DEFAULT_MAX_CLIP,
     ) -> None:
         _check_adaptive(initial_clip, target_clip_rate, min_clip, max_clip)
         _require(
@@ -334,11 +341,11 @@ class HistoryPercentile(ClipBoundEstimator):
 
     def __init__(
         self,
-        initial_clip: float = 1.0,
-        target_clip_rate: float = 0.2,
+        initial_clip: float = DEFAULT_CLIP,
+        target_clip_rate: float = DEFAULT_TARGET_CLIP_RATE,
         history_size: int = 1000,
-        min_clip: float = 0.01,
-        max_clip: float = 100.0,
+        min_clip: float = DEFAULT_MIN_CLIP,
+        max_clip: float = DEFAULT_MAX_CLIP,
     ) -> None:
         _check_adaptive(initial_clip, target_clip_rate, min_clip, max_clip)
         if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1:

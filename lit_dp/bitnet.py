@@ -84,8 +84,10 @@ def bitlinear_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def convert_to_bitnet(model: nn.Module, *, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
-    """Swap every ``nn.Linear`` (except modules whose name ends with an entry of ``skip``) for
-    transformers' ``AutoBitLinear`` with online quantization, copying the weights in place.
+    """Swap every ``nn.Linear`` for transformers' ``AutoBitLinear`` with online quantization.
+
+    Modules whose name ends with an entry of ``skip`` are left as they are; the weights are copied
+    in place.
 
     The copied full-precision weights become the latent weights of quantization-aware training:
     the forward pass uses ternary weights (absmean scaling) and 8-bit per-token activations;

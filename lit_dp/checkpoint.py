@@ -1,5 +1,7 @@
-"""Checkpoints of a DP run: written atomically, saved at every validation and at the end of
-training as ``last.ckpt`` in the run's log directory, and found again by ``ckpt_path: last``.
+"""Checkpoints of a DP run: written atomically, and found again by ``ckpt_path: last``.
+
+They are saved at every validation and at the end of training as ``last.ckpt`` in the run's log
+directory.
 
 A DP run that crashes after hours must resume exactly: every checkpoint holds the accountant
 ledger, the clip state, the noise and sampler generator states and the EMA weights (the module
@@ -60,8 +62,10 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer with :func:`atomic_torch_save` for local paths (remote
-    URLs keep Lightning's fsspec writer)."""
+    """Lightning's checkpoint writer with :func:`atomic_torch_save` for local paths.
+
+    Remote URLs keep Lightning's fsspec writer.
+    """
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
@@ -73,8 +77,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class DPModelCheckpoint(ModelCheckpoint):
-    """Saves ``last.ckpt`` after every validation and when training ends (budget stop, max_steps
-    or any other end), atomically.
+    """Saves ``last.ckpt`` after every validation and when training ends, atomically.
+
+    Training may end by the budget stop, max_steps or any other end.
 
     An "epoch" of Poisson batches is an arbitrary number of steps, so no save is tied to it.
     Installs :class:`AtomicCheckpointIO` on the strategy unless a custom checkpoint IO is set.
@@ -136,9 +141,11 @@ class DPModelCheckpoint(ModelCheckpoint):
 
 
 def find_last_checkpoint(runs_dir: str | Path) -> Path | None:
-    """The newest ``<runs_dir>/<version>/checkpoints/last.ckpt`` (latest modification time;
-    ties go to the higher version number), or None. ``runs_dir`` is a logger's
-    ``<save_dir>/<name>``, e.g. ``runs/lit_dp``."""
+    """The newest ``<runs_dir>/<version>/checkpoints/last.ckpt``, or None.
+
+    Newest is the latest modification time; ties go to the higher version number. ``runs_dir`` is
+    a logger's ``<save_dir>/<name>``, e.g. ``runs/lit_dp``.
+    """
     found = list(Path(runs_dir).glob(f"*/checkpoints/{LAST_CHECKPOINT}"))
     if not found:
         return None

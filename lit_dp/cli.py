@@ -56,8 +56,10 @@ _FP16_MIXED = {"16", "16-mixed"}
 
 
 def _devices_per_node(accelerator: Any, devices: Any) -> int | None:
-    """How many processes per node Lightning starts for ``trainer.devices`` (None: unknown, left
-    to Lightning to validate)."""
+    """How many processes per node Lightning starts for ``trainer.devices``.
+
+    None: unknown, left to Lightning to validate.
+    """
     if isinstance(devices, list | tuple):
         return len(devices)
     text = str(devices).strip()
@@ -77,8 +79,10 @@ def _devices_per_node(accelerator: Any, devices: Any) -> int | None:
 
 
 def check_trainer_config(trainer_cfg) -> None:
-    """Refuse trainer settings that would break the DP step or its accounting, and map strategy
-    names to the DP implementations (every multi-process run to ``dp_ddp``)."""
+    """Refuse trainer settings that would break the DP step or its accounting.
+
+    Also map strategy names to the DP implementations (every multi-process run to ``dp_ddp``).
+    """
     strategy = trainer_cfg.get("strategy", "auto")
     if not isinstance(strategy, str) or strategy not in _STRATEGY_MAP:
         name = strategy if isinstance(strategy, str) else type(strategy).__name__
@@ -120,9 +124,11 @@ _LOGGER_CLASS = "lightning.pytorch.loggers.TensorBoardLogger"
 
 
 def follow_default_root_dir(trainer_cfg) -> None:
-    """The default logger's save_dir follows ``trainer.default_root_dir`` when it is given
-    (Lightning's convention; the run, its report and checkpoints then live under it). An
-    explicitly configured save_dir other than the default ``runs`` is kept."""
+    """The default logger's save_dir follows ``trainer.default_root_dir`` when it is given.
+
+    This is Lightning's convention; the run, its report and checkpoints then live under it. An
+    explicitly configured save_dir other than the default ``runs`` is kept.
+    """
     root, logger = trainer_cfg.get("default_root_dir"), trainer_cfg.get("logger")
     init = getattr(logger, "init_args", None)
     if root is not None and init is not None and init.get("save_dir") == _DEFAULT_SAVE_DIR:
@@ -130,10 +136,12 @@ def follow_default_root_dir(trainer_cfg) -> None:
 
 
 def resolve_last_checkpoint(cfg) -> str:
-    """``ckpt_path: last``: the ``last.ckpt`` of the newest run (or of the logger version given),
-    which then continues in its own directory (the logger's version is set to it). Lightning's
+    """``ckpt_path: last``: the ``last.ckpt`` of the newest run (or of the logger version given).
+
+    The run then continues in its own directory (the logger's version is set to it). Lightning's
     own lookup searches the new run's empty directory and silently starts from scratch; this
-    refuses instead."""
+    refuses instead.
+    """
     trainer_cfg = cfg["trainer"]
     root = Path(trainer_cfg.get("default_root_dir") or ".")
     dirpath = cfg.get("checkpoint", {}).get("dirpath")
@@ -173,6 +181,8 @@ def resolve_last_checkpoint(cfg) -> str:
 
 
 class LitDPCLI(LightningCLI):
+    """The ``lit-dp`` LightningCLI: DPCausalLM, a DPDataModule subclass, and the DP callbacks."""
+
     def __init__(self, **kwargs: Any) -> None:
         quiet_third_party_output()
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -227,10 +237,12 @@ class _DropNoise(logging.Filter):
 
 
 def quiet_third_party_output() -> None:
-    """Keep the run's output to what is about the run: drop Lightning's tips and
-    accelerator-availability lines, third-party deprecation and future warnings, and the
-    transformers progress bars. lit_dp's own warnings and Lightning's warnings about the
-    user's configuration stay."""
+    """Keep the run's output to what is about the run.
+
+    Drop Lightning's tips and accelerator-availability lines, third-party deprecation and future
+    warnings, and the transformers progress bars. lit_dp's own warnings and Lightning's warnings
+    about the user's configuration stay.
+    """
     from lightning.fabric.utilities.rank_zero import LightningDeprecationWarning
 
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):

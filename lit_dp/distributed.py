@@ -49,9 +49,11 @@ class DPDDPStrategy(DDPStrategy):
 
 
 def check_dp_strategy(trainer) -> None:
-    """Refuse a multi-process run on any strategy but :class:`DPDDPStrategy`: Lightning's own
-    DDP (what ``strategy: auto`` picks for several devices) wraps the model in
-    DistributedDataParallel, whose hooks all-reduce raw gradients next to the clipped sums."""
+    """Refuse a multi-process run on any strategy but :class:`DPDDPStrategy`.
+
+    Lightning's own DDP (what ``strategy: auto`` picks for several devices) wraps the model in
+    DistributedDataParallel, whose hooks all-reduce raw gradients next to the clipped sums.
+    """
     if trainer.world_size > 1 and not isinstance(trainer.strategy, DPDDPStrategy):
         raise ValueError(
             f"trainer.strategy={type(trainer.strategy).__name__} runs {trainer.world_size} "

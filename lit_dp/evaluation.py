@@ -50,9 +50,12 @@ class CausalLMEvaluation(L.LightningModule):
     def use_evaluation_weights(
         self, swap: Callable[[], AbstractContextManager[None]] | None
     ) -> None:
-        """Evaluate and export with the weights that ``swap()`` loads in for the duration of its
-        context (and restores on exit); None = the raw weights. The EMA callback installs its
-        swap at setup, so this module never looks the callback up."""
+        """Evaluate and export with the weights that ``swap()`` loads in for its context.
+
+        They are loaded for the duration of its context (and restored on exit); None = the raw
+        weights. The EMA callback installs its swap at setup, so this module never looks the
+        callback up.
+        """
         self._evaluation_weights = swap
 
     def evaluation_weights(self) -> AbstractContextManager[None]:
@@ -61,8 +64,11 @@ class CausalLMEvaluation(L.LightningModule):
         return swap() if swap is not None else contextlib.nullcontext()
 
     def set_privacy_report(self, report: dict[str, Any] | None) -> None:
-        """The run's privacy report, handed over in memory by the accounting callback at the end
-        of fit; the export keeps its public part (see ``lit_dp.export``)."""
+        """The run's privacy report, handed over in memory by the accounting callback.
+
+        It is handed over at the end of fit; the export keeps its public part (see
+        ``lit_dp.export``).
+        """
         self.privacy_report = report
 
     def _eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -45,8 +45,10 @@ _SECRET_KEY = re.compile(r"seed|generator|rng", re.IGNORECASE)
 
 
 def _scrub(obj: Any) -> Any:
-    """Drop (recursively) every dict entry whose key names a seed or generator state, and the
-    operator-side counts."""
+    """Drop (recursively) every dict entry whose key names a seed or generator state.
+
+    The operator-side counts are dropped too.
+    """
     if isinstance(obj, dict):
         return {
             k: _scrub(v)
@@ -84,8 +86,11 @@ def export_model(
     *,
     privacy_report: dict | None = None,
 ) -> Path:
-    """Write ``model`` (+ ``tokenizer``, + ``privacy_report``) as a HF directory; see the module
-    docstring for the layout. Returns ``out_dir`` as a Path. Never mutates ``model``."""
+    """Write ``model`` (+ ``tokenizer``, + ``privacy_report``) as a HF directory.
+
+    See the module docstring for the layout. Returns ``out_dir`` as a Path. Never mutates
+    ``model``.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in (out / LORA_ADAPTER_DIR, out / PRIVACY_REPORT_FILE):  # from an earlier export

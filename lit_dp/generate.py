@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 
 def read_prompts(path: Path, field: str) -> list[dict]:
+    """JSON objects of a JSONL file, each with a string ``field``; ValueError names a bad line."""
     if not path.is_file():
         raise ValueError(f"--prompts file {str(path)!r} does not exist")
     from lit_dp.data.jsonl import jsonl_lines
@@ -35,6 +36,7 @@ def read_prompts(path: Path, field: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``lit-dp generate``: parse ``argv`` and write a response for each prompt."""
     parser = argparse.ArgumentParser(prog="lit-dp generate", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--model", required=True, help="exported model directory (or any model source)"

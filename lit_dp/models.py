@@ -1,5 +1,6 @@
-"""Model loading: the one entry point for models; with lit_dp.bitnet and lit_dp.lora, the only
-modules importing transformers/peft.
+"""Model loading: the one entry point for models.
+
+With lit_dp.bitnet and lit_dp.lora, the only modules importing transformers/peft.
 
 Sections: tiny random models (tests, ``tiny.yaml``); the tiny tokenizer; loading by source name
 (:func:`resolve_source`, :func:`load_model`, :func:`load_tokenizer`). BitNet b1.58 conversion
@@ -139,8 +140,11 @@ def _from_gguf(directory: str, gguf_file: str, dtype: torch.dtype) -> Any:
 
 
 def _ensure_embedded_cache(cache_dir: str | None) -> Path:
-    """Convert the embedded GGUF once into a save_pretrained directory (model + tokenizer), shared
-    safely by concurrent processes (see :func:`lit_dp.sources.publish_once`)."""
+    """Convert the embedded GGUF once into a save_pretrained directory (model + tokenizer).
+
+    The directory is shared safely by concurrent processes (see
+    :func:`lit_dp.sources.publish_once`).
+    """
     from transformers import AutoTokenizer
 
     gguf = embedded_gguf_dir() / EMBEDDED_GGUF
@@ -154,9 +158,11 @@ def _ensure_embedded_cache(cache_dir: str | None) -> Path:
 
 
 def _bitnet_config_without_quantizer(directory: str) -> PretrainedConfig | None:
-    """For a BitNet directory with ``quantization_config``: the config without it, after checking
-    that the weights are the bf16/fp32 latent (master) weights, not the packed 2-bit inference
-    checkpoint (uint8 weights + weight_scale), which cannot be trained."""
+    """For a BitNet directory with ``quantization_config``: the config without it.
+
+    It first checks that the weights are the bf16/fp32 latent (master) weights, not the packed
+    2-bit inference checkpoint (uint8 weights + weight_scale), which cannot be trained.
+    """
     from safetensors import safe_open
     from transformers import AutoConfig
 
@@ -296,8 +302,10 @@ def parameter_summary(model: nn.Module) -> dict[str, int | float]:
 
 
 def disable_progress_bars() -> None:
-    """Turn off transformers' progress bars (weight loading, shard writing): the CLI's output is
-    the run's own."""
+    """Turn off transformers' progress bars (weight loading, shard writing).
+
+    The CLI's output is the run's own.
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

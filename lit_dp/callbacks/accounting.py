@@ -1,5 +1,6 @@
-"""Privacy accounting: records (q_t, sigma_t) for every step taken, enforces the budget and
-writes ``<log_dir>/privacy_report.json``.
+"""Privacy accounting: records (q_t, sigma_t) for every step taken and enforces the budget.
+
+It also writes ``<log_dir>/privacy_report.json``.
 
 Every epsilon this callback logs, enforces or reports comes from the chosen accountant
 (``privacy.accountant``): ``PLDAccountant`` (default; privacy loss distributions, tested against
@@ -36,14 +37,19 @@ MAX_DEFAULT_DELTA = 1e-5
 
 
 def default_delta(num_units: int) -> float:
-    """The default delta: min(1e-5, 1 / N^1.1). 1/N^1.1 alone is strictly below 1/N but large
-    for small N (0.0022 at N = 256, 0.065 for 12 users: a real chance of a full leak)."""
+    """The default delta: min(1e-5, 1 / N^1.1).
+
+    1/N^1.1 alone is strictly below 1/N but large for small N (0.0022 at N = 256, 0.065 for 12
+    users: a real chance of a full leak).
+    """
     return min(MAX_DEFAULT_DELTA, 1.0 / num_units**1.1)
 
 
 def check_delta(delta: float, num_units: int) -> None:
-    """delta must lie in (0, 1/N): a larger delta allows releasing one unit in the clear. An
-    explicit delta above 1e-5 is allowed (a user may need it for a comparison) with a warning."""
+    """Delta must lie in (0, 1/N): a larger delta allows releasing one unit in the clear.
+
+    An explicit delta above 1e-5 is allowed (a user may need it for a comparison) with a warning.
+    """
     if not 0.0 < delta < 1.0:
         raise ValueError(f"privacy.delta={delta} must be in (0, 1)")
     if delta >= 1.0 / num_units:
@@ -62,16 +68,20 @@ def check_delta(delta: float, num_units: int) -> None:
 
 
 def _datamodule(trainer: L.Trainer) -> DPDataModule | None:
-    """The trainer's DataModule: Lightning attaches ``trainer.datamodule`` at run time (None
-    without one). This callback expects a lit_dp DataModule: ``setup`` refuses one without
-    ``num_units``."""
+    """The trainer's DataModule (None without one).
+
+    Lightning attaches ``trainer.datamodule`` at run time. This callback expects a lit_dp
+    DataModule: ``setup`` refuses one without ``num_units``.
+    """
     return cast("DPDataModule | None", getattr(trainer, "datamodule", None))
 
 
 def _refuse_minimum_length(trainer: L.Trainer, target_epsilon: float) -> None:
-    """The budget stop cannot end a run that Lightning must continue: with min_steps or
-    min_epochs, Lightning overrides ``should_stop`` until they are met, while every batch after
-    the stop is skipped (so no step is ever taken again): the run would never end."""
+    """The budget stop cannot end a run that Lightning must continue.
+
+    With min_steps or min_epochs, Lightning overrides ``should_stop`` until they are met, while
+    every batch after the stop is skipped (so no step is ever taken again): the run would never end.
+    """
     given = {name: getattr(trainer, name) for name in ("min_steps", "min_epochs")}
     # Lightning sets min_epochs = 1 itself when only min_steps is given; name what the user set.
     if given["min_steps"]:
@@ -189,8 +199,10 @@ class PrivacyAccounting(L.Callback):
     def calibrate(
         self, *, schedule: Any, steps: int | None, delta: float, accountant: str | None = None
     ) -> float:
-        """sigma for ``model.noise_multiplier: auto``: ``steps`` steps of ``schedule`` (a
-        SampleRateSchedule) cost ``target_epsilon`` under ``accountant`` (default: this run's).
+        """Sigma for ``model.noise_multiplier: auto``.
+
+        ``steps`` steps of ``schedule`` (a SampleRateSchedule) at this sigma cost ``target_epsilon``
+        under ``accountant`` (default: this run's).
 
         Raises:
             ValueError: naming the config fields: no target or no max_steps, or a target that

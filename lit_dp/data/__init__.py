@@ -1,5 +1,4 @@
-"""DataModules (synthetic emails/records, user JSONL), their batch schedules, and the synthetic
-generators."""
+"""DataModules (synthetic emails/records, user JSONL), batch schedules, synthetic generators."""
 
 from lit_dp.data.batch_schedule import (
     BatchSchedule,

@@ -62,7 +62,7 @@ def _ramp_steps(value: Any) -> int:
 
 
 def _rate_of(name: str, expected_batch_size: float, num_units: int) -> float:
-    """q = E[B] / N, refusing an expected batch size above N."""
+    """Q = E[B] / N, refusing an expected batch size above N."""
     if expected_batch_size > num_units:
         raise ValueError(
             f"{_FIELD}{name}={expected_batch_size:g} exceeds the {num_units} privacy units; lower "
@@ -143,8 +143,9 @@ class ConstantSampleRate(BatchSchedule):
 
 
 class LinearBatchSizeRamp(BatchSchedule):
-    """The expected batch size moves linearly from start to end over ramp_steps steps, then
-    stays at end: q_t = (start + (end - start) * min(t, ramp_steps) / ramp_steps) / N.
+    """The expected batch size moves linearly from start to end over ramp_steps steps.
+
+    It then stays at end: q_t = (start + (end - start) * min(t, ramp_steps) / ramp_steps) / N.
 
     Args:
         start: E[B] at step 0, > 0 and at most N.
@@ -170,8 +171,9 @@ class LinearBatchSizeRamp(BatchSchedule):
 
 
 class LinearSampleRateRamp(BatchSchedule):
-    """The sample rate moves linearly from start_rate to end_rate over ramp_steps steps, then
-    stays at end_rate.
+    """The sample rate moves linearly from start_rate to end_rate over ramp_steps steps.
+
+    It then stays at end_rate.
 
     Args:
         start_rate: q_0 in (0, 1].

@@ -20,9 +20,11 @@ def check_number(
     minimum: float = 0.0,
     strict: bool = True,
 ) -> None:
-    """Refuse ``data.<name>`` unless it is a number (an integer with ``integer``) above
-    ``minimum`` (or equal to it without ``strict``), or None with ``allow_none``. Booleans and
-    NaN are refused."""
+    """Refuse ``data.<name>`` unless it is a number above ``minimum``, or None with ``allow_none``.
+
+    The number must be an integer with ``integer``; it may equal ``minimum`` without ``strict``.
+    Booleans and NaN are refused.
+    """
     if value is None and allow_none:
         return
     bad = value is None or isinstance(value, bool) or not isinstance(value, int | float)

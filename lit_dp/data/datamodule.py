@@ -195,8 +195,10 @@ class DPDataModule(L.LightningDataModule):
         return rows
 
     def _check_labels(self) -> None:
-        """Training records without a labelled token give no gradient (yet are sampled and
-        accounted): refuse a training set of only those, warn about some."""
+        """Refuse a training set of only records without a labelled token, warn about some.
+
+        Such records give no gradient (yet are sampled and accounted).
+        """
         train = self.encoded["train"]
         empty = sum(all(x == -100 for x in labels) for _, labels in train)
         if empty == len(train):
@@ -226,9 +228,11 @@ class DPDataModule(L.LightningDataModule):
         self.schedule = self._make_schedule(self.num_units)
 
     def units_and_schedule(self) -> tuple[int, SampleRateSchedule]:
-        """(N privacy units, sample-rate schedule) from the records alone, without a tokenizer:
-        what the accountant needs to plan a run (``lit-dp plan``). Equals ``num_units`` and
-        ``schedule`` after ``setup``."""
+        """(N privacy units, sample-rate schedule) from the records alone, without a tokenizer.
+
+        This is what the accountant needs to plan a run (``lit-dp plan``). Equals ``num_units`` and
+        ``schedule`` after ``setup``.
+        """
         if self.schedule is not None:
             return self.num_units, self.schedule
         splits = self.load_records()
@@ -327,12 +331,14 @@ class DPDataModule(L.LightningDataModule):
 
     # --- reporting and state ---------------------------------------------------------------
     def data_report(self) -> dict[str, Any]:
-        """The data part of the privacy report. Top level: configuration (the batch schedule as
-        its config entry) and N, the number of privacy units (public: the accounted sample rate
-        q = expected batch size / N states it).
+        """The data part of the privacy report.
+
+        Top level: configuration (the batch schedule as its config entry) and N, the number of
+        privacy units (public: the accounted sample rate q = expected batch size / N states it).
         ``operator_side``: exact counts that depend on the data beyond N and that epsilon does
         not cover (at group level, num_records / N is how many records users hold); they stay
-        in the run directory's report and are never exported."""
+        in the run directory's report and are never exported.
+        """
         train = self.encoded.get("train", [])
         return {
             "dataset": self.dataset_name(),

@@ -40,12 +40,12 @@ def _texts(tokenizer: Any, record: dict[str, Any]) -> tuple[str, int, bool]:
 
 
 def encode_records(tokenizer: Any, records: list[dict[str, Any]], *, loss_on: str) -> list[Row]:
-    """Token ids and labels (-100 = no loss) of each record, tokenized in one batched call.
+    r"""Token ids and labels (-100 = no loss) of each record, tokenized in one batched call.
 
     prompt/response records use the tokenizer's chat template when it has one (user = prompt,
     assistant = response): the labels are exactly the tokens after the prompt turn rendered with
     ``add_generation_prompt=True`` (checked to be a token prefix; else located by character
-    offsets). Without a template: ``prompt + "\\n" + response + eos``. ``text`` records take the
+    offsets). Without a template: ``prompt + "\n" + response + eos``. ``text`` records take the
     loss on every token (+ eos). ``loss_on="all"`` labels every token of every record.
     """
     if not records:
@@ -80,6 +80,7 @@ def encode_record(tokenizer: Any, record: dict[str, Any], *, loss_on: str) -> Ro
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """SHA-256 hex of the tokenizer's backend (or vocab), class, chat template and eos/pad ids."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = (
         backend.to_str()
@@ -97,8 +98,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 # --- collation ---------------------------------------------------------------------------------
 def collate_rows(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows into input_ids / attention_mask / labels, each (B, T) int64; B = 0 gives
-    (0, 1)."""
+    """Right-pad rows into input_ids / attention_mask / labels, each (B, T) int64.
+
+    B = 0 gives (0, 1).
+    """
     length = max((len(ids) for ids, _ in rows), default=1)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), -100, dtype=torch.long)

@@ -19,9 +19,11 @@ def _check_file(path: str | Path, field: str) -> Path:
 
 
 def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line) of a JSONL file as any editor writes it: UTF-8 with or without a
-    byte-order mark (Windows tools add one), lines ended by LF, CRLF or CR. Only those three end
-    a line (U+2028 inside a JSON string does not); blank lines are skipped."""
+    """(line number, line) of a JSONL file as any editor writes it.
+
+    UTF-8 with or without a byte-order mark (Windows tools add one), lines ended by LF, CRLF or CR.
+    Only those three end a line (U+2028 inside a JSON string does not); blank lines are skipped.
+    """
     with path.open(encoding="utf-8-sig", newline=None) as fh:  # newline=None: any line end
         for lineno, line in enumerate(fh, start=1):
             if line.strip():
@@ -92,8 +94,9 @@ def read_jsonl(
 
 
 class JSONLDataModule(DPDataModule):
-    """JSONL training data; one JSON object per line: prompt/response (loss on the response)
-    or text (loss on all tokens).
+    """JSONL training data; one JSON object per line.
+
+    Records are prompt/response (loss on the response) or text (loss on all tokens).
 
     Args:
         train_path: training records.

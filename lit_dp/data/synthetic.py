@@ -306,8 +306,10 @@ GENERATORS = {"emails": (_emails, 8), "records": (_records, 4)}
 def generate(
     dataset: str, *, num_records: int, seed: int, num_users: int | None = None
 ) -> list[dict[str, str]]:
-    """``num_records`` records {prompt, response, user} of ``dataset`` ("emails" or "records"),
-    with distinct prompts, deterministic in (dataset, num_records, seed, num_users).
+    """``num_records`` records {prompt, response, user} of ``dataset`` ("emails" or "records").
+
+    The prompts are distinct, and the records deterministic in (dataset, num_records, seed,
+    num_users).
 
     num_users: mailbox owners (emails) or registry people (records); default
     max(4, ceil(num_records / 8)) owners or max(4, ceil(num_records / 4)) people.
@@ -338,7 +340,8 @@ def make_splits(
     """{"train", "validation", "test"} record lists, disjoint (no prompt in two splits).
 
     All splits share one population of users: the emails task is to write the replies of known
-    owners; records validation/test ask new facts (never seen in training)."""
+    owners; records validation/test ask new facts (never seen in training).
+    """
     for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}={value!r} must be an integer >= 0")

@@ -82,8 +82,10 @@ class RDPAccountant:
         return self._ledger.total_steps
 
     def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
-        """Record ``num_steps`` steps with noise std ``noise_multiplier`` (x clip bound) and
-        Poisson sample rate ``sample_rate``; merged into the last run when (sigma, q) are equal.
+        """Record ``num_steps`` steps with noise std ``noise_multiplier`` (x clip bound).
+
+        The Poisson sample rate is ``sample_rate``; merged into the last run when (sigma, q) are
+        equal.
 
         Raises:
             ValueError: sigma negative/non-finite, q outside [0, 1], num_steps not an int >= 0.
@@ -124,8 +126,10 @@ class RDPAccountant:
 
     # --- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The ledger as plain JSON-serializable types: {"orders": [...], "history": [[sigma,
-        q, steps], ...]}."""
+        """The ledger as plain JSON-serializable types.
+
+        {"orders": [...], "history": [[sigma, q, steps], ...]}.
+        """
         return {"orders": [float(a) for a in self.orders], "history": self._ledger.to_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ __all__ = ["all_gather_norms", "all_reduce_sum_", "broadcast_int", "is_distribut
 
 
 def is_distributed() -> bool:
+    """True inside an initialized process group with more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 

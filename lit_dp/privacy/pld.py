@@ -160,8 +160,10 @@ class PLDAccountant:
         return block if self._pld is None else self._pld.compose(block)
 
     def _classify(self, sigma: float, q: float) -> Key | None:
-        """The run key of a (sigma, q) step; None when it costs nothing (q = 0) or is not
-        private (sigma = 0, flagged)."""
+        """The run key of a (sigma, q) step.
+
+        None when it costs nothing (q = 0) or is not private (sigma = 0, flagged).
+        """
         if q == 0.0:
             return None
         if sigma == 0.0:
@@ -197,8 +199,9 @@ class PLDAccountant:
         return self._ledger.total_steps
 
     def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
-        """Record ``num_steps`` steps with noise std ``noise_multiplier`` (x clip bound) and
-        Poisson sample rate ``sample_rate``: one convolution, or none after a
+        """Record ``num_steps`` steps with noise std ``noise_multiplier`` (x clip bound).
+
+        The Poisson sample rate is ``sample_rate``: one convolution, or none after a
         ``peek_epsilon`` of the same steps.
 
         Raises:
@@ -221,8 +224,10 @@ class PLDAccountant:
 
     # --- epsilon ----------------------------------------------------------------------------
     def get_epsilon(self, delta: float) -> float:
-        """Epsilon (nats) of everything recorded so far, at ``delta`` in (0, 1); cached per delta
-        until the next step."""
+        """Epsilon (nats) of everything recorded so far, at ``delta`` in (0, 1).
+
+        Cached per delta until the next step.
+        """
         d = check_delta(delta)
         if self._non_private:
             return math.inf
@@ -266,8 +271,10 @@ class PLDAccountant:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a ``state_dict()`` (the stored settings replace this accountant's) and
-        recompose the ledger; ValueError naming any unknown or missing key or bad entry."""
+        """Restore a ``state_dict()`` (the stored settings replace this accountant's).
+
+        Then recompose the ledger; ValueError naming any unknown or missing key or bad entry.
+        """
         check_state_keys(state_dict, _STATE_KEYS, "PLDAccountant")
         interval = _check_positive(
             "value_discretization_interval",

@@ -100,7 +100,7 @@ def check_orders(orders: Sequence[float] | np.ndarray) -> np.ndarray:
 # log-binomials depend only on the orders: cached, they are most of the cost of one (sigma, q).
 @lru_cache(maxsize=64)
 def _log_binom_int(alpha: tuple[float, ...]) -> np.ndarray:
-    """log C(a, k) for integer a (I,) and k = 2..max(a), shape (I, K); 0 where k > a (masked)."""
+    """Log C(a, k) for integer a (I,) and k = 2..max(a), shape (I, K); 0 where k > a (masked)."""
     a = np.asarray(alpha)[:, None]
     k = np.arange(2, int(a.max()) + 1, dtype=float)[None, :]
     rest = np.where(k <= a, a - k + 1.0, 1.0)
@@ -122,7 +122,7 @@ def _log_binom_frac(alpha: tuple[float, ...], n: int) -> tuple[np.ndarray, np.nd
 
 
 def _log_a_integer(alpha: np.ndarray, q: float, sigma: float) -> np.ndarray:
-    """log A_alpha for integer alpha (I,), 0 < q < 1, sigma > 0, via A - 1 (positive terms)."""
+    """Log A_alpha for integer alpha (I,), 0 < q < 1, sigma > 0, via A - 1 (positive terms)."""
     k = np.arange(2, int(alpha.max()) + 1, dtype=float)[None, :]  # (1, K)
     a = alpha[:, None]  # (I, 1)
     valid = k <= a  # (I, K)
@@ -135,8 +135,10 @@ def _log_a_integer(alpha: np.ndarray, q: float, sigma: float) -> np.ndarray:
 
 
 def _euler_tail(partial: np.ndarray) -> np.ndarray:
-    """Limit estimate from the last partial sums (F, P) of an alternating series: average
-    neighbours repeatedly (each pass cancels one more order of the tail)."""
+    """Limit estimate from the last partial sums (F, P) of an alternating series.
+
+    Average neighbours repeatedly (each pass cancels one more order of the tail).
+    """
     s = partial
     while s.shape[1] > 1:
         s = 0.5 * (s[:, 1:] + s[:, :-1])
@@ -198,7 +200,7 @@ def _frac_series(
 
 
 def _log_a_fractional(alpha: np.ndarray, q: float, sigma: float) -> np.ndarray:
-    """log A_alpha for fractional alpha (F,), 0 < q < 1, sigma > 0 (two-series expansion)."""
+    """Log A_alpha for fractional alpha (F,), 0 < q < 1, sigma > 0 (two-series expansion)."""
     out = np.empty_like(alpha)
     todo = np.arange(alpha.size)
     n = _START_TERMS + 2 * math.ceil(float(alpha.max()))

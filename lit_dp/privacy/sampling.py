@@ -110,8 +110,10 @@ class SampleRateSchedule:
         return [self.rate(t) for t in range(num_steps)]
 
     def steps_per_pass(self) -> int:
-        """Fewest steps n with sum_{t<n} q_t >= 1: one expected pass (each unit drawn once on
-        average). For a constant schedule this is ceil(1 / q)."""
+        """Fewest steps n with sum_{t<n} q_t >= 1: one expected pass.
+
+        Each unit is drawn once on average. For a constant schedule this is ceil(1 / q).
+        """
         one = 1.0 - _PASS_TOLERANCE
         if self.kind == "constant":
             return max(1, math.ceil(one / float(self.sample_rate)))  # type: ignore[arg-type]
@@ -189,8 +191,10 @@ def inclusion_thresholds(sample_rate: float, *, bits: int = _UNIFORM_BITS) -> tu
 def bernoulli_draw(
     num_units: int, sample_rate: float, *, generator: torch.Generator, bits: int = _UNIFORM_BITS
 ) -> torch.Tensor:
-    """(num_units,) bool: independent Bernoulli(q) with realized probability exactly q (see
-    :func:`inclusion_thresholds`), drawn from ``generator`` on the CPU."""
+    """(num_units,) bool: independent Bernoulli(q) with realized probability exactly q.
+
+    See :func:`inclusion_thresholds`; drawn from ``generator`` on the CPU.
+    """
     whole, tie = inclusion_thresholds(sample_rate, bits=bits)
     u = torch.randint(0, 2**bits, (num_units,), generator=generator, dtype=torch.int64)
     keep = u < whole
@@ -205,8 +209,11 @@ def bernoulli_draw(
 
 
 def poisson_draw(num_units: int, sample_rate: float, *, seed: int, step: int) -> torch.Tensor:
-    """Sorted indices (int64) of the units in step ``step``'s batch: independent Bernoulli(q)
-    per unit, with realized probability exactly q, from a CPU generator seeded by (seed, step)."""
+    """Sorted indices (int64) of the units in step ``step``'s batch.
+
+    Independent Bernoulli(q) per unit, with realized probability exactly q, from a CPU generator
+    seeded by (seed, step).
+    """
     gen = torch.Generator().manual_seed(_step_seed(seed, step))
     return torch.nonzero(bernoulli_draw(num_units, sample_rate, generator=gen)).flatten()
 

@@ -1,5 +1,7 @@
-"""Per-unit rules for an embedding weight W (V, d), and for one weight tied between an
-Embedding and a Linear head. Pure functions; fp32 results.
+"""Per-unit rules for an embedding weight W (V, d), and for one tied weight.
+
+The tied weight is one weight shared between an Embedding and a Linear head. Pure functions;
+fp32 results.
 
 An embedding's gradient is the index_add of its output gradient g at the token ids (tokens equal
 to padding_idx get none, as in nn.Embedding); its exact per-unit norm comes from segment sums
@@ -21,8 +23,10 @@ from lit_dp.privacy.engine.units import Units
 
 
 def embedding_sq(ids: Tensor, g: Tensor, units: Units, vocab: int, pad: int | None) -> Tensor:
-    """(U,) exact per-unit ||index_add(g at ids)||^2 via segment sums over (unit, token id)
-    keys; ids (B, T) long, g (B, T, d), ``vocab`` rows, ``pad`` the padding_idx or None."""
+    """(U,) exact per-unit ||index_add(g at ids)||^2 via segment sums over (unit, token id) keys.
+
+    ids (B, T) long, g (B, T, d), ``vocab`` rows, ``pad`` the padding_idx or None.
+    """
     d = g.shape[-1]
     keys = (units.row_unit[:, None] * vocab + ids).reshape(-1)
     rows = f32(g).reshape(-1, d)
@@ -38,9 +42,11 @@ def embedding_sq(ids: Tensor, g: Tensor, units: Units, vocab: int, pad: int | No
 def tied_cross(
     ids: Tensor, g_emb: Tensor, pad: int | None, h: Tensor, dlogits: Tensor, units: Units
 ) -> Tensor:
-    """(U,) <G_emb_u, G_head_u> for one weight W (V, d) used as an Embedding (token ids (B, Te),
-    output gradient g_emb (B, Te, d)) and as a Linear head (input h (B, Th, d), output gradient
-    dlogits (B, Th, V)); padding_idx tokens excluded."""
+    """(U,) <G_emb_u, G_head_u> for one weight W (V, d) used as an Embedding and a Linear head.
+
+    As an Embedding: token ids (B, Te), output gradient g_emb (B, Te, d); as a Linear head: input
+    h (B, Th, d), output gradient dlogits (B, Th, V). padding_idx tokens excluded.
+    """
     ids_u = units.to_units(ids)  # (U, Te)
     g_u = units.to_units(g_emb)  # (U, Te, d)
     if pad is not None:
@@ -65,8 +71,10 @@ def embedding_clipped(
     zero_rows: Tensor | None,
     shape: torch.Size,
 ) -> Tensor:
-    """(V, d) fp32 sum over rows of c_row * (the row's embedding gradient), c_row (B,) being each
-    row's unit factor and ``zero_rows`` the rows of dropped units."""
+    """(V, d) fp32 sum over rows of c_row * (the row's embedding gradient).
+
+    c_row (B,) is each row's unit factor and ``zero_rows`` the rows of dropped units.
+    """
     g = zero_dropped(g, zero_rows)
     flat_ids = ids.reshape(-1)
     rows = (f32(g) * c_row.view(-1, 1, 1)).reshape(-1, g.shape[-1])

@@ -1,5 +1,7 @@
-"""One engine call: its inputs (:class:`Job`), its output (:class:`ClippedBatch`) and the clip
-factor min(1, C / ||g_u||) every engine applies."""
+"""One engine call: its inputs (:class:`Job`) and its output (:class:`ClippedBatch`).
+
+Also the clip factor min(1, C / ||g_u||) every engine applies.
+"""
 
 from __future__ import annotations
 
@@ -31,8 +33,10 @@ class ClippedBatch:
 
 @dataclass(frozen=True)
 class Job:
-    """One engine call: the batch tensors (B, T), its unit layout and (U,) label-token counts;
-    ``max_grad_norm`` is the clip bound C (inf: no clipping)."""
+    """One engine call: the batch tensors (B, T), its unit layout and (U,) label-token counts.
+
+    ``max_grad_norm`` is the clip bound C (inf: no clipping).
+    """
 
     model: nn.Module
     params: dict[str, nn.Parameter]
@@ -52,9 +56,12 @@ def clip_factor(norm: Tensor, max_grad_norm: float) -> Tensor:
 
 
 def clip_factors(sq: Tensor, empty: Tensor, max_grad_norm: float) -> tuple[Tensor, Tensor, int]:
-    """From (U,) squared norms and the (U,) units without labels: (U,) norms (0 for units without
+    """Norms, clip factors and the non-finite count from (U,) squared norms.
+
+    From (U,) squared norms and the (U,) units without labels: (U,) norms (0 for units without
     labels), (U,) factors min(1, C/norm) with 0 for units that add nothing (non-finite or no
-    labels), and the number of non-finite units with labels."""
+    labels), and the number of non-finite units with labels.
+    """
     norms = torch.where(empty, torch.zeros_like(sq), sq.sqrt())
     finite = torch.isfinite(norms)
     factor = torch.where(finite & ~empty, clip_factor(norms, max_grad_norm), torch.zeros_like(sq))

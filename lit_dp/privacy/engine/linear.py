@@ -1,6 +1,8 @@
-"""Per-unit rules for a weight W used as ``a @ W.T`` (nn.Linear, and "bitlinear" layers, whose a
-is their activation act(x)): gradient ``g^T a`` from the layer input a (B, T, d_in) and output
-gradient g (B, T, d_out). Pure functions; fp32 results even for a bf16 model.
+"""Per-unit rules for a weight W used as ``a @ W.T`` (nn.Linear, and "bitlinear" layers).
+
+For "bitlinear" layers, a is their activation act(x). Gradient ``g^T a`` from the layer input
+a (B, T, d_in) and output gradient g (B, T, d_out). Pure functions; fp32 results even for a bf16
+model.
 
 Squared per-unit norm, by the cheaper exact route (U units, T' tokens per unit):
     ghost        sum_{t,s} (a_t . a_s)(g_t . g_s)     cost ~ U T'^2 (d_in + d_out)
@@ -28,10 +30,12 @@ _TEMP_BUDGET = 1 << 25
 
 # --- fp32 products ---------------------------------------------------------------------------
 def f32(x: Tensor) -> Tensor:
+    """``x`` as float32 (itself when it already is)."""
     return x if x.dtype == torch.float32 else x.float()
 
 
 def bmm32(x: Tensor, y: Tensor) -> Tensor:
+    """Batched matrix product ``x @ y`` computed in float32."""
     return torch.bmm(f32(x), f32(y))
 
 
@@ -66,8 +70,10 @@ def keeps_per_unit(stored_bytes: int, num_units: int, d_in: int, d_out: int) -> 
 
 # --- squared norms ---------------------------------------------------------------------------
 def linear_sq(a: Tensor, g: Tensor, units: Units, grams: dict) -> tuple[Tensor, Tensor | None]:
-    """(U,) squared Frobenius norms of g_u^T a_u, and the kept (U, d_out, d_in) fp32 per-unit
-    gradients where the route keeps them (else None; the caller then may free a and g).
+    """(U,) squared Frobenius norms of g_u^T a_u, and the kept per-unit gradients.
+
+    The kept gradients are (U, d_out, d_in) fp32, where the route keeps them (else None; the caller
+    then may free a and g).
 
     ``a`` (B, T, d_in) and ``g`` (B, T, d_out) are the stored rows. ``grams`` keeps the last
     unchunked a a^T: consecutive layers reading one activation (q/k/v, gate/up) share it. It is
@@ -104,8 +110,10 @@ def linear_sq(a: Tensor, g: Tensor, units: Units, grams: dict) -> tuple[Tensor, 
 
 # --- clipped sums ----------------------------------------------------------------------------
 def linear_clipped(a: Tensor, g: Tensor, c_row: Tensor, zero_rows: Tensor | None) -> Tensor:
-    """(d_out, d_in) fp32 sum over rows of c_row * g_row^T a_row, c_row (B,) being each row's
-    unit factor and ``zero_rows`` the rows of dropped units."""
+    """(d_out, d_in) fp32 sum over rows of c_row * g_row^T a_row.
+
+    c_row (B,) is each row's unit factor and ``zero_rows`` the rows of dropped units.
+    """
     g, a = zero_dropped(g, zero_rows), zero_dropped(a, zero_rows)
     scale = c_row.view(-1, 1, 1)  # fp32: scale the narrower of the two
     g, a = (f32(g) * scale, a) if g.shape[-1] <= a.shape[-1] else (g, f32(a) * scale)
@@ -114,9 +122,11 @@ def linear_clipped(a: Tensor, g: Tensor, c_row: Tensor, zero_rows: Tensor | None
 
 
 def kept_clipped(kept: Tensor, factor: Tensor, zero_rows: Tensor | None) -> Tensor:
-    """sum_u factor_u G_u, flat (d_out * d_in,), from the kept (U, d_out, d_in) per-unit
-    gradients; where some unit is dropped (``zero_rows`` not None), units with factor 0 are left
-    out (their values may be non-finite)."""
+    """sum_u factor_u G_u, flat (d_out * d_in,), from the kept (U, d_out, d_in) per-unit gradients.
+
+    Where some unit is dropped (``zero_rows`` not None), units with factor 0 are left out (their
+    values may be non-finite).
+    """
     flat = kept.flatten(1)
     if zero_rows is not None:
         live = factor != 0

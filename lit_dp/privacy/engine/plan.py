@@ -84,8 +84,10 @@ class ClipPlan:
         return sq
 
     def clipped_sums(self, factor: Tensor) -> dict[str, Tensor]:
-        """fp32 sum over units of factor (U,) times each unit's gradient, by parameter name;
-        units with factor 0 are dropped (their values may be non-finite)."""
+        """fp32 sum over units of factor (U,) times each unit's gradient, by parameter name.
+
+        Units with factor 0 are dropped (their values may be non-finite).
+        """
         self._require("normed", "clipped_sums(factor)")
         if factor.shape != (self._units.num_units,):
             raise ValueError(
@@ -132,8 +134,11 @@ class ClipPlan:
 
 
 def _merge_calls(name: str, calls: list[LayerCall]) -> list[LayerCall]:
-    """At most one call per kind: several calls of one kind become one over their
-    concatenated tokens (a per-unit gradient is the sum over all of a unit's tokens)."""
+    """At most one call per kind: several calls of one kind become one.
+
+    The merged call is over their concatenated tokens (a per-unit gradient is the sum over all of a
+    unit's tokens).
+    """
     merged = []
     for kind in ("linear", "embedding"):
         same = [c for c in calls if c.kind == kind]
@@ -166,8 +171,10 @@ def _weight_sq(calls: list[LayerCall], units: Units, grams: dict) -> Tensor:
 def _clipped(
     call: LayerCall, factor: Tensor, c_row: Tensor, zero_rows: Tensor | None, shape: torch.Size
 ) -> Tensor:
-    """sum_rows c_row * (this call's per-row weight gradient), fp32, of the weight's shape;
-    c_row = factor[row_unit], and ``zero_rows`` marks the rows of units with factor 0."""
+    """sum_rows c_row * (this call's per-row weight gradient), fp32, of the weight's shape.
+
+    c_row = factor[row_unit], and ``zero_rows`` marks the rows of units with factor 0.
+    """
     if call.per_unit is not None:  # kept (U, d_out, d_in): sum_u factor_u G_u
         return kept_clipped(call.per_unit, factor, zero_rows).view(shape)
     if call.kind == "embedding":

@@ -262,8 +262,10 @@ def _no_rule_message(module: nn.Module, mod_name: str, attr: str, pname: str) ->
 
 
 def _not_rmsnorm_message(module: nn.Module, name: str) -> str:
-    """Fail closed for a module taken for an RMSNorm by its name: a gated norm would get a
-    wrong per-example gradient."""
+    """Fail closed for a module taken for an RMSNorm by its name.
+
+    A gated norm would get a wrong per-example gradient.
+    """
     return (
         f"engine='fast': {type(module).__name__} ({name}) does not compute w * x/rms(x); use "
         f"engine='vmap', or {_REGISTER_HINT}(cls, 'rmsnorm') if its weight gradient is "

@@ -75,11 +75,13 @@ def register_layer(
     activation: Callable[[nn.Module, Tensor], Tensor] | None = None,
     capture: str | None = None,
 ) -> None:
-    """Declare that instances of ``module_type`` compute like layer ``kind`` for the fast engine:
-    "linear" (y = x W^T + b), "embedding" (nn.Embedding semantics), "rmsnorm" (y = w * x/rms(x),
-    ``variance_epsilon`` or ``eps`` attribute), "layernorm" (nn.LayerNorm semantics), or
-    "bitlinear" (y = act(x) q(W)^T + b with a straight-through q; needs ``activation``, see
-    :class:`LayerRule`). Subclasses that override ``forward`` need their own registration.
+    """Declare that instances of ``module_type`` compute like layer ``kind`` for the fast engine.
+
+    Kinds: "linear" (y = x W^T + b), "embedding" (nn.Embedding semantics), "rmsnorm"
+    (y = w * x/rms(x), ``variance_epsilon`` or ``eps`` attribute), "layernorm" (nn.LayerNorm
+    semantics), or "bitlinear" (y = act(x) q(W)^T + b with a straight-through q; needs
+    ``activation``, see :class:`LayerRule`). Subclasses that override ``forward`` need their own
+    registration.
     """
     if kind not in KIND_PARAMS:
         raise ValueError(f"kind={kind!r} must be one of {sorted(KIND_PARAMS)}")
@@ -94,8 +96,10 @@ def register_layer(
 
 
 def layer_rule(module: nn.Module, *, declared_only: bool = False) -> LayerRule | None:
-    """The fast-engine rule for ``module``, or None if it has none (see the module docstring);
-    ``declared_only`` skips the recognition of RMSNorms by name."""
+    """The fast-engine rule for ``module``, or None if it has none (see the module docstring).
+
+    ``declared_only`` skips the recognition of RMSNorms by name.
+    """
     for cls, rule in (*_REGISTRY, *_BUILTIN):
         if _computes_like(module, cls):
             return rule
@@ -121,8 +125,10 @@ def layer_kind(module: nn.Module, *, declared_only: bool = False) -> str | None:
 
 
 def overridden_forward(module: nn.Module) -> type[nn.Module] | None:
-    """The registered or built-in class ``module`` derives from but whose forward its class
-    overrides (why it has no rule), or None."""
+    """The registered or built-in base of ``module``'s class whose forward it overrides, or None.
+
+    That override is why ``module`` has no rule.
+    """
     for cls, _ in (*_REGISTRY, *_BUILTIN):
         if isinstance(module, cls) and not _computes_like(module, cls):
             return cls
@@ -130,6 +136,9 @@ def overridden_forward(module: nn.Module) -> type[nn.Module] | None:
 
 
 def _computes_like(module: nn.Module, cls: type[nn.Module]) -> bool:
-    """An instance of ``cls`` whose class keeps ``cls.forward``: a subclass that overrides it
-    may compute something else, so it does not inherit the rule of ``cls``."""
+    """An instance of ``cls`` whose class keeps ``cls.forward``.
+
+    A subclass that overrides it may compute something else, so it does not inherit the rule of
+    ``cls``.
+    """
     return isinstance(module, cls) and type(module).forward is cls.forward

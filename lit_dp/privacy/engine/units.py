@@ -47,8 +47,9 @@ class Units:
 
 
 def unit_layout(unit_ids: Any, rows: int, device: torch.device) -> Units:
-    """Row -> unit map of a batch of ``rows`` rows, units numbered by first appearance of their
-    id; ``unit_ids`` None makes every row its own unit.
+    """Row -> unit map of a batch of ``rows`` rows, units numbered by first appearance of their id.
+
+    ``unit_ids`` None makes every row its own unit.
 
     Raises:
         ValueError: ``unit_ids`` does not have one entry per row.

@@ -1,6 +1,8 @@
-"""The ``torch.func`` engine: vmap(grad) of the per-unit loss over units, in memory-bounded
-chunks of units. Works for any module torch.func can trace; needs full causal attention
-(``sdpa`` or ``eager``), since HF's mask builder cannot run under vmap."""
+"""The ``torch.func`` engine: vmap(grad) of the per-unit loss over units.
+
+It runs in memory-bounded chunks of units. Works for any module torch.func can trace; needs full
+causal attention (``sdpa`` or ``eager``), since HF's mask builder cannot run under vmap.
+"""
 
 from __future__ import annotations
 

@@ -108,6 +108,9 @@ class DPCausalLM(CausalLMEvaluation):
         self._pending_generator_state: torch.Tensor | None = None
         self._num_units: int | None = None
         self.num_nonfinite_total = 0
+        self.noise_correction = (
+            False  # DP-AdamBC: set from the optimizer configure_optimizers builds
+        )
 
     # --- configuration -----------------------------------------------------------------------
     @staticmethod
@@ -154,12 +157,9 @@ class DPCausalLM(CausalLMEvaluation):
             for group in opt.param_groups:
                 if group.get("noise_correction"):
                     group["noise_correction"] = False
+        # Read once here, not every step: whether each step must hand the optimizer its noise std.
+        self.noise_correction = any(g.get("noise_correction", False) for g in opt.param_groups)
         return opt
-
-    @property
-    def noise_correction(self) -> bool:
-        """Whether the optimizer corrects its second moment for the noise (DP-AdamBC)."""
-        return any(g.get("noise_correction", False) for g in self._optimizer().param_groups)
 
     def _optimizer(self) -> LightningOptimizer:
         opt = self.optimizers()
@@ -176,8 +176,7 @@ class DPCausalLM(CausalLMEvaluation):
         if stage == "fit" and self.private and self.noise_multiplier == "auto":
             raise ValueError(
                 "model.noise_multiplier=auto needs the PrivacyAccounting callback (privacy: "
-                "section) "
-                "to calibrate it; give a number or run through the lit-dp CLI"
+                "section) to calibrate it; give a number or run through the lit-dp CLI"
             )
         self.model.config.use_cache = False  # a Hugging Face model (lit_dp.models.load_model)
         if stage == "fit" and self.private and dm is not None and getattr(dm, "schedule", None):
@@ -341,7 +340,7 @@ class DPCausalLM(CausalLMEvaluation):
             "engine": self.engine,
             "noise_multiplier_accounted": self.noise_multiplier,
             "optimizer": self._optimizer_name(),
-            "noise_correction": self._noise_correction_configured(),
+            "noise_correction": self.noise_correction,
             "covers": covers,
             "not_covered": not_covered,
         }
@@ -350,11 +349,6 @@ class DPCausalLM(CausalLMEvaluation):
         factory = self._optimizer_factory
         cls = getattr(factory, "func", factory)  # functools.partial or jsonargparse's callable
         return getattr(cls, "__name__", type(cls).__name__)
-
-    def _noise_correction_configured(self) -> bool:
-        if self._trainer is not None and self.trainer.optimizers:
-            return self.noise_correction
-        return False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lit_dp"] = {

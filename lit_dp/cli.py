@@ -102,9 +102,8 @@ def check_trainer_config(trainer_cfg) -> None:
     if str(trainer_cfg.get("precision")) in _FP16_MIXED:
         raise ValueError(
             f"trainer.precision={trainer_cfg.get('precision')!r} (fp16 mixed precision) is "
-            "refused: "
-            "its GradScaler would unscale the already privatized gradient and skip steps on "
-            "overflow. Use trainer.precision: bf16-mixed (needs no scaler) or 32-true"
+            "refused: its GradScaler would unscale the already privatized gradient and skip "
+            "steps on overflow. Use trainer.precision: bf16-mixed (needs no scaler) or 32-true"
         )
     if trainer_cfg.get("accumulate_grad_batches", 1) != 1:
         raise ValueError(

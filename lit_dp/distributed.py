@@ -57,7 +57,6 @@ def check_dp_strategy(trainer) -> None:
     if trainer.world_size > 1 and not isinstance(trainer.strategy, DPDDPStrategy):
         raise ValueError(
             f"trainer.strategy={type(trainer.strategy).__name__} runs {trainer.world_size} "
-            "processes "
-            "without lit_dp's DP exchange; use trainer.strategy: dp_ddp (the lit-dp CLI maps "
-            "every multi-device run to it)"
+            "processes without lit_dp's DP exchange; use trainer.strategy: dp_ddp (the lit-dp "
+            "CLI maps every multi-device run to it)"
         )

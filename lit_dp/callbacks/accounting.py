@@ -62,8 +62,8 @@ def check_delta(delta: float, num_units: int) -> None:
         rank_zero_warn(
             f"privacy.delta={delta:g} is above 1e-5: with probability up to about delta the "
             f"guarantee fails for a unit (N={num_units}); leave privacy.delta unset for the "
-            "default "
-            f"min(1e-5, 1/N^1.1) = {default_delta(num_units):.3g} unless you need this value"
+            f"default min(1e-5, 1/N^1.1) = {default_delta(num_units):.3g} unless you need this "
+            "value"
         )
 
 
@@ -94,8 +94,7 @@ def _refuse_minimum_length(trainer: L.Trainer, target_epsilon: float) -> None:
             f"{target_epsilon}: Lightning keeps a stopped run going until the minimum is reached, "
             "and no step may be taken past the budget, so the run would never end. Unset "
             f"{' and '.join(f'trainer.{name}' for name in given)} (trainer.max_steps sets the "
-            "length), "
-            "or set privacy.target_epsilon: null"
+            "length), or set privacy.target_epsilon: null"
         )
 
 
@@ -296,8 +295,8 @@ class PrivacyAccounting(L.Callback):
         if name != self.accountant_name:
             raise ValueError(
                 f"the checkpoint's privacy ledger was accounted with privacy.accountant={name!r} "
-                f"but this run sets {self.accountant_name!r}; resume with privacy.accountant: "
-                f"{name}"
+                f"but this run sets {self.accountant_name!r}; resume with "
+                f"privacy.accountant: {name}"
             )
         self.accountant.load_state_dict(state_dict["accountant"])
         if self.rdp is not self.accountant:  # the same ledger, composed with RDP

@@ -281,10 +281,10 @@ class PrivateQuantile(ClipBoundEstimator):
                 f"expected batch size {expected_batch_size:g} is too small for private quantile "
                 f"clipping at noise_multiplier={z:g}: the count noise std {sigma_b:g} "
                 f"(= expected batch / count_noise_divisor={self.count_noise_divisor:g}) must "
-                "exceed "
-                f"noise_multiplier / 2. Use an expected batch size (q * N) well above {need:g}, "
-                f"or lower count_noise_divisor below {2.0 * expected_batch_size / z:g}, or use "
-                "clipping: fixed (Andrew et al. 2021, Theorem 1)"
+                "exceed noise_multiplier / 2. Use an expected batch size (q * N) well above "
+                f"{need:g}, or lower count_noise_divisor below "
+                f"{2.0 * expected_batch_size / z:g}, or use model.clipping FixedClip "
+                "(Andrew et al. 2021, Theorem 1)"
             )
         return raised_noise_multiplier(noise_multiplier=z, count_noise_std=sigma_b)
 

@@ -1,6 +1,6 @@
 """Builders shared by the DPCausalLM tests (test_module.py, test_dp_step.py, test_evaluation.py):
-a synthetic DataModule, a tiny module from flat settings, a CPU trainer with the library's
-callbacks, and a snapshot of the trainable weights."""
+a synthetic DataModule, a tiny module from flat settings, a quiet CPU trainer (alone or with
+the library's callbacks), and a snapshot of the trainable weights."""
 
 from __future__ import annotations
 
@@ -84,24 +84,32 @@ def components(args: dict) -> dict:
     return args
 
 
+def quiet_trainer(root, max_steps, callbacks=(), **overrides):
+    """A one-device CPU trainer that prints and logs nothing and runs no sanity validation.
+
+    Checkpointing is on exactly when ``callbacks`` holds a ModelCheckpoint; ``overrides`` are
+    further ``L.Trainer`` arguments (they win over these)."""
+    kw = {
+        "max_steps": max_steps,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "use_distributed_sampler": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": root,
+        "callbacks": list(callbacks),
+        "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
+    }
+    return L.Trainer(**{**kw, **overrides})
+
+
 def make_trainer(tmp_path, max_steps, callbacks=(), target_epsilon=None, accountant="pld", **kw):
+    """``quiet_trainer`` with the library's callbacks (EMA 0.9, clip-driven lr, accounting)."""
     accounting = PrivacyAccounting(target_epsilon=target_epsilon, accountant=accountant)
     cbs = [EMAWeights(decay=0.9), ClipDrivenLR(), accounting, *callbacks]
-    return L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        callbacks=cbs,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        **kw,
-    )
+    return quiet_trainer(tmp_path, max_steps, cbs, limit_val_batches=0, **kw)
 
 
 def trainable(module):

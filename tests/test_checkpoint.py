@@ -16,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from module_helpers import quiet_trainer
 
 from lit_dp.callbacks.accounting import PrivacyAccounting
 from lit_dp.callbacks.clip_lr import ClipDrivenLR
@@ -102,21 +103,14 @@ def _fit(root: Path, *, max_steps: int, callback: DPModelCheckpoint, plugins=Non
         export_dir=None,
         max_physical_batch_size=8,
     )
-    trainer = L.Trainer(
-        max_steps=max_steps,
+    trainer = quiet_trainer(
+        root,
+        max_steps,
+        [EMAWeights(), ClipDrivenLR(), PrivacyAccounting(target_epsilon=None), callback],
         max_epochs=-1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
         val_check_interval=2,
         check_val_every_n_epoch=None,
-        default_root_dir=root,
         plugins=plugins,
-        callbacks=[EMAWeights(), ClipDrivenLR(), PrivacyAccounting(target_epsilon=None), callback],
     )
     trainer.fit(module, datamodule=dm)
     return trainer

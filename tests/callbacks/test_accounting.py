@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import warnings
 
-import lightning as L
 import pytest
+from module_helpers import quiet_trainer
 
 from lit_dp.callbacks.accounting import PrivacyAccounting, check_delta, default_delta
 from lit_dp.data import ConstantBatchSize, SyntheticDataModule
@@ -120,33 +120,11 @@ def test_budget_stop_with_a_minimum_length_is_refused_before_training(tmp_path, 
         eval_before_fit=False,
         export_dir=None,
     )
-    trainer = L.Trainer(
-        max_steps=50,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        default_root_dir=tmp_path,
-        callbacks=[PrivacyAccounting(target_epsilon=3.0)],
-        **limits,
-    )
+    trainer = quiet_trainer(tmp_path, 50, [PrivacyAccounting(target_epsilon=3.0)], **limits)
     with pytest.raises(ValueError, match=rf"{named} cannot be combined with the budget stop"):
         trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 0
     # Without a budget, the minimum length is allowed.
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        default_root_dir=tmp_path,
-        callbacks=[PrivacyAccounting(target_epsilon=None)],
-        min_steps=1,
-    )
+    trainer = quiet_trainer(tmp_path, 2, [PrivacyAccounting(target_epsilon=None)], min_steps=1)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2

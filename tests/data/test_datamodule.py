@@ -10,6 +10,7 @@ import pytest
 import torch
 from datamodule_helpers import ListDataModule, fake_trainer, qa, rows_of
 from lightning.pytorch.callbacks import ModelCheckpoint
+from module_helpers import quiet_trainer
 
 from lit_dp.data import ConstantBatchSize, ConstantSampleRate
 
@@ -276,20 +277,7 @@ def _fit(tmp_path, max_steps, seed, ckpt_path=None, every=None):
         if every
         else []
     )
-    trainer = L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        enable_checkpointing=bool(every),
-        callbacks=cbs,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps, cbs, limit_val_batches=0)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return module.seen
 

@@ -394,7 +394,12 @@ ESTIMATORS: dict[str, type[ClipBoundEstimator]] = {
 
 
 def make_clip_estimator(kind: str, **kwargs: Any) -> ClipBoundEstimator:
-    """Build an estimator by ``kind`` ("fixed", "private_quantile", "history_percentile")."""
+    """Build an estimator by ``kind`` ("fixed", "private_quantile", "history_percentile").
+
+    Configs build estimators by ``class_path``; this string-keyed form rebuilds the estimator a
+    privacy report records: ``make_clip_estimator(d["name"], **d["parameters"])`` for its
+    ``describe()`` entry ``d`` gives an estimator with the same description.
+    """
     if kind not in ESTIMATORS:
         raise ValueError(f"clipping={kind!r} is unknown; use one of {sorted(ESTIMATORS)}")
     return ESTIMATORS[kind](**kwargs)

@@ -262,7 +262,7 @@ def run_one(
         use_distributed_sampler=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[ema, ClipDrivenLR(), PrivacyAccounting(target_epsilon=epsilon)],
+        callbacks=[ema, ClipDrivenLR(adaptive=True), PrivacyAccounting(target_epsilon=epsilon)],
     )
     t0 = time.perf_counter()
     if untrained:  # the common starting point: what the attacks see before any training

@@ -18,7 +18,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lit_dp import distributed, models
 from lit_dp.evaluation import CausalLMEvaluation
 from lit_dp.optim import DPAdamW
-from lit_dp.privacy.clipping import ClipBoundEstimator, FixedClip, PrivateQuantile
+from lit_dp.privacy.clipping import ClipBoundEstimator, FixedClip, default_clip_estimator
 from lit_dp.privacy.collectives import all_reduce_sum_, broadcast_int, is_distributed
 from lit_dp.privacy.mechanism import privatize, split_micro_batches
 from lit_dp.privacy.noise import make_generator
@@ -44,10 +44,10 @@ class DPCausalLM(CausalLMEvaluation):
         private: false runs the same loop without clipping, noise or accounting (baseline).
         noise_multiplier: sigma, noise std in units of the clip bound; "auto" calibrates it to
             privacy.target_epsilon over trainer.max_steps.
-        clipping: the clip-bound estimator (``lit_dp.privacy.clipping``): ``PrivateQuantile``
-            (default; Andrew et al. 2021, covered by epsilon), ``FixedClip``, or
-            ``HistoryPercentile`` (the paper's rule; uses raw norms: NOT covered by epsilon).
-            None builds a fresh ``PrivateQuantile()``.
+        clipping: the clip-bound estimator (``lit_dp.privacy.clipping``): ``FixedClip``
+            (default), ``PrivateQuantile`` (adaptive, Andrew et al. 2021, covered by epsilon),
+            or ``HistoryPercentile`` (the paper's rule; uses raw norms: NOT covered by epsilon).
+            None builds a fresh ``default_clip_estimator()``, ``FixedClip(1.0)``.
         optimizer: a callable taking the trainable parameters and returning the optimizer, e.g.
             ``DPAdamW`` (default: ``lit_dp.optim.DPAdamW`` with its defaults) or
             ``torch.optim.SGD`` (the DP-SGD baseline); both receive the same clipped, noised,
@@ -96,7 +96,7 @@ class DPCausalLM(CausalLMEvaluation):
             self.model = models.apply_lora(
                 self.model, rank=lora_rank, alpha=lora_alpha, target_modules=lora_target_modules
             )
-        clip = PrivateQuantile() if clipping is None else clipping
+        clip = default_clip_estimator() if clipping is None else clipping
         if not private:  # the non-private step never clips: nothing adaptive to describe or save
             clip = FixedClip(max_grad_norm=clip.max_grad_norm)
         self.clip: ClipBoundEstimator = clip

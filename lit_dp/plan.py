@@ -21,7 +21,7 @@ from lightning.pytorch.cli import instantiate_class
 from lit_dp.callbacks.accounting import PrivacyAccounting, check_delta, default_delta
 from lit_dp.cli import LitDPCLI
 from lit_dp.privacy.budget import ACCOUNTANTS, epsilon_for_schedule
-from lit_dp.privacy.clipping import PrivateQuantile
+from lit_dp.privacy.clipping import PrivateQuantile, default_clip_estimator
 from lit_dp.privacy.sampling import SampleRateSchedule
 
 
@@ -120,7 +120,7 @@ def make_plan(config: Any) -> PrivacyPlan:
     num_units, schedule = dm.units_and_schedule()
     # The clip-bound estimator as fit builds it (validates its fields the same way).
     clip = (
-        PrivateQuantile()
+        default_clip_estimator()
         if model.clipping is None
         else instantiate_class((), model.clipping.as_dict())
     )

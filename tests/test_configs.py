@@ -7,7 +7,10 @@ import pytest
 import yaml
 from shipped_configs import CONFIGS
 
+from lit_dp.callbacks.clip_lr import ClipDrivenLR
+from lit_dp.callbacks.ema import EMAWeights
 from lit_dp.cli import LitDPCLI
+from lit_dp.privacy.clipping import default_clip_estimator
 
 
 def _leaves(node, path=""):
@@ -97,3 +100,20 @@ def test_every_config_parses(config, capsys):
     assert exc.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "model:" in printed and "privacy:" in printed
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_configs_ship_the_recommended_recipe(config):
+    """The configs and the code defaults give the same recipe (the utility study's best), so a
+    user who copies a config and one who leaves a field out train the same way."""
+    cfg = yaml.safe_load(config.read_text())
+    assert cfg["ema"]["decay"] == EMAWeights().decay
+    assert cfg["clip_lr"]["adaptive"] is ClipDrivenLR().adaptive is False
+    opt = cfg["model"]["optimizer"]
+    assert opt["class_path"] == "lit_dp.optim.DPAdamW"
+    assert opt["init_args"].get("noise_correction", False) is False
+    if not cfg["model"].get("private", True):
+        return
+    clipping, default = cfg["model"]["clipping"], default_clip_estimator()
+    assert clipping["class_path"] == f"lit_dp.privacy.clipping.{type(default).__name__}"
+    assert clipping["init_args"] == default.describe()["parameters"]

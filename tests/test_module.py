@@ -17,7 +17,7 @@ from lit_dp.callbacks.clip_lr import ClipDrivenLR
 from lit_dp.callbacks.ema import EMAWeights
 from lit_dp.module import DPCausalLM
 from lit_dp.optim import DPAdamW
-from lit_dp.privacy.clipping import PrivateQuantile
+from lit_dp.privacy.clipping import FixedClip
 from lit_dp.privacy.mechanism import split_micro_batches
 
 
@@ -157,7 +157,7 @@ def test_optimizer_component_is_validated():
 def test_components_have_no_shared_default_instance():
     """Two modules built with the defaults get their own clip-bound estimator."""
     a, b = DPCausalLM(model="tiny-qwen2"), DPCausalLM(model="tiny-qwen2")
-    assert isinstance(a.clip, PrivateQuantile) and a.clip is not b.clip
+    assert isinstance(a.clip, FixedClip) and a.clip is not b.clip
     assert isinstance(a.configure_optimizers(), DPAdamW)
 
 

@@ -54,6 +54,8 @@ def test_plan_reports_the_budget_stop_and_fit_errors(capsys):
                 "plan",
                 "--config",
                 TINY,
+                "--model.clipping",
+                "lit_dp.privacy.clipping.PrivateQuantile",
                 "--data.init_args.batch_schedule.init_args.expected_batch_size",
                 "2",
             ]

@@ -13,8 +13,9 @@ import math
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_dp.privacy.clipping import DEFAULT_TARGET_CLIP_RATE
+from lit_dp.privacy.clipping import DEFAULT_TARGET_CLIP_RATE, FixedClip
 
 
 def next_lr_multiplier(
@@ -58,7 +59,10 @@ class ClipDrivenLR(L.Callback):
             at trainer.max_steps).
         warmup_steps: linear warm-up steps (0 = none).
         min_lr_ratio: final lr / base lr for the cosine schedule.
-        adaptive: apply the clip-driven multiplier gamma (False = base schedule only).
+        adaptive: apply the clip-driven multiplier gamma (the paper's rule). Off by default: it
+            needs the privatized clip rate of an adaptive ``model.clipping`` (the default
+            ``FixedClip`` releases none), and in the utility study (``benchmarks/README.md``
+            section 5) it changed the final loss by less than the seed-to-seed spread.
         target_clip_rate: rho*, the clip rate the multiplier steers toward; null (default) takes
             the clip-bound estimator's own target (``model.clipping``), else 0.2.
         band: no change while |clip_rate - rho*| <= band.
@@ -73,7 +77,7 @@ class ClipDrivenLR(L.Callback):
         schedule: Literal["constant", "cosine"] = "constant",
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
-        adaptive: bool = True,
+        adaptive: bool = False,
         target_clip_rate: float | None = None,
         band: float = 0.1,
         up: float = 1.01,
@@ -113,13 +117,26 @@ class ClipDrivenLR(L.Callback):
         self.gamma = 1.0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        """Steer toward the estimator's target unless one was given here."""
+        """Steer toward the estimator's target unless one was given here.
+
+        Warns when the multiplier is on but the estimator releases no clip rate to drive it.
+        """
         target = self.target_clip_rate
         if target is None:
             target = getattr(getattr(pl_module, "clip", None), "target_clip_rate", None)
         self.rule["target_clip_rate"] = (
             DEFAULT_TARGET_CLIP_RATE if target is None else float(target)
         )
+        if (
+            stage == "fit"
+            and self.adaptive
+            and isinstance(getattr(pl_module, "clip", None), FixedClip)
+        ):
+            rank_zero_warn(
+                "clip_lr.adaptive=true has no effect here: a fixed clip bound (FixedClip, or a "
+                "non-private run) releases no clip rate, so the lr multiplier stays 1. Set "
+                "clip_lr.adaptive false, or use an adaptive model.clipping (PrivateQuantile)."
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"gamma": self.gamma}

@@ -2,8 +2,10 @@
 
 Three estimators share the ``ClipBoundEstimator`` interface:
 
-- ``FixedClip``: C_t = C. Spends no budget.
-- ``PrivateQuantile`` (default; Andrew et al. 2021): geometric tracking of the quantile
+- ``FixedClip`` (default): C_t = C. Spends no budget. With Adam-type optimizers a C below the
+  unit norms (every unit clipped) beat the adaptive bounds in lit_dp's utility study
+  (``benchmarks/README.md`` section 5), so it is what ``default_clip_estimator`` builds.
+- ``PrivateQuantile`` (Andrew et al. 2021): geometric tracking of the quantile
   1 - rho* of the unit norms from a *noisy* unclipped count. The count noise is paid for by
   raising the gradient noise multiplier (Theorem 1), so the accounted sigma covers both.
 - ``HistoryPercentile`` (the DP-Adam-AC paper): C_t = clamp(P_{100(1-rho*)}(last H raw norms)).
@@ -391,6 +393,16 @@ class HistoryPercentile(ClipBoundEstimator):
 ESTIMATORS: dict[str, type[ClipBoundEstimator]] = {
     cls.name: cls for cls in (FixedClip, PrivateQuantile, HistoryPercentile)
 }
+
+
+def default_clip_estimator() -> ClipBoundEstimator:
+    """The estimator a module (and ``lit-dp plan``) uses when ``clipping`` is not given.
+
+    ``FixedClip(1.0)``: in the utility study (``benchmarks/README.md`` section 5), DP-AdamW with
+    a fixed C below the unit norms and EMA weights reached a lower validation loss than the
+    private-quantile bound at every target clip rate tried.
+    """
+    return FixedClip()
 
 
 def make_clip_estimator(kind: str, **kwargs: Any) -> ClipBoundEstimator:

@@ -1,12 +1,14 @@
 """Clip-driven LR multiplier (DP-Adam-AC's rule, docs/method.md) and base schedules."""
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from lit_dp.callbacks.clip_lr import ClipDrivenLR, base_schedule, next_lr_multiplier
+from lit_dp.privacy.clipping import FixedClip, PrivateQuantile
 
 
 @pytest.mark.parametrize(
@@ -58,7 +60,7 @@ def test_callback_sets_lr_and_updates_gamma_from_record():
     trainer = SimpleNamespace(max_steps=100, global_step=0, optimizers=[opt])
     logged = {}
     pl = SimpleNamespace(last_record=None, log=lambda k, v, **kw: logged.__setitem__(k, v))
-    cb = ClipDrivenLR()
+    cb = ClipDrivenLR(adaptive=True)
     cb.on_train_batch_start(trainer, pl, None, 0)
     assert opt.param_groups[0]["lr"] == 0.5
     pl.last_record = SimpleNamespace(clip_rate=0.0)
@@ -67,9 +69,30 @@ def test_callback_sets_lr_and_updates_gamma_from_record():
     cb.on_train_batch_start(trainer, pl, None, 1)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.505)
     assert logged["lr_multiplier"] == pytest.approx(1.01)
-    restored = ClipDrivenLR()
+    restored = ClipDrivenLR(adaptive=True)
     restored.load_state_dict(cb.state_dict())
     assert restored.gamma == cb.gamma
+
+
+def test_multiplier_is_off_by_default_and_warns_without_a_clip_rate():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.5)
+    trainer = SimpleNamespace(max_steps=100, global_step=0, optimizers=[opt])
+    pl = SimpleNamespace(last_record=SimpleNamespace(clip_rate=0.0), log=lambda *a, **kw: None)
+    cb = ClipDrivenLR()  # the default: the base schedule only
+    cb.on_train_batch_end(trainer, pl, None, None, 0)
+    assert cb.gamma == 1.0
+    # Switched on beside a fixed clip bound, it could never move: the user is told, once per fit.
+    pl.clip = FixedClip(1.0)
+    with pytest.warns(UserWarning, match=r"clip_lr.adaptive=true has no effect.*FixedClip"):
+        ClipDrivenLR(adaptive=True).setup(trainer, pl, "fit")
+    pl.clip = PrivateQuantile(target_clip_rate=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adaptive = ClipDrivenLR(adaptive=True)
+        adaptive.setup(trainer, pl, "fit")
+        ClipDrivenLR(adaptive=True).setup(trainer, SimpleNamespace(clip=FixedClip(1.0)), "test")
+    assert adaptive.rule["target_clip_rate"] == 0.3  # it follows the estimator's target
 
 
 @pytest.mark.parametrize(

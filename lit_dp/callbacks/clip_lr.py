@@ -64,7 +64,7 @@ class ClipDrivenLR(L.Callback):
             ``FixedClip`` releases none), and in the utility study (``benchmarks/README.md``
             section 5) it changed the final loss by less than the seed-to-seed spread.
         target_clip_rate: rho*, the clip rate the multiplier steers toward; null (default) takes
-            the clip-bound estimator's own target (``model.clipping``), else 0.2.
+            the clip-bound estimator's own target (``model.clipping``), else 0.5.
         band: no change while |clip_rate - rho*| <= band.
         up: factor when the clip rate is below rho* - band.
         down: factor when the clip rate is above rho* + band.

@@ -246,7 +246,10 @@ def run_one(
         export_dir=None,
         # divisor 4 (default 20): the quantile count noise (std B/divisor) must
         # exceed sigma/2, which the small audit batches need (B = 16 here).
-        clipping=PrivateQuantile(count_noise_divisor=args.count_noise_divisor),
+        # rho* 0.2 (the paper's example) and its clip-driven lr, as the committed results used
+        clipping=PrivateQuantile(
+            target_clip_rate=0.2, count_noise_divisor=args.count_noise_divisor
+        ),
         noise_seed=args.seed,
         max_physical_batch_size=cfg["batch"] * 2,
     )

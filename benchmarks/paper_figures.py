@@ -177,7 +177,11 @@ def run_one(
     if ov.pop("clipping", "private_quantile") == "fixed":
         clip: ClipBoundEstimator = FixedClip(max_grad_norm=C0)
     else:
-        clip = PrivateQuantile(initial_clip=C0, count_noise_divisor=cfg["count_noise_divisor"])
+        clip = PrivateQuantile(  # rho* 0.2: the paper's example, as the committed results used
+            initial_clip=C0,
+            target_clip_rate=0.2,
+            count_noise_divisor=cfg["count_noise_divisor"],
+        )
     if ov.pop("optimizer", "adamw") == "sgd":
         optimizer = partial(torch.optim.SGD, lr=cfg["sgd_lr"], momentum=ov.pop("momentum", 0.0))
     else:

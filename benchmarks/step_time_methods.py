@@ -109,7 +109,7 @@ def make_step(
         # The count noise std E[B] / divisor must exceed sigma / 2: the default divisor (20) holds
         # down to E[B] = 11 at sigma 1; smaller benchmark batches use divisor E[B] (std 1).
         divisor = 20.0 if rows / 20.0 > SIGMA / 2 else float(rows)
-        clip = PrivateQuantile(initial_clip=CLIP, count_noise_divisor=divisor)
+        clip = PrivateQuantile(initial_clip=CLIP, target_clip_rate=0.2, count_noise_divisor=divisor)
         max_rows = training_max_rows()
 
         def step() -> None:

@@ -38,6 +38,7 @@ from _meta import git_commit, provenance
 from utility import RECIPES, RESULTS
 from utility_organisms import build_organism, cache_root, organism_fingerprint
 from utility_plan import EPS_MAIN, RunSpec
+from utility_report import fmt
 from utility_results import CODE_PATHS, append_runs, load_results, write_atomic
 
 # label -> (study variant it runs as, Recipe fields it changes)
@@ -63,9 +64,10 @@ def _run(label: str, seed: int, organism: Path) -> list[dict[str, Any]]:
     recipe = dataclasses.replace(RECIPES["cpu"], ema_sweep=(), **fields)
     spec = RunSpec(phase=6, model="slm", variant=variant, epsilon=EPS_MAIN, seed=seed, lr=LR)
     records = train_one(spec, recipe, organism)
+    commit = git_commit(*CODE_PATHS)
     for r in records:
         r.update(setting=label, target_clip_rate=recipe.target_clip_rate)
-        r.update(max_grad_norm=recipe.max_grad_norm, commit=git_commit(*CODE_PATHS))
+        r.update(max_grad_norm=recipe.max_grad_norm, commit=commit)
         r["variant"] = f"{r['variant']}@{label}"  # unique keys for the shared append helper
     return records
 
@@ -94,11 +96,8 @@ def run(labels: list[str], seeds: list[int], cache_dir: str | None) -> None:
 
 
 def _cell(losses: list[float]) -> str:
-    if not losses:
-        return "—"
-    if len(losses) == 1:
-        return f"{losses[0]:.3f} (1 seed)"
-    return f"{statistics.mean(losses):.3f} ± {statistics.stdev(losses):.3f} ({len(losses)} seeds)"
+    """The study report's mean ± sd (or one seed's value), with the seed count."""
+    return f"{fmt(losses)} ({len(losses)} seeds)" if len(losses) > 1 else fmt(losses)
 
 
 def report() -> str:

@@ -121,17 +121,14 @@ class ClipDrivenLR(L.Callback):
 
         Warns when the multiplier is on but the estimator releases no clip rate to drive it.
         """
+        clip = getattr(pl_module, "clip", None)
         target = self.target_clip_rate
         if target is None:
-            target = getattr(getattr(pl_module, "clip", None), "target_clip_rate", None)
+            target = getattr(clip, "target_clip_rate", None)
         self.rule["target_clip_rate"] = (
             DEFAULT_TARGET_CLIP_RATE if target is None else float(target)
         )
-        if (
-            stage == "fit"
-            and self.adaptive
-            and isinstance(getattr(pl_module, "clip", None), FixedClip)
-        ):
+        if stage == "fit" and self.adaptive and isinstance(clip, FixedClip):
             rank_zero_warn(
                 "clip_lr.adaptive=true has no effect here: a fixed clip bound (FixedClip, or a "
                 "non-private run) releases no clip rate, so the lr multiplier stays 1. Set "

@@ -10,15 +10,20 @@ run length, seeds and learning rate (DP-Adam-AC's tuned 3.16e-3), one setting at
   pq-0.5      PrivateQuantile, rho* = 0.5 (the median norm)
   pq-0.9      PrivateQuantile, rho* = 0.9 (C near the 10th percentile: most units clipped)
   fixed-0.1   FixedClip, C = 0.1 (every unit clipped, like the study's C = 1, at a tenth of it)
+  fixed-1     FixedClip, C = 1: the study's ``dp-adam-ac-fixed-clip``, the recipe lit_dp ships.
+              On slm the study already has it; ``--model bitnet`` runs it on the BitNet twin,
+              whose study runs cover DP-Adam-AC only as the paper describes it
 
 EMA and the clip-driven lr are on (the clip-driven lr steers to the same rho*; with a fixed C
-there is no privatized clip rate and it stays at 1). Records go to
-``results/utility_clip.json``, one per run and its no-EMA twin, appended as each finishes; a
-setting already there is skipped. The organisms must be the study's (same weights sha256).
+there is no privatized clip rate and it stays at 1). The rate is the study's tuned DP-Adam-AC
+rate of that model (seed 0, epsilon 8). Records go to ``results/utility_clip.json``, one per
+run (and its no-EMA twin where the variant has one), appended as each finishes; a setting
+already there is skipped. The organisms must be the study's (same weights sha256).
 
-    python benchmarks/utility_clip.py --threads 1                 # every setting on seed 0
+    python benchmarks/utility_clip.py --threads 1                 # every slm setting on seed 0
     python benchmarks/utility_clip.py --only pq-0.9 --seed 1 --seed 2
-    python benchmarks/utility_clip.py --report                    # the table, with the study's
+    python benchmarks/utility_clip.py --model bitnet --only fixed-1 --seed 0 --seed 1 --seed 2
+    python benchmarks/utility_clip.py --report                    # the tables, with the study's
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from _meta import git_commit, provenance
 from utility import RECIPES, RESULTS
 from utility_organisms import build_organism, cache_root, organism_fingerprint
 from utility_plan import EPS_MAIN, RunSpec
-from utility_report import fmt
+from utility_report import SHIPPED, fmt, paired, select, tuned_rates, val_losses
 from utility_results import CODE_PATHS, append_runs, load_results, write_atomic
 
 # label -> (study variant it runs as, Recipe fields it changes)
@@ -47,22 +52,33 @@ SETTINGS: dict[str, tuple[str, dict[str, float]]] = {
     "pq-0.5": ("dp-adam-ac", {"target_clip_rate": 0.5}),
     "pq-0.9": ("dp-adam-ac", {"target_clip_rate": 0.9}),
     "fixed-0.1": ("dp-adam-ac-fixed-clip", {"max_grad_norm": 0.1}),
+    "fixed-1": ("dp-adam-ac-fixed-clip", {"max_grad_norm": 1.0}),
 }
-LR = 3.16e-3  # DP-Adam-AC's rate tuned by the study's phase 1 (seed 0, epsilon 8)
+MODELS = ("slm", "bitnet")
 OUT = RESULTS / "utility_clip.json"
 STUDY = RESULTS / "utility.json"
 
 
-def _key(label: str, seed: int) -> str:
-    return json.dumps([label, seed])
+def study_rate(model: str, runs: list[dict[str, Any]]) -> float:
+    """DP-Adam-AC's rate as the study tuned it for ``model`` (seed 0, epsilon 8)."""
+    lr = tuned_rates(runs).get((model, "dp-adam-ac"))
+    if lr is None:
+        raise SystemExit(f"the study has no tuned dp-adam-ac rate for {model} yet: run its grid")
+    return lr
 
 
-def _run(label: str, seed: int, organism: Path) -> list[dict[str, Any]]:
+def _key(model: str, label: str, epsilon: float, seed: int) -> str:
+    return json.dumps([model, label, float(epsilon), seed])
+
+
+def _run(
+    model: str, label: str, epsilon: float, seed: int, lr: float, organism: Path
+) -> list[dict[str, Any]]:
     from utility_train import train_one
 
     variant, fields = SETTINGS[label]
     recipe = dataclasses.replace(RECIPES["cpu"], ema_sweep=(), **fields)
-    spec = RunSpec(phase=6, model="slm", variant=variant, epsilon=EPS_MAIN, seed=seed, lr=LR)
+    spec = RunSpec(phase=6, model=model, variant=variant, epsilon=epsilon, seed=seed, lr=lr)
     records = train_one(spec, recipe, organism)
     commit = git_commit(*CODE_PATHS)
     for r in records:
@@ -72,27 +88,35 @@ def _run(label: str, seed: int, organism: Path) -> list[dict[str, Any]]:
     return records
 
 
-def run(labels: list[str], seeds: list[int], cache_dir: str | None) -> None:
-    organism = build_organism(RECIPES["cpu"].organisms["slm"], cache_root(cache_dir))
-    want = load_results(STUDY)["setup"]["models"]["slm"]["weights_sha256"]
+def run(
+    model: str, labels: list[str], epsilons: list[float], seeds: list[int], cache_dir: str | None
+) -> None:
+    study = load_results(STUDY)
+    lr = study_rate(model, study["runs"])
+    organism = build_organism(RECIPES["cpu"].organisms[model], cache_root(cache_dir))
+    want = study["setup"]["models"][model]["weights_sha256"]
     if organism_fingerprint(organism) != want:
-        raise SystemExit(f"{organism} is not the study's slm organism (sha256 {want[:12]}...)")
+        raise SystemExit(f"{organism} is not the study's {model} organism (sha256 {want[:12]}...)")
     if not OUT.exists():
         write_atomic(OUT, {"_meta": {"provenance": provenance(*CODE_PATHS)}, "runs": []})
-    for seed in seeds:
-        for label in labels:
-            done = {_key(r["setting"], r["seed"]) for r in load_results(OUT)["runs"]}
-            if _key(label, seed) in done:
-                continue
-            records = _run(label, seed, organism)
-            append_runs(OUT, records)
-            r = records[0]
-            print(
-                f"{label} seed {seed}: val {r['val_loss']:.3f} ({r['weights']}), final C "
-                f"{r['final_clip_bound']:.3g}, lr x {r['final_lr_multiplier']:.3f}, "
-                f"{r['cpu_seconds']:.0f} CPU s",
-                flush=True,
-            )
+    for epsilon in epsilons:
+        for seed in seeds:
+            for label in labels:
+                done = {
+                    _key(r["model"], r["setting"], r["epsilon"], r["seed"])
+                    for r in load_results(OUT)["runs"]
+                }
+                if _key(model, label, epsilon, seed) in done:
+                    continue
+                records = _run(model, label, epsilon, seed, lr, organism)
+                append_runs(OUT, records)
+                r = records[0]
+                print(
+                    f"{model} {label} epsilon {epsilon:g} seed {seed}: val {r['val_loss']:.3f} "
+                    f"({r['weights']}), final C {r['final_clip_bound']:.3g}, lr x "
+                    f"{r['final_lr_multiplier']:.3f}, {r['cpu_seconds']:.0f} CPU s",
+                    flush=True,
+                )
 
 
 def _cell(losses: list[float]) -> str:
@@ -101,18 +125,33 @@ def _cell(losses: list[float]) -> str:
 
 
 def report() -> str:
-    """Each setting's final loss (EMA and raw) beside the study's runs at the same rate."""
-    study = [
-        r
-        for r in load_results(STUDY)["runs"]
-        if r["model"] == "slm" and r["lr"] == LR and r["epsilon"] == EPS_MAIN
-    ]
+    """The clip settings per model at epsilon 8, then the shipped recipe across epsilon."""
+    everything = load_results(STUDY)["runs"]
     mine = load_results(OUT).get("runs", []) if OUT.exists() else []
+    tables = [_clip_table(model, everything, mine) for model in MODELS]
+    tables.append(_shipped_table(everything, mine))
+    return "\n\n".join(t for t in tables if t)
+
+
+def _clip_table(model: str, everything: list[dict[str, Any]], mine: list[dict[str, Any]]) -> str:
+    """One model's clip settings at epsilon 8, or "" where the supplement has none."""
+    mine = [r for r in mine if r["model"] == model and r["epsilon"] == EPS_MAIN]
+    if not mine:
+        return ""
+    lr = study_rate(model, everything)
+    study = [
+        r for r in everything if r["model"] == model and r["lr"] == lr and r["epsilon"] == EPS_MAIN
+    ]
     groups = [
         ("study: PrivateQuantile, rho* = 0.2", study, "dp-adam-ac"),
         ("study: FixedClip, C = 1", study, "dp-adam-ac-fixed-clip"),
     ] + [(label, [r for r in mine if r["setting"] == label], None) for label in SETTINGS]
-    rows = ["| clip bound | C at the end | val loss (EMA) | val loss (raw) |", "|---|---|---|---|"]
+    rows = [
+        f"{model}, DP-Adam-AC's rate {lr:g}, epsilon {EPS_MAIN:g}:",
+        "",
+        "| clip bound | C at the end | val loss (EMA) | val loss (raw) |",
+        "|---|---|---|---|",
+    ]
     for name, runs, variant in groups:
         if variant is not None:  # the study's: its own variant names
             ema = [r for r in runs if r["variant"] == variant]
@@ -120,6 +159,8 @@ def report() -> str:
         else:
             ema = [r for r in runs if r["weights"] == "ema"]
             raw = [r for r in runs if r["weights"] == "raw"]
+        if not ema:
+            continue  # no run of this setting for this model
         bounds = [r["final_clip_bound"] for r in ema]
         c_end = f"{statistics.mean(bounds):.3g}" if bounds else "—"
         ema_cell = _cell([r["val_loss"] for r in ema])
@@ -128,12 +169,48 @@ def report() -> str:
     return "\n".join(rows)
 
 
+def _shipped_table(everything: list[dict[str, Any]], mine: list[dict[str, Any]]) -> str:
+    """The shipped recipe (FixedClip C = 1 with EMA) against the study's private methods.
+
+    One row per (model, epsilon) where either the study or this supplement ran the recipe;
+    Δ is paired over seeds (same sampling and noise seeds) with its 95% t-interval.
+    """
+    tuned = tuned_rates(everything)
+    shipped: dict[tuple[str, float], dict[int, dict]] = {}
+    for r in everything:
+        if r["variant"] == SHIPPED and r["lr"] == tuned.get((r["model"], "dp-adam-ac")):
+            shipped.setdefault((r["model"], r["epsilon"]), {})[r["seed"]] = r
+    for r in mine:
+        if r["setting"] == "fixed-1" and r["weights"] == "ema":
+            shipped.setdefault((r["model"], r["epsilon"]), {})[r["seed"]] = r
+    if not any(model != "slm" or eps != EPS_MAIN for model, eps in shipped):
+        return ""
+    rows = [
+        "The shipped recipe (FixedClip C = 1, EMA) against the study's private methods:",
+        "",
+        "| model | epsilon | shipped | dp-adam-ac (rho* 0.2) | dp-sgd | Δ shipped - dp-adam-ac "
+        "| Δ shipped - dp-sgd |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (model, eps), ours in sorted(shipped.items()):
+        ac, sgd = (select(everything, tuned, model, v, eps) for v in ("dp-adam-ac", "dp-sgd"))
+        rows.append(
+            f"| {model} | {eps:g} | {fmt(val_losses(ours))} | {fmt(val_losses(ac))} | "
+            f"{fmt(val_losses(sgd))} | {paired(ours, ac)} | {paired(ours, sgd)} |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ap.add_argument("--model", choices=MODELS, default="slm", help="which study organism")
     ap.add_argument("--only", action="append", choices=sorted(SETTINGS), help="repeatable")
     ap.add_argument("--seed", type=int, action="append", help="repeatable (default 0)")
+    ap.add_argument(
+        "--epsilon", type=float, action="append", help=f"repeatable (default {EPS_MAIN:g})"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--cache-dir", default=None, help="organism cache (as utility.py)")
     ap.add_argument("--report", action="store_true", help="print the table, run nothing")
@@ -145,7 +222,16 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    run(args.only or list(SETTINGS), args.seed or [0], args.cache_dir)
+    labels = args.only or [label for label in SETTINGS if label != "fixed-1"]
+    epsilons = args.epsilon or [EPS_MAIN]
+    if args.model == "slm" and "fixed-1" in labels and EPS_MAIN in epsilons:
+        ap.error(
+            f"fixed-1 on slm at epsilon {EPS_MAIN:g} repeats the study's "
+            "dp-adam-ac-fixed-clip runs: pass --epsilon 1 --epsilon 2 --epsilon 4"
+        )
+    if any(not 0 < e < float("inf") for e in epsilons):
+        ap.error(f"--epsilon must be a positive finite number, got {epsilons}")
+    run(args.model, labels, epsilons, args.seed or [0], args.cache_dir)
 
 
 if __name__ == "__main__":

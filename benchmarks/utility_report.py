@@ -88,7 +88,7 @@ def paired(a: dict[int, dict], b: dict[int, dict]) -> str:
     return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
 
 
-def _losses(sel: dict[int, dict]) -> list[float]:
+def val_losses(sel: dict[int, dict]) -> list[float]:
     return [r["val_loss"] for _, r in sorted(sel.items())]
 
 
@@ -96,7 +96,7 @@ def _gap(sel, ceiling: list[float]) -> str:
     """Mean final loss above the same model's non-private ceiling (what DP costs)."""
     if not sel or not ceiling:
         return "—"
-    return f"{statistics.fmean(_losses(sel)) - statistics.fmean(ceiling):+.3f}"
+    return f"{statistics.fmean(val_losses(sel)) - statistics.fmean(ceiling):+.3f}"
 
 
 def _deltas(runs: list[dict[str, Any]], setup: dict[str, Any]) -> str:
@@ -149,7 +149,7 @@ def tables(data: dict[str, Any]) -> str:
         lines.append(f"| {model} | {family} | {cells}{edge} |")
 
     start = setup["models"]["slm"]["pretrained_val_loss"]
-    ceiling = _losses(select(runs, tuned, "slm", "nonprivate", None))
+    ceiling = val_losses(select(runs, tuned, "slm", "nonprivate", None))
     ref = select(runs, tuned, "slm", "dp-adam-ac", EPS_MAIN)
     shipped = select(runs, tuned, "slm", SHIPPED, EPS_MAIN)
     lines += [
@@ -168,7 +168,7 @@ def tables(data: dict[str, Any]) -> str:
         lr = tuned.get(("slm", VARIANTS[v].lr_family))
         lines.append(
             f"| {v} | {'—' if lr is None else f'{lr:g}'} | {len(sel)} | "
-            f"{fmt(_losses(sel))} | {'—' if v == 'dp-adam-ac' else paired(sel, ref)} | "
+            f"{fmt(val_losses(sel))} | {'—' if v == 'dp-adam-ac' else paired(sel, ref)} | "
             f"{'—' if v == SHIPPED else paired(sel, shipped)} | {_gap(sel, ceiling)} |"
         )
     decays = sorted({d for r in ref.values() for d in r.get("val_loss_ema_decays", {})})
@@ -180,13 +180,13 @@ def tables(data: dict[str, Any]) -> str:
             "",
             "| weights | val loss |",
             "|---|---:|",
-            f"| raw (no EMA) | {fmt(_losses(raw))} |",
+            f"| raw (no EMA) | {fmt(val_losses(raw))} |",
         ]
         lines += [
             f"| EMA d = {d} | {fmt([r['val_loss_ema_decays'][d] for r in ref.values()])} |"
             for d in decays
         ]
-        lines.append(f"| EMA d = shipped default | {fmt(_losses(ref))} |")
+        lines.append(f"| EMA d = shipped default | {fmt(val_losses(ref))} |")
     lines += [
         "",
         "Privacy-utility curve (slm):",
@@ -198,7 +198,9 @@ def tables(data: dict[str, Any]) -> str:
         {r["epsilon"] for r in runs if r["epsilon"] is not None and r["model"] == "slm"}
     ):
         ac, sgd = (select(runs, tuned, "slm", f, eps) for f in ("dp-adam-ac", "dp-sgd"))
-        lines.append(f"| {eps:g} | {fmt(_losses(ac))} | {fmt(_losses(sgd))} | {paired(ac, sgd)} |")
+        lines.append(
+            f"| {eps:g} | {fmt(val_losses(ac))} | {fmt(val_losses(sgd))} | {paired(ac, sgd)} |"
+        )
     lines.append(f"| ∞ (non-private) | {fmt(ceiling)} | | |")
     if "bitnet" in setup["models"]:
         lines += [
@@ -211,12 +213,12 @@ def tables(data: dict[str, Any]) -> str:
             f"| pretrained | {start:.3f} | | "
             f"{setup['models']['bitnet']['pretrained_val_loss']:.3f} | |",
         ]
-        bceil = _losses(select(runs, tuned, "bitnet", "nonprivate", None))
+        bceil = val_losses(select(runs, tuned, "bitnet", "nonprivate", None))
         for v in ("dp-adam-ac", "dp-adam-ac-no-ema", "dp-sgd", "nonprivate"):
             s, b = (select(runs, tuned, m, v, _eps_of(v)) for m in ("slm", "bitnet"))
             lines.append(
-                f"| {v} | {fmt(_losses(s))} | {_gap(s, ceiling)} | "
-                f"{fmt(_losses(b))} | {_gap(b, bceil)} |"
+                f"| {v} | {fmt(val_losses(s))} | {_gap(s, ceiling)} | "
+                f"{fmt(val_losses(b))} | {_gap(b, bceil)} |"
             )
     return "\n".join(lines)
 
@@ -250,7 +252,7 @@ def plot_epsilon(data: dict[str, Any], path: Path) -> None:
     for family, color, offset in (("dp-adam-ac", "tab:blue", 0.97), ("dp-sgd", "tab:orange", 1.03)):
         xs, ys, es = [], [], []
         for eps in epsilons:
-            values = _losses(select(runs, tuned, "slm", family, eps))
+            values = val_losses(select(runs, tuned, "slm", family, eps))
             if values:
                 mean, sd = _stats(values)
                 xs.append(eps * offset)
@@ -263,7 +265,7 @@ def plot_epsilon(data: dict[str, Any], path: Path) -> None:
             )
             drawn += [y + e for y, e in zip(ys, es, strict=True)]
             drawn += [y - e for y, e in zip(ys, es, strict=True)]
-    ceiling = _losses(select(runs, tuned, "slm", "nonprivate", None))
+    ceiling = val_losses(select(runs, tuned, "slm", "nonprivate", None))
     if ceiling:
         mean, sd = _stats(ceiling)
         ax.axhline(mean, color="black", lw=1.2, label="non-private AdamW (ceiling)")

@@ -236,3 +236,71 @@ def test_quick_study_end_to_end(tmp_path, capsys, restore_threads):
     assert "| dp-adam-ac | 0.003 | 1 |" in text and "| nonprivate |" in text
     assert (out.parent / "utility_epsilon.png").stat().st_size > 0
     assert (out.parent / "utility_curves.png").stat().st_size > 0
+
+
+def test_clip_supplement_tables_the_shipped_recipe_against_the_study():
+    """utility_clip.py's report: the shipped recipe per (model, epsilon), with paired deltas."""
+    path = SCRIPT.parent / "utility_clip.py"
+    spec = importlib.util.spec_from_file_location("lit_dp_benchmark_utility_clip", path)
+    clip = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(clip)
+
+    def rec(model, variant, eps, seed, lr, loss, **extra):
+        return dict(
+            model=model, variant=variant, epsilon=eps, seed=seed, lr=lr, val_loss=loss, **extra
+        )
+
+    study = []
+    for model, lr in (("slm", 3.16e-3), ("bitnet", 1e-2)):
+        study += [rec(model, "dp-adam-ac", 8.0, 0, 1e-3, 9.0)]  # a worse rate of the grid
+        study += [rec(model, "dp-sgd", 8.0, 0, 0.1, 9.0)]
+        for s in range(3):
+            study += [
+                rec(model, "dp-adam-ac", 8.0, s, lr, 2.0 + s),
+                rec(model, "dp-sgd", 8.0, s, 0.0316, 1.5 + s),
+            ]
+    study += [rec("slm", "dp-adam-ac-fixed-clip", 8.0, s, 3.16e-3, 1.0 + s) for s in range(3)]
+    study += [rec("slm", "dp-adam-ac", 2.0, s, 3.16e-3, 3.0 + s) for s in range(3)]
+    mine = [
+        rec(
+            "bitnet",
+            "dp-adam-ac-fixed-clip@fixed-1",
+            8.0,
+            s,
+            1e-2,
+            1.75 + s,
+            setting="fixed-1",
+            weights="ema",
+        )
+        for s in range(3)
+    ]
+    mine += [
+        rec(
+            "slm",
+            "dp-adam-ac-fixed-clip@fixed-1",
+            2.0,
+            s,
+            3.16e-3,
+            2.5 + s * 1.1,
+            setting="fixed-1",
+            weights="ema",
+        )
+        for s in range(2)
+    ]
+
+    assert clip.study_rate("bitnet", study) == 1e-2
+    with pytest.raises(SystemExit, match="no tuned dp-adam-ac rate for bitnet"):
+        clip.study_rate("bitnet", study[:0])
+    rows = {
+        tuple(line.split(" | ")[:2]): line
+        for line in clip._shipped_table(study, mine).splitlines()
+        if line.startswith("| ") and "---" not in line
+    }
+    bitnet = rows[("| bitnet", "8")]
+    # shipped 1.75+s against dp-adam-ac 2+s (-0.25 every seed) and dp-sgd 1.5+s (+0.25)
+    assert "2.750 ± 1.000" in bitnet and "-0.250 [-0.250, -0.250]" in bitnet
+    assert "+0.250 [+0.250, +0.250]" in bitnet
+    slm2 = rows[("| slm", "2")]  # two seeds; the study has no dp-sgd at epsilon 2 here
+    assert "3.050 ± 0.778" in slm2 and "—" in slm2
+    assert ("| slm", "8") in rows  # the study's own shipped runs are a row too
+    assert clip._shipped_table(study, []) == ""  # nothing beyond the study: no table

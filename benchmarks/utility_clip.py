@@ -17,7 +17,7 @@ run length, seeds and learning rate (DP-Adam-AC's tuned 3.16e-3), one setting at
 EMA and the clip-driven lr are on (the clip-driven lr steers to the same rho*; with a fixed C
 there is no privatized clip rate and it stays at 1). The rate is the study's tuned DP-Adam-AC
 rate of that model (seed 0, epsilon 8). Records go to ``results/utility_clip.json``, one per
-run (and its no-EMA twin where the variant has one), appended as each finishes; a setting
+run and one for its raw weights (EMA is post-processing), appended as each finishes; a setting
 already there is skipped. The organisms must be the study's (same weights sha256).
 
     python benchmarks/utility_clip.py --threads 1                 # every slm setting on seed 0
@@ -80,6 +80,20 @@ def _run(
     recipe = dataclasses.replace(RECIPES["cpu"], ema_sweep=(), **fields)
     spec = RunSpec(phase=6, model=model, variant=variant, epsilon=epsilon, seed=seed, lr=lr)
     records = train_one(spec, recipe, organism)
+    if not any(r["weights"] == "raw" for r in records):  # no derived twin: record the raw weights
+        ema, curve = records[0], records[0]["val_loss_raw_curve"]
+        records.append(
+            {
+                **ema,
+                "variant": f"{ema['variant']}-raw",
+                "weights": "raw",
+                "val_loss": curve[-1]["loss"],
+                "val_loss_curve": curve,
+                "derived_from": f"{ema['variant']} same run (its raw weights)",
+                "seconds": 0.0,
+                "cpu_seconds": 0.0,
+            }
+        )
     commit = git_commit(*CODE_PATHS)
     for r in records:
         r.update(setting=label, target_clip_rate=recipe.target_clip_rate)

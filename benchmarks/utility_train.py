@@ -298,6 +298,8 @@ def train_one(spec: Any, recipe: Any, organism: Path) -> list[dict[str, Any]]:
         "cpu_seconds": round(cpu_seconds, 1),
         "torch_threads": torch.get_num_threads(),
         "trace": trace.rows,
+        # the raw weights' losses of the same run, also where no derived variant records them
+        "val_loss_raw_curve": _curve(module.val_history, "loss_raw"),
     }
     records = []
     for name in [spec.variant, *[n for n, v in VARIANTS.items() if v.derived_from == spec.variant]]:

@@ -238,12 +238,18 @@ def test_quick_study_end_to_end(tmp_path, capsys, restore_threads):
     assert (out.parent / "utility_curves.png").stat().st_size > 0
 
 
-def test_clip_supplement_tables_the_shipped_recipe_against_the_study():
-    """utility_clip.py's report: the shipped recipe per (model, epsilon), with paired deltas."""
+def _load_clip():
+    """benchmarks/utility_clip.py, imported by path like the study script."""
     path = SCRIPT.parent / "utility_clip.py"
     spec = importlib.util.spec_from_file_location("lit_dp_benchmark_utility_clip", path)
     clip = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(clip)
+    return clip
+
+
+def test_clip_supplement_tables_the_shipped_recipe_against_the_study():
+    """utility_clip.py's report: the shipped recipe per (model, epsilon), with paired deltas."""
+    clip = _load_clip()
 
     def rec(model, variant, eps, seed, lr, loss, **extra):
         return dict(
@@ -304,3 +310,39 @@ def test_clip_supplement_tables_the_shipped_recipe_against_the_study():
     assert "3.050 ± 0.778" in slm2 and "—" in slm2
     assert ("| slm", "8") in rows  # the study's own shipped runs are a row too
     assert clip._shipped_table(study, []) == ""  # nothing beyond the study: no table
+
+
+def test_clip_supplement_records_the_raw_weights_of_each_run(monkeypatch):
+    """A fixed-clip run (no derived no-EMA variant) gets a raw-weights record from the same run."""
+    clip = _load_clip()
+    import utility_train
+
+    curve = [{"step": 0, "loss": 10.0}, {"step": 300, "loss": 2.5}]
+    seen = {}
+
+    def fake_train_one(spec, recipe, organism):
+        seen.update(spec=spec, recipe=recipe)
+        ema = {
+            "variant": spec.variant,
+            "model": spec.model,
+            "epsilon": spec.epsilon,
+            "seed": spec.seed,
+            "lr": spec.lr,
+            "weights": "ema",
+            "val_loss": 2.0,
+            "val_loss_curve": [],
+            "val_loss_raw_curve": curve,
+            "seconds": 9.0,
+        }
+        return [ema]
+
+    monkeypatch.setattr(utility_train, "train_one", fake_train_one)
+    records = clip._run("bitnet", "fixed-1", 4.0, 2, 1e-3, Path("unused"))
+    assert seen["spec"].epsilon == 4.0 and seen["spec"].model == "bitnet"
+    assert seen["recipe"].max_grad_norm == 1.0
+    assert [(r["variant"], r["weights"], r["val_loss"]) for r in records] == [
+        ("dp-adam-ac-fixed-clip@fixed-1", "ema", 2.0),
+        ("dp-adam-ac-fixed-clip-raw@fixed-1", "raw", 2.5),
+    ]
+    assert records[1]["val_loss_curve"] == curve and records[1]["seconds"] == 0.0
+    assert {r["setting"] for r in records} == {"fixed-1"}

@@ -203,24 +203,55 @@ def tables(data: dict[str, Any]) -> str:
         )
     lines.append(f"| ∞ (non-private) | {fmt(ceiling)} | | |")
     if "bitnet" in setup["models"]:
-        lines += [
-            "",
-            f"BitNet b1.58 twin against the SLM organism (epsilon {EPS_MAIN:g}; gap = "
-            "above that model's own non-private ceiling: what DP costs it):",
-            "",
-            "| variant | slm val loss | slm gap | bitnet val loss | bitnet gap |",
-            "|---|---:|---:|---:|---:|",
-            f"| pretrained | {start:.3f} | | "
-            f"{setup['models']['bitnet']['pretrained_val_loss']:.3f} | |",
-        ]
-        bceil = val_losses(select(runs, tuned, "bitnet", "nonprivate", None))
-        for v in ("dp-adam-ac", "dp-adam-ac-no-ema", "dp-sgd", "nonprivate"):
-            s, b = (select(runs, tuned, m, v, _eps_of(v)) for m in ("slm", "bitnet"))
-            lines.append(
-                f"| {v} | {fmt(val_losses(s))} | {_gap(s, ceiling)} | "
-                f"{fmt(val_losses(b))} | {_gap(b, bceil)} |"
-            )
+        lines += _bitnet_table(runs, tuned, setup, start)
     return "\n".join(lines)
+
+
+def _gaps(sel: dict[int, dict], ceiling: dict[int, dict]) -> dict[int, dict]:
+    """Per seed, the run's loss above the same seed's non-private run (as a run-like record)."""
+    return {
+        s: {"val_loss": r["val_loss"] - ceiling[s]["val_loss"]}
+        for s, r in sel.items()
+        if s in ceiling
+    }
+
+
+def _bitnet_table(runs, tuned, setup, start: float) -> list[str]:
+    """The BitNet twin against the slm organism at epsilon 8.
+
+    gap = above that model's own non-private run of the same seed (what DP costs it); the last
+    column pairs the two models' gaps per seed (positive = DP costs the twin more).
+    """
+    lines = [
+        "",
+        f"BitNet b1.58 twin against the SLM organism (epsilon {EPS_MAIN:g}; gap = above that "
+        "model's own non-private ceiling: what DP costs it; Δ gap = bitnet's gap - slm's, "
+        "paired per seed with its 95% interval, positive = DP costs the twin more):",
+        "",
+        "| variant | slm val loss | slm gap | bitnet val loss | bitnet gap "
+        "| Δ gap (bitnet - slm) |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| pretrained | {start:.3f} | | "
+        f"{setup['models']['bitnet']['pretrained_val_loss']:.3f} | | |",
+    ]
+    ceil = {m: select(runs, tuned, m, "nonprivate", None) for m in ("slm", "bitnet")}
+    for v in ("dp-adam-ac", "dp-adam-ac-no-ema", "dp-sgd", "nonprivate"):
+        s, b = (select(runs, tuned, m, v, _eps_of(v)) for m in ("slm", "bitnet"))
+        delta = "" if v == "nonprivate" else paired(_gaps(b, ceil["bitnet"]), _gaps(s, ceil["slm"]))
+        lines.append(
+            f"| {v} | {fmt(val_losses(s))} | {_gap(s, val_losses(ceil['slm']))} | "
+            f"{fmt(val_losses(b))} | {_gap(b, val_losses(ceil['bitnet']))} | {delta} |"
+        )
+    ac, raw, sgd = (
+        select(runs, tuned, "bitnet", v, EPS_MAIN)
+        for v in ("dp-adam-ac", "dp-adam-ac-no-ema", "dp-sgd")
+    )
+    lines += [
+        "",
+        f"Within the twin (paired): dp-adam-ac - dp-sgd {paired(ac, sgd)}; EMA - raw weights "
+        f"{paired(ac, raw)}.",
+    ]
+    return lines
 
 
 def _mean_curve(

@@ -346,3 +346,58 @@ def test_clip_supplement_records_the_raw_weights_of_each_run(monkeypatch):
     ]
     assert records[1]["val_loss_curve"] == curve and records[1]["seconds"] == 0.0
     assert {r["setting"] for r in records} == {"fixed-1"}
+
+
+def test_bitnet_table_pairs_the_cost_of_dp_per_seed():
+    """The twin's gap above its own ceiling, against the slm's, paired over seeds."""
+    import utility_report
+
+    runs = []
+    for s in range(3):
+        for model, extra in (("slm", 0.0), ("bitnet", 0.5)):
+            runs += [
+                {
+                    "model": model,
+                    "variant": "nonprivate",
+                    "epsilon": None,
+                    "seed": s,
+                    "lr": 1e-3,
+                    "val_loss": 0.6 + 0.1 * s,
+                },
+                {
+                    "model": model,
+                    "variant": "dp-adam-ac",
+                    "epsilon": 8.0,
+                    "seed": s,
+                    "lr": 1e-3,
+                    "val_loss": 1.8 + extra + 0.2 * s,
+                },
+                {
+                    "model": model,
+                    "variant": "dp-adam-ac-no-ema",
+                    "epsilon": 8.0,
+                    "seed": s,
+                    "lr": 1e-3,
+                    "val_loss": 1.9 + 0.2 * s,
+                },
+                {
+                    "model": model,
+                    "variant": "dp-sgd",
+                    "epsilon": 8.0,
+                    "seed": s,
+                    "lr": 0.01,
+                    "val_loss": 1.7 + extra + 0.1 * s,
+                },
+            ]
+    setup = {"models": {"bitnet": {"pretrained_val_loss": 10.0}}}
+    text = "\n".join(
+        utility_report._bitnet_table(runs, utility_report.tuned_rates(runs), setup, 10.7)
+    )
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    # DP costs the twin 0.5 more on every seed; its raw weights no more than the slm's
+    assert rows["| dp-adam-ac"].endswith("| +0.500 [+0.500, +0.500] |")
+    assert rows["| dp-sgd"].endswith("| +0.500 [+0.500, +0.500] |")
+    assert rows["| dp-adam-ac-no-ema"].endswith("| +0.000 [+0.000, +0.000] |")
+    # within the twin: 0.1, 0.2, 0.3 over the seeds (t-interval with 2 degrees of freedom)
+    assert "dp-adam-ac - dp-sgd +0.200 [-0.048, +0.448]" in text
+    assert "EMA - raw weights +0.400 [+0.400, +0.400]" in text

@@ -293,6 +293,19 @@ def test_clip_supplement_tables_the_shipped_recipe_against_the_study():
         )
         for s in range(2)
     ]
+    mine += [  # the raw weights of the twin's runs, 0.1 above dp-sgd on every seed
+        rec(
+            "bitnet",
+            "dp-adam-ac-fixed-clip-raw@fixed-1",
+            8.0,
+            s,
+            1e-2,
+            1.6 + s,
+            setting="fixed-1",
+            weights="raw",
+        )
+        for s in range(3)
+    ]
 
     assert clip.study_rate("bitnet", study) == 1e-2
     with pytest.raises(SystemExit, match="no tuned dp-adam-ac rate for bitnet"):
@@ -306,6 +319,7 @@ def test_clip_supplement_tables_the_shipped_recipe_against_the_study():
     # shipped 1.75+s against dp-adam-ac 2+s (-0.25 every seed) and dp-sgd 1.5+s (+0.25)
     assert "2.750 ± 1.000" in bitnet and "-0.250 [-0.250, -0.250]" in bitnet
     assert "+0.250 [+0.250, +0.250]" in bitnet
+    assert bitnet.endswith("| +0.100 [+0.100, +0.100] |") and "2.600 ± 1.000" in bitnet
     slm2 = rows[("| slm", "2")]  # two seeds; the study has no dp-sgd at epsilon 2 here
     assert "3.050 ± 0.778" in slm2 and "—" in slm2
     assert ("| slm", "8") in rows  # the study's own shipped runs are a row too

@@ -43,7 +43,15 @@ from _meta import git_commit, provenance
 from utility import RECIPES, RESULTS
 from utility_organisms import build_organism, cache_root, organism_fingerprint
 from utility_plan import EPS_MAIN, RunSpec
-from utility_report import SHIPPED, fmt, paired, select, tuned_rates, val_losses
+from utility_report import (
+    SHIPPED,
+    fmt,
+    paired,
+    plot_epsilon,
+    select,
+    tuned_rates,
+    val_losses,
+)
 from utility_results import CODE_PATHS, append_runs, load_results, write_atomic
 
 # label -> (study variant it runs as, Recipe fields it changes)
@@ -56,6 +64,7 @@ SETTINGS: dict[str, tuple[str, dict[str, float]]] = {
 }
 MODELS = ("slm", "bitnet")
 OUT = RESULTS / "utility_clip.json"
+PLOT = RESULTS / "utility_clip_epsilon.png"
 STUDY = RESULTS / "utility.json"
 
 
@@ -139,9 +148,17 @@ def _cell(losses: list[float]) -> str:
 
 
 def report() -> str:
-    """The clip settings per model at epsilon 8, then the shipped recipe across epsilon."""
-    everything = load_results(STUDY)["runs"]
+    """The clip settings per model at epsilon 8, then the shipped recipe across epsilon.
+
+    Also draws the study's epsilon curve with the shipped recipe's added (``PLOT``).
+    """
+    study = load_results(STUDY)
+    everything = study["runs"]
     mine = load_results(OUT).get("runs", []) if OUT.exists() else []
+    shipped = _shipped_slm(everything, mine)
+    if len(shipped) > 1:
+        label = f"shipped: FixedClip C = 1 + EMA (lr {study_rate('slm', everything):g})"
+        plot_epsilon(study, PLOT, extra=((label, "tab:green", shipped),))
     tables = [_clip_table(model, everything, mine) for model in MODELS]
     tables.append(_shipped_table(everything, mine))
     return "\n\n".join(t for t in tables if t)
@@ -181,6 +198,17 @@ def _clip_table(model: str, everything: list[dict[str, Any]], mine: list[dict[st
         raw_cell = _cell([r["val_loss"] for r in raw])
         rows.append(f"| {name} | {c_end} | {ema_cell} | {raw_cell} |")
     return "\n".join(rows)
+
+
+def _shipped_slm(everything: list[dict[str, Any]], mine: list[dict[str, Any]]) -> dict:
+    """Epsilon -> the shipped recipe's final losses on slm (the study's at 8, the rest here)."""
+    lr = study_rate("slm", everything)
+    by_eps: dict[float, list[float]] = {}
+    runs = [r for r in everything if r["variant"] == SHIPPED and r["lr"] == lr]
+    runs += [r for r in mine if r["setting"] == "fixed-1" and r["weights"] == "ema"]
+    for r in sorted((r for r in runs if r["model"] == "slm"), key=lambda r: r["seed"]):
+        by_eps.setdefault(r["epsilon"], []).append(r["val_loss"])
+    return by_eps
 
 
 def _shipped_table(everything: list[dict[str, Any]], mine: list[dict[str, Any]]) -> str:

@@ -267,7 +267,16 @@ def _mean_curve(
     return steps, [statistics.fmean(by_step[s]) for s in steps]
 
 
-def plot_epsilon(data: dict[str, Any], path: Path) -> None:
+def plot_epsilon(
+    data: dict[str, Any],
+    path: Path,
+    extra: tuple[tuple[str, str, dict[float, list[float]]], ...] = (),
+) -> None:
+    """The slm epsilon curve of DP-Adam-AC and DP-SGD against the non-private ceiling.
+
+    ``extra``: more curves, (label, colour, epsilon -> final losses over seeds), drawn the same
+    way (``utility_clip.py`` adds the shipped recipe's).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,20 +289,25 @@ def plot_epsilon(data: dict[str, Any], path: Path) -> None:
         {r["epsilon"] for r in runs if r["epsilon"] is not None and r["model"] == "slm"}
     )
     drawn: list[float] = []
-    for family, color, offset in (("dp-adam-ac", "tab:blue", 0.97), ("dp-sgd", "tab:orange", 1.03)):
+    curves = [
+        (
+            f"{family} (lr {tuned.get(('slm', family), float('nan')):g})",
+            color,
+            {eps: val_losses(select(runs, tuned, "slm", family, eps)) for eps in epsilons},
+        )
+        for family, color in (("dp-adam-ac", "tab:blue"), ("dp-sgd", "tab:orange"))
+    ] + list(extra)
+    offsets = [1.0 + 0.03 * (i - (len(curves) - 1) / 2) for i in range(len(curves))]
+    for (label, color, by_eps), offset in zip(curves, offsets, strict=True):
         xs, ys, es = [], [], []
-        for eps in epsilons:
-            values = val_losses(select(runs, tuned, "slm", family, eps))
+        for eps, values in sorted(by_eps.items()):
             if values:
                 mean, sd = _stats(values)
                 xs.append(eps * offset)
                 ys.append(mean)
                 es.append(sd or 0.0)
         if xs:
-            lr = tuned.get(("slm", family))
-            ax.errorbar(
-                xs, ys, yerr=es, marker="o", capsize=3, color=color, label=f"{family} (lr {lr:g})"
-            )
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=color, label=label)
             drawn += [y + e for y, e in zip(ys, es, strict=True)]
             drawn += [y - e for y, e in zip(ys, es, strict=True)]
     ceiling = val_losses(select(runs, tuned, "slm", "nonprivate", None))
@@ -305,7 +319,7 @@ def plot_epsilon(data: dict[str, Any], path: Path) -> None:
         drawn += [mean - (sd or 0.0), mean + (sd or 0.0)]
     start = setup["models"]["slm"]["pretrained_val_loss"]
     span = (max(drawn) - min(drawn)) if drawn else 0.0
-    if drawn and start > max(drawn) + 2 * span + 0.5:  # far above: a note, not a line to scale
+    if drawn and start > max(drawn) + span + 0.5:  # far above: a note, not a line to scale
         ax.text(
             0.01,
             0.98,

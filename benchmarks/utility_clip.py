@@ -155,12 +155,13 @@ def report() -> str:
     study = load_results(STUDY)
     everything = study["runs"]
     mine = load_results(OUT).get("runs", []) if OUT.exists() else []
-    shipped = _shipped_slm(everything, mine)
-    if len(shipped) > 1:
+    shipped, raw = _shipped_runs(everything, mine)
+    slm = {eps: val_losses(sel) for (model, eps), sel in shipped.items() if model == "slm"}
+    if len(slm) > 1:
         label = f"shipped: FixedClip C = 1 + EMA (lr {study_rate('slm', everything):g})"
-        plot_epsilon(study, PLOT, extra=((label, "tab:green", shipped),))
+        plot_epsilon(study, PLOT, extra=((label, "tab:green", slm),))
     tables = [_clip_table(model, everything, mine) for model in MODELS]
-    tables.append(_shipped_table(everything, mine))
+    tables.append(_shipped_table(everything, shipped, raw))
     return "\n\n".join(t for t in tables if t)
 
 
@@ -200,28 +201,20 @@ def _clip_table(model: str, everything: list[dict[str, Any]], mine: list[dict[st
     return "\n".join(rows)
 
 
-def _shipped_slm(everything: list[dict[str, Any]], mine: list[dict[str, Any]]) -> dict:
-    """Epsilon -> the shipped recipe's final losses on slm (the study's at 8, the rest here)."""
-    lr = study_rate("slm", everything)
-    by_eps: dict[float, list[float]] = {}
-    runs = [r for r in everything if r["variant"] == SHIPPED and r["lr"] == lr]
-    runs += [r for r in mine if r["setting"] == "fixed-1" and r["weights"] == "ema"]
-    for r in sorted((r for r in runs if r["model"] == "slm"), key=lambda r: r["seed"]):
-        by_eps.setdefault(r["epsilon"], []).append(r["val_loss"])
-    return by_eps
+Seeds = dict[int, dict[str, Any]]  # seed -> run record
 
 
-def _shipped_table(everything: list[dict[str, Any]], mine: list[dict[str, Any]]) -> str:
-    """The shipped recipe (FixedClip C = 1 with EMA) against the study's private methods.
+def _shipped_runs(
+    everything: list[dict[str, Any]], mine: list[dict[str, Any]]
+) -> tuple[dict[tuple[str, float], Seeds], dict[tuple[str, float], Seeds]]:
+    """The shipped recipe's runs (EMA weights) and their raw weights, by (model, epsilon).
 
-    One row per (model, epsilon) where either the study or this supplement ran the recipe;
-    Δ is paired over seeds (same sampling and noise seeds) with its 95% t-interval. The raw
-    weights of the same runs are there where the supplement ran them (the study's fixed-clip
-    runs keep only the EMA weights' loss).
+    The study's ``dp-adam-ac-fixed-clip`` runs at DP-Adam-AC's tuned rate, then this
+    supplement's ``fixed-1`` runs; the study's keep only the EMA weights' loss.
     """
     tuned = tuned_rates(everything)
-    shipped: dict[tuple[str, float], dict[int, dict]] = {}
-    raw: dict[tuple[str, float], dict[int, dict]] = {}
+    shipped: dict[tuple[str, float], Seeds] = {}
+    raw: dict[tuple[str, float], Seeds] = {}
     for r in everything:
         if r["variant"] == SHIPPED and r["lr"] == tuned.get((r["model"], "dp-adam-ac")):
             shipped.setdefault((r["model"], r["epsilon"]), {})[r["seed"]] = r
@@ -229,8 +222,23 @@ def _shipped_table(everything: list[dict[str, Any]], mine: list[dict[str, Any]])
         if r["setting"] == "fixed-1":
             into = shipped if r["weights"] == "ema" else raw
             into.setdefault((r["model"], r["epsilon"]), {})[r["seed"]] = r
+    return shipped, raw
+
+
+def _shipped_table(
+    everything: list[dict[str, Any]],
+    shipped: dict[tuple[str, float], Seeds],
+    raw: dict[tuple[str, float], Seeds],
+) -> str:
+    """The shipped recipe (``_shipped_runs``) against the study's private methods.
+
+    One row per (model, epsilon) where the recipe ran, or "" where only the study's own
+    epsilon-8 slm runs exist; Δ is paired over seeds (same sampling and noise seeds) with its
+    95% t-interval.
+    """
     if not any(model != "slm" or eps != EPS_MAIN for model, eps in shipped):
         return ""
+    tuned = tuned_rates(everything)
     rows = [
         "The shipped recipe (FixedClip C = 1, EMA) against the study's private methods:",
         "",

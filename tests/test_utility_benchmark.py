@@ -267,52 +267,23 @@ def test_clip_supplement_tables_the_shipped_recipe_against_the_study():
             ]
     study += [rec("slm", "dp-adam-ac-fixed-clip", 8.0, s, 3.16e-3, 1.0 + s) for s in range(3)]
     study += [rec("slm", "dp-adam-ac", 2.0, s, 3.16e-3, 3.0 + s) for s in range(3)]
-    mine = [
-        rec(
-            "bitnet",
-            "dp-adam-ac-fixed-clip@fixed-1",
-            8.0,
-            s,
-            1e-2,
-            1.75 + s,
-            setting="fixed-1",
-            weights="ema",
-        )
-        for s in range(3)
-    ]
-    mine += [
-        rec(
-            "slm",
-            "dp-adam-ac-fixed-clip@fixed-1",
-            2.0,
-            s,
-            3.16e-3,
-            2.5 + s * 1.1,
-            setting="fixed-1",
-            weights="ema",
-        )
-        for s in range(2)
-    ]
-    mine += [  # the raw weights of the twin's runs, 0.1 above dp-sgd on every seed
-        rec(
-            "bitnet",
-            "dp-adam-ac-fixed-clip-raw@fixed-1",
-            8.0,
-            s,
-            1e-2,
-            1.6 + s,
-            setting="fixed-1",
-            weights="raw",
-        )
-        for s in range(3)
-    ]
+
+    def fixed1(model, eps, seed, lr, loss, weights="ema"):
+        """A supplement record of the shipped recipe (its raw weights under their own name)."""
+        variant = "dp-adam-ac-fixed-clip" + ("-raw" if weights == "raw" else "") + "@fixed-1"
+        return rec(model, variant, eps, seed, lr, loss, setting="fixed-1", weights=weights)
+
+    mine = [fixed1("bitnet", 8.0, s, 1e-2, 1.75 + s) for s in range(3)]
+    mine += [fixed1("slm", 2.0, s, 3.16e-3, 2.5 + s * 1.1) for s in range(2)]
+    # the raw weights of the twin's runs, 0.1 above dp-sgd on every seed
+    mine += [fixed1("bitnet", 8.0, s, 1e-2, 1.6 + s, weights="raw") for s in range(3)]
 
     assert clip.study_rate("bitnet", study) == 1e-2
     with pytest.raises(SystemExit, match="no tuned dp-adam-ac rate for bitnet"):
         clip.study_rate("bitnet", study[:0])
     rows = {
         tuple(line.split(" | ")[:2]): line
-        for line in clip._shipped_table(study, mine).splitlines()
+        for line in clip._shipped_table(study, *clip._shipped_runs(study, mine)).splitlines()
         if line.startswith("| ") and "---" not in line
     }
     bitnet = rows[("| bitnet", "8")]
@@ -323,7 +294,8 @@ def test_clip_supplement_tables_the_shipped_recipe_against_the_study():
     slm2 = rows[("| slm", "2")]  # two seeds; the study has no dp-sgd at epsilon 2 here
     assert "3.050 ± 0.778" in slm2 and "—" in slm2
     assert ("| slm", "8") in rows  # the study's own shipped runs are a row too
-    assert clip._shipped_table(study, []) == ""  # nothing beyond the study: no table
+    # nothing beyond the study: no table
+    assert clip._shipped_table(study, *clip._shipped_runs(study, [])) == ""
 
 
 def test_clip_supplement_records_the_raw_weights_of_each_run(monkeypatch):

@@ -135,6 +135,10 @@ class DPDataModule(L.LightningDataModule):
         """How error messages name record ``index`` of ``split``."""
         return f"{split} record {index}"
 
+    def not_covered(self) -> list[str]:
+        """Entries this data adds to the privacy report's ``not_covered`` (none by default)."""
+        return []
+
     # --- setup -----------------------------------------------------------------------------
     def _get_tokenizer(self) -> Any:
         if self.tokenizer is None:

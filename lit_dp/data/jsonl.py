@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from lit_dp.data.datamodule import DPDataModule
+from lit_dp.data.split import split_units
 
 
 def _check_file(path: str | Path, field: str) -> Path:
@@ -100,15 +102,19 @@ class JSONLDataModule(DPDataModule):
 
     Args:
         train_path: training records.
-        val_path: validation records; null holds out val_fraction of the training file's
-            privacy units (whole groups with privacy_unit: group).
+        val_path: validation records; null holds out about val_fraction of the training file's
+            privacy units (whole groups with privacy_unit: group), each unit decided alone by a
+            keyed hash of its key (``lit_dp.data.split``), so adding or removing one unit moves
+            no other unit between the splits. Held-out records are private data too: epsilon
+            does not cover their logged validation loss.
         test_path: test records (optional).
-        val_fraction: fraction of the training units held out when val_path is null, in [0, 1).
+        val_fraction: expected fraction of the training units held out when val_path is null,
+            in [0, 1) (each unit is held out with this probability over split seeds).
         prompt_field: JSON field holding the prompt.
         response_field: JSON field holding the response.
         text_field: JSON field of plain-text records.
         group_key: JSON field naming the user/group; required for privacy_unit: group.
-        split_seed: seed of the held-out validation split.
+        split_seed: key of the keyed hash that decides the held-out validation split.
         **kwargs: the common arguments of DPDataModule.
     """
 
@@ -179,20 +185,51 @@ class JSONLDataModule(DPDataModule):
         if self.val_path is not None:
             val, val_at = self._read(self.val_path, "val_path")
         else:
-            # Hold out whole units (groups), so no unit has records in both splits.
-            key = self.group_key if self.privacy_unit == "group" else None
-            units: dict[Any, list[int]] = {}
-            for i, rec in enumerate(train):
-                unit = json.dumps(rec[key], sort_keys=True) if key is not None else i
-                units.setdefault(unit, []).append(i)
-            order = list(units.values())
-            random.Random(self.split_seed).shuffle(order)
-            held = {i for rows in order[: int(len(order) * self.val_fraction)] for i in rows}
-            val, val_at = [train[i] for i in sorted(held)], [train_at[i] for i in sorted(held)]
-            kept = [i for i in range(len(train)) if i not in held]
-            train, train_at = [train[i] for i in kept], [train_at[i] for i in kept]
+            val, val_at, train, train_at = self._hold_out(train, train_at)
         test, test_at = (
             self._read(self.test_path, "test_path") if self.test_path is not None else ([], [])
         )
         self._where = {"train": train_at, "validation": val_at, "test": test_at}
         return {"train": train, "validation": val, "test": test}
+
+    def _hold_out(
+        self, train: list[dict[str, Any]], train_at: list[str]
+    ) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]], list[str]]:
+        """(validation, its locations, training, its locations): whole units held out."""
+        key = self.group_key if self.privacy_unit == "group" else None
+        held = split_units(
+            train, group_key=key, split_seed=self.split_seed, val_fraction=self.val_fraction
+        )
+        kept = [i for i in range(len(train)) if i not in held]
+        if not kept:
+            raise ValueError(
+                f"data.val_fraction={self.val_fraction}: every privacy unit of "
+                f"{self.train_path!r} was held out for validation (each unit is held out by a "
+                "keyed hash, so a tiny file can lose all of them); lower data.val_fraction, set "
+                "data.val_fraction: 0, or give data.val_path"
+            )
+        if self.val_fraction > 0 and not held:
+            rank_zero_warn(
+                f"data.val_fraction={self.val_fraction} held out none of the training file's "
+                "privacy units (each unit is held out alone, by a keyed hash, with probability "
+                "val_fraction): the run has no validation set; give data.val_path, raise "
+                "data.val_fraction, or set it to 0 to silence this"
+            )
+        rows = sorted(held)
+        return (
+            [train[i] for i in rows],
+            [train_at[i] for i in rows],
+            [train[i] for i in kept],
+            [train_at[i] for i in kept],
+        )
+
+    def not_covered(self) -> list[str]:
+        """What the privacy report lists as not covered because of this data's splits."""
+        if self.val_path is not None or self.val_fraction == 0:
+            return []
+        return [
+            "validation loss/perplexity logs: the held-out validation records come from the "
+            f"private training file ({self.train_path}, val_fraction={self.val_fraction}), are "
+            "scored without noise and are not covered by epsilon, which protects the training "
+            "units only"
+        ]

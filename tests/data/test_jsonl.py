@@ -111,7 +111,8 @@ def test_jsonl_val_fraction_split_disjoint(tmp_path):
     dm = jsonl_dm(p, val_fraction=0.25, split_seed=3)
     dm.setup("fit")
     train, val = dm.splits["train"], dm.splits["validation"]
-    assert len(train) == 15 and len(val) == 5
+    # Each record is held out alone by a keyed hash (tests/data/test_jsonl_split.py): about 25 %.
+    assert train and val and len(train) + len(val) == 20
     assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in val)
     assert sorted(r["prompt"] for r in train + val) == sorted(qa(i)["prompt"] for i in range(20))
 
@@ -122,9 +123,10 @@ def test_jsonl_val_fraction_holds_out_whole_groups(tmp_path):
     dm.setup("fit")
     train_users = {r["user"] for r in dm.splits["train"]}
     val_users = {r["user"] for r in dm.splits["validation"]}
-    assert len(val_users) == 2 and len(train_users) == 3
+    assert val_users and train_users and len(val_users) + len(train_users) == 5
     assert train_users.isdisjoint(val_users)
-    assert len(dm.splits["validation"]) == 8 and dm.num_units == 3
+    assert len(dm.splits["validation"]) == 4 * len(val_users)
+    assert dm.num_units == len(train_users)
 
 
 def test_jsonl_val_and_test_paths_and_bad_fraction(tmp_path):

@@ -41,10 +41,15 @@ _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 def split_micro_batches(batch: Mapping[str, Any], max_rows: int) -> list[dict[str, Tensor]]:
     """Physical micro-batches of at most ``max_rows`` rows that never split a privacy unit.
 
-    Rows of one unit (``unit_ids``) are contiguous; a unit larger than ``max_rows`` goes alone.
+    Rows sharing a ``unit_ids`` value are one unit wherever they stand: when they are not
+    contiguous (a caller's own batch; the DataModules' batches already are), the rows are first
+    gathered unit by unit, units in order of first appearance and rows in their order, so that
+    no unit is clipped twice (once per micro-batch, which could let it add up to 2 C). A unit
+    larger than ``max_rows`` goes alone.
     """
     if max_rows < 1:
         raise ValueError(f"max_rows={max_rows} must be >= 1 (rows per physical micro-batch)")
+    batch = _gather_units(batch)
     rows = batch["input_ids"].shape[0]
     unit_ids = batch.get("unit_ids")
     if unit_ids is None:
@@ -59,6 +64,21 @@ def split_micro_batches(batch: Mapping[str, Any], max_rows: int) -> list[dict[st
         bounds.append(rows)
     keys = [*_MODEL_KEYS, "unit_ids"] if unit_ids is not None else list(_MODEL_KEYS)
     return [{k: batch[k][a:b] for k in keys} for a, b in itertools.pairwise(bounds)]
+
+
+def _gather_units(batch: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``batch`` with the rows of each unit made contiguous (unchanged when they already are)."""
+    unit_ids = batch.get("unit_ids")
+    if unit_ids is None:
+        return batch
+    rows_of: dict[Any, list[int]] = {}  # unit id -> its rows, units in order of first appearance
+    for row, unit in enumerate(torch.as_tensor(unit_ids).reshape(-1).tolist()):
+        rows_of.setdefault(unit, []).append(row)
+    order = [row for rows in rows_of.values() for row in rows]
+    if order == sorted(order):
+        return batch
+    keys = [*_MODEL_KEYS, "unit_ids"]
+    return {k: batch[k][torch.tensor(order, device=torch.as_tensor(batch[k]).device)] for k in keys}
 
 
 @dataclass(frozen=True)
@@ -96,8 +116,9 @@ def privatize(
 
     Args:
         model: the causal LM; its trainable parameters (requires_grad) get gradients.
-        batch: ``input_ids``, ``attention_mask``, ``labels`` (B, T), optionally ``unit_ids``;
-            this rank's share of the global Poisson batch (B may be 0).
+        batch: ``input_ids``, ``attention_mask``, ``labels`` (B, T), optionally ``unit_ids``
+            (B,): rows sharing an id are one unit, clipped as a whole even when they are not
+            contiguous; this rank's share of the global Poisson batch (B may be 0).
         clip: the clip-bound estimator; its bound is used, then updated (step 6).
         noise_multiplier: sigma as accounted for this step.
         expected_batch_size: q_t * N, the public divisor.

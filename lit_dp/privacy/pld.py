@@ -193,6 +193,22 @@ class PLDAccountant:
         """The ledger: (noise_multiplier, exact sample_rate, num_steps) runs in order (a copy)."""
         return list(self._ledger.runs)
 
+    def rate_rounding(self) -> float:
+        """Largest relative amount a ledger rate was rounded up by: max q_rounded / q - 1.
+
+        0 when every rate is composed exactly (a constant schedule, or resolution 0); at most
+        ``sample_rate_resolution`` otherwise. Epsilon rises by about 1 to 1.17 times this at
+        most (the module docstring's d log eps / d log q), less when only some rates moved.
+        """
+        anchor, worst = None, 0.0
+        for sigma, q, _ in self._ledger.runs:
+            if q == 0.0 or sigma == 0.0:
+                continue
+            anchor = q if anchor is None else anchor
+            rounded = round_up_sample_rate(q, anchor=anchor, resolution=self.sample_rate_resolution)
+            worst = max(worst, rounded / q - 1.0)
+        return worst
+
     @property
     def total_steps(self) -> int:
         """Number of steps recorded in the ledger."""

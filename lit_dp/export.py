@@ -8,7 +8,8 @@ Export layout (``out_dir``):
 - ``config.json``, ``model.safetensors``, ``generation_config.json``: ``from_pretrained(out_dir)``.
 - tokenizer files (when a tokenizer is given).
 - ``privacy_report.json`` (when a report is given): what epsilon covers and public
-  configuration only. Seeds and generator states are dropped, and so is the report's
+  configuration only. Seeds and generator states are dropped, and so are a clip bound derived
+  from raw norms (HistoryPercentile's ``max_grad_norm``) and the report's
   ``operator_side`` section (exact data-dependent counts such as num_records, truncated,
   records_without_labels, num_nonfinite_zeroed), which stays in the run directory's report.
 - LoRA is merged into the weights (on a copy; the training model is not touched), except over
@@ -47,13 +48,16 @@ _SECRET_KEY = re.compile(r"seed|generator|rng", re.IGNORECASE)
 def _scrub(obj: Any) -> Any:
     """Drop (recursively) every dict entry whose key names a seed or generator state.
 
-    The operator-side counts are dropped too.
+    The operator-side counts are dropped too, and so is the clip bound of a clip-bound
+    description that epsilon does not cover (``covered_by_dp: false``: HistoryPercentile's
+    C_t is a percentile of raw per-unit norms).
     """
     if isinstance(obj, dict):
+        raw = {"max_grad_norm"} if obj.get("covered_by_dp") is False else set()
         return {
             k: _scrub(v)
             for k, v in obj.items()
-            if k != OPERATOR_SIDE_KEY and not _SECRET_KEY.search(str(k))
+            if k != OPERATOR_SIDE_KEY and k not in raw and not _SECRET_KEY.search(str(k))
         }
     if isinstance(obj, list | tuple):
         return [_scrub(v) for v in obj]

@@ -18,7 +18,12 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lit_dp import distributed, models
 from lit_dp.evaluation import CausalLMEvaluation
 from lit_dp.optim import DPAdamW
-from lit_dp.privacy.clipping import ClipBoundEstimator, FixedClip, default_clip_estimator
+from lit_dp.privacy.clipping import (
+    ClipBoundEstimator,
+    FixedClip,
+    check_smallest_batch,
+    default_clip_estimator,
+)
 from lit_dp.privacy.collectives import all_reduce_sum_, broadcast_int, is_distributed
 from lit_dp.privacy.mechanism import privatize, split_micro_batches
 from lit_dp.privacy.noise import make_generator
@@ -180,11 +185,16 @@ class DPCausalLM(CausalLMEvaluation):
             )
         self.model.config.use_cache = False  # a Hugging Face model (lit_dp.models.load_model)
         if stage == "fit" and self.private and dm is not None and getattr(dm, "schedule", None):
-            # Fail before the first step if the mechanism cannot be built (e.g. private
-            # quantile clipping with too small an expected batch for its count noise).
-            self.clip.grad_noise_multiplier(
+            # Fail before the first step if the mechanism cannot be built at some step of the
+            # plan (e.g. private quantile clipping with too small an expected batch for its
+            # count noise, which a decreasing batch ramp may reach only late).
+            max_steps = self.trainer.max_steps if self._trainer is not None else -1
+            check_smallest_batch(
+                self.clip,
                 noise_multiplier=float(self.noise_multiplier),
-                expected_batch_size=dm.schedule.rate(0) * self._num_units,
+                schedule=dm.schedule,
+                num_units=int(self._num_units or 0),
+                num_steps=max_steps if max_steps and max_steps > 0 else None,
             )
 
     def _generator(self) -> torch.Generator:

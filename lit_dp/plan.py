@@ -21,7 +21,11 @@ from lightning.pytorch.cli import instantiate_class
 from lit_dp.callbacks.accounting import PrivacyAccounting, check_delta, default_delta
 from lit_dp.cli import LitDPCLI
 from lit_dp.privacy.budget import ACCOUNTANTS, epsilon_for_schedule
-from lit_dp.privacy.clipping import PrivateQuantile, default_clip_estimator
+from lit_dp.privacy.clipping import (
+    PrivateQuantile,
+    check_smallest_batch,
+    default_clip_estimator,
+)
 from lit_dp.privacy.sampling import SampleRateSchedule
 
 
@@ -57,6 +61,8 @@ class PrivacyPlan:
     max_grad_norm: float = 1.0
     sigma: float | None = None  # the run's accounted noise multiplier (its accountant's)
     count_noise_divisor: float | None = None  # private quantile clipping only
+    clipping: str = "FixedClip"  # the clip-bound estimator's class
+    clip_covered_by_dp: bool = True  # False: C_t from raw norms, epsilon covers nothing
 
     def expected_batch_size(self, step: int) -> float:
         return self.schedule.rate(step) * self.num_units
@@ -135,6 +141,8 @@ def make_plan(config: Any) -> PrivacyPlan:
         target_epsilon=accounting.target_epsilon,
         accountant=accounting.accountant_name,
         max_grad_norm=float(clip.max_grad_norm),
+        clipping=type(clip).__name__,
+        clip_covered_by_dp=bool(clip.covered_by_dp),
     )
     if not plan.private:
         return plan
@@ -171,9 +179,14 @@ def make_plan(config: Any) -> PrivacyPlan:
     if plan.sigma is None and not plan.calibrated:
         plan.sigma = float(model.noise_multiplier)
     if plan.sigma is not None and isinstance(clip, PrivateQuantile):
-        # The check fit makes before its first step (ValueError: batch too small for the count).
-        clip.grad_noise_multiplier(
-            noise_multiplier=plan.sigma, expected_batch_size=plan.expected_batch_size(0)
+        # The check fit makes before its first step (ValueError: batch too small for the count
+        # at the smallest expected batch of the planned steps).
+        check_smallest_batch(
+            clip,
+            noise_multiplier=plan.sigma,
+            schedule=schedule,
+            num_units=num_units,
+            num_steps=plan.steps,
         )
         plan.count_noise_divisor = clip.count_noise_divisor
     return plan
@@ -226,6 +239,18 @@ def format_plan(plan: PrivacyPlan, source: str = "") -> str:
     if not plan.private:
         rows.append(("privacy", ["NONE (model.private: false): epsilon = infinity"]))
         return _table(rows, source)
+    if not plan.clip_covered_by_dp:  # first, before any epsilon is printed
+        rows.insert(
+            0,
+            (
+                "NOT COVERED",
+                [
+                    f"model.clipping {plan.clipping} sets the clip bound from raw per-unit "
+                    "norms: the epsilon below does NOT cover the weights (use FixedClip or "
+                    "PrivateQuantile for a private run)"
+                ],
+            ),
+        )
     origin = f" (privacy.delta unset: the default for N = {plan.num_units})"
     rows.append(("delta", [f"{plan.delta:.4g}{origin if plan.delta_is_default else ''}"]))
     target = "none (no budget stop)" if plan.target_epsilon is None else f"{plan.target_epsilon:g}"
@@ -280,12 +305,19 @@ def format_plan(plan: PrivacyPlan, source: str = "") -> str:
         ]  # fmt: skip
         if plan.schedule.kind == "linear":
             end = plan.schedule.ramp_steps
+            if plan.steps is not None and plan.steps <= end:  # the run ends inside the ramp
+                end = plan.steps - 1
             rows.append(
                 (
                     "",
                     [
-                        f"{plan.noise_std(end):.4g} from step {end} on (E[B] "
-                        f"{plan.expected_batch_size(end):g})"
+                        f"{plan.noise_std(end):.4g} "
+                        + (
+                            f"from step {end} on"
+                            if end == plan.schedule.ramp_steps
+                            else f"at step {end}, the last"
+                        )
+                        + f" (E[B] {plan.expected_batch_size(end):g})"
                     ],
                 )
             )

@@ -21,7 +21,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_dp.export import OPERATOR_SIDE_KEY
 from lit_dp.privacy.accountant import RDPAccountant
-from lit_dp.privacy.budget import ACCOUNTANTS, calibrate_noise_multiplier, make_accountant
+from lit_dp.privacy.budget import (
+    calibrate_noise_multiplier,
+    describe_accountant,
+    make_accountant,
+)
 
 if TYPE_CHECKING:
     from lit_dp.data.datamodule import DPDataModule
@@ -30,6 +34,11 @@ if TYPE_CHECKING:
 _OPERATOR_SIDE_NOTE = (
     "operator_side counts {} (exact, not privatized: at group level num_records / num_units is "
     "how many records users hold): in the run directory's report only, never exported"
+)
+# N is an input of the accountant (q = E[B] / N) and is printed in every report.
+_N_IS_PUBLIC = (
+    "num_units, N, the number of privacy units: treated as public (the sample rate q = E[B] / N "
+    "states it); epsilon does not hide how many units the training set holds"
 )
 # A delta above this lets a mechanism release some unit's data in the clear with a probability
 # that is no longer negligible (delta is roughly that probability, per unit).
@@ -164,6 +173,13 @@ class PrivacyAccounting(L.Callback):
             raise ValueError("data: the training set is empty; add records or fix the path")
         if not module.private:
             return
+        if not module.clip.covered_by_dp:  # said before training, not only in the report after
+            rank_zero_warn(
+                f"lit_dp: model.clipping {type(module.clip).__name__} sets the clip bound from "
+                "raw per-unit gradient norms, so epsilon does NOT cover the weights of this run "
+                "or anything derived from them (the report's covers says nothing); use "
+                "FixedClip or PrivateQuantile for a private run"
+            )
         if self.target_epsilon is not None:
             _refuse_minimum_length(trainer, self.target_epsilon)
         self.delta = self.delta_arg if self.delta_arg is not None else default_delta(self.num_units)
@@ -356,12 +372,14 @@ class PrivacyAccounting(L.Callback):
             "num_units": self.num_units,
             "privacy_unit": data.get("privacy_unit", "example"),
             "accountant": self.accountant_name,
-            "accountant_description": ACCOUNTANTS[self.accountant_name],
+            "accountant_description": describe_accountant(self.accountant_name, self.accountant),
             "clipping": mech["clipping"],
             "mechanism": mech,
             "covers": mech["covers"],
             "not_covered": [
                 *mech["not_covered"],
+                *(dm.not_covered() if dm is not None and hasattr(dm, "not_covered") else []),
+                _N_IS_PUBLIC,
                 _OPERATOR_SIDE_NOTE.format(sorted(operator_side)),
             ],
             "data": data,

@@ -21,11 +21,14 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import deque
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from lit_dp.privacy.noise import gaussian_noise_like
+
+if TYPE_CHECKING:
+    from lit_dp.privacy.sampling import SampleRateSchedule
 
 # The defaults every estimator shares (one place; the clip-driven lr follows the same target).
 DEFAULT_CLIP = 1.0  # C (FixedClip) or C_0 (adaptive estimators), per privacy unit
@@ -83,6 +86,39 @@ def _require(ok: bool, name: str, value: Any, fix: str) -> None:
     # Chained comparisons such as 0 < x < inf are False for nan and inf: no separate check.
     if not ok:
         raise ValueError(f"{name}={value!r} is out of range: {fix}")
+
+
+def check_smallest_batch(
+    clip: ClipBoundEstimator,
+    *,
+    noise_multiplier: float,
+    schedule: SampleRateSchedule,
+    num_units: int,
+    num_steps: int | None,
+) -> None:
+    """Refuse a plan whose smallest expected batch cannot pay for the estimator's own release.
+
+    A private quantile's count noise scales with the expected batch size E[B_t] = q_t N, so a
+    decreasing batch ramp can pass at step 0 and fail later: every step of the plan
+    (``num_steps``; None = a run of any length) is checked at its smallest E[B_t].
+
+    Raises:
+        ValueError: naming the step, its expected batch size and the fixes.
+    """
+    step, rate = schedule.smallest_rate(num_steps)
+    expected = rate * num_units
+    try:
+        clip.grad_noise_multiplier(noise_multiplier=noise_multiplier, expected_batch_size=expected)
+    except ValueError as err:
+        if step == 0:
+            raise
+        raise ValueError(
+            f"data.batch_schedule: the expected batch size falls to {expected:g} at step {step} "
+            f"(the smallest of the run's {num_steps or 'unbounded'} steps; it is "
+            f"{schedule.rate(0) * num_units:g} at step 0). {err}. With a decreasing ramp, "
+            "raise its end batch size (end / end_rate) or end the run before that step "
+            "(trainer.max_steps)"
+        ) from err
 
 
 # --- stateful estimators -----------------------------------------------------------------------

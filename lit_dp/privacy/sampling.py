@@ -109,6 +109,19 @@ class SampleRateSchedule:
         """[q_0, ..., q_{num_steps-1}] (what the accountant will compose)."""
         return [self.rate(t) for t in range(num_steps)]
 
+    def smallest_rate(self, num_steps: int | None) -> tuple[int, float]:
+        """(t, q_t) of the smallest rate of steps 0 .. num_steps - 1 (None: a run of any length).
+
+        A linear schedule is monotone up to ramp_steps and constant after, so its smallest rate
+        is at step 0 or at the last step of the ramp that the run reaches.
+        """
+        if num_steps is not None and num_steps < 1:
+            raise ValueError(f"num_steps={num_steps} must be >= 1 or None")
+        if self.kind == "constant":
+            return 0, self.rate(0)
+        last = self.ramp_steps if num_steps is None else min(num_steps - 1, self.ramp_steps)
+        return min(((0, self.rate(0)), (last, self.rate(last))), key=lambda t_q: t_q[1])
+
     def steps_per_pass(self) -> int:
         """Fewest steps n with sum_{t<n} q_t >= 1: one expected pass.
 

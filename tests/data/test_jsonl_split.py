@@ -60,25 +60,36 @@ def fitted(path, **kw):
 
 
 def test_one_added_record_changes_only_its_own_split(tmp_path):
-    """Example level: 1,000 records, then the same file with one new record in the middle. The
-    two training sets are neighbours: they differ by that record or not at all."""
-    rows = [qa(i) for i in range(1000)]
-    new = {"prompt": "a record added later?", "response": "it moves nothing else."}
-    base = fitted(write_jsonl(tmp_path / "a.jsonl", rows), val_fraction=0.1, split_seed=5)
-    grown = fitted(
-        write_jsonl(tmp_path / "b.jsonl", [*rows[:400], new, *rows[400:]]),
-        val_fraction=0.1,
-        split_seed=5,
-    )
-    train_diff = as_multiset(grown.splits["train"]) - as_multiset(base.splits["train"])
-    val_diff = as_multiset(grown.splits["validation"]) - as_multiset(base.splits["validation"])
-    assert not as_multiset(base.splits["train"]) - as_multiset(grown.splits["train"])
-    assert not as_multiset(base.splits["validation"]) - as_multiset(grown.splits["validation"])
-    # The new record lands in exactly one split; nothing else moved.
-    assert sorted([*train_diff.elements(), *val_diff.elements()]) == [
-        json.dumps(new, sort_keys=True)
-    ]
-    assert grown.num_units - base.num_units == sum(train_diff.values())
+    """Example level: 500 records, then the same file with one new record in the middle (and k
+    records moved to the end: file order plays no part). The two training sets are neighbours:
+    they differ by exactly that record when it is trained on, and not at all when it is held
+    out (both cases occur among the new records tried)."""
+    rows = [qa(i) for i in range(500)]
+    base = fitted(write_jsonl(tmp_path / "a.jsonl", rows), val_fraction=0.3, split_seed=5)
+    placed = {"train": 0, "validation": 0}
+    for k in range(8):
+        new = {"prompt": f"a record added later, number {k}?", "response": "it moves nothing."}
+        grown = fitted(
+            write_jsonl(
+                tmp_path / f"b{k}.jsonl", [*rows[:200], new, *rows[200 + k :], *rows[200 : 200 + k]]
+            ),
+            val_fraction=0.3,
+            split_seed=5,
+        )
+        diff = {
+            split: (
+                as_multiset(grown.splits[split]) - as_multiset(base.splits[split]),
+                as_multiset(base.splits[split]) - as_multiset(grown.splits[split]),
+            )
+            for split in ("train", "validation")
+        }
+        side = "train" if diff["train"][0] else "validation"
+        other = "validation" if side == "train" else "train"
+        assert diff[side] == (as_multiset([new]), Counter())  # exactly the new record
+        assert diff[other] == (Counter(), Counter())  # nothing else moved
+        assert grown.num_units - base.num_units == (side == "train")
+        placed[side] += 1
+    assert placed["train"] and placed["validation"]
 
 
 def test_one_added_user_changes_only_that_users_split(tmp_path):

@@ -229,7 +229,8 @@ class JSONLDataModule(DPDataModule):
             return []
         return [
             "validation loss/perplexity logs: the held-out validation records come from the "
-            f"private training file ({self.train_path}, val_fraction={self.val_fraction}), are "
+            # No path here: the report's covers/not_covered lists go into the shareable copy.
+            f"private training file (data.val_fraction={self.val_fraction}), are "
             "scored without noise and are not covered by epsilon, which protects the training "
             "units only"
         ]

@@ -37,7 +37,7 @@ def _fit_report(tmp_path, dm, module=None):
 def test_report_names_held_out_validation_and_public_n(tmp_path):
     report = _fit_report(tmp_path / "split", _jsonl(tmp_path, val_fraction=0.25, split_seed=1))
     held = [item for item in report["not_covered"] if "validation" in item and "private" in item]
-    assert len(held) == 1 and "mail.jsonl" in held[0] and "not covered by epsilon" in held[0]
+    assert len(held) == 1 and "mail.jsonl" not in held[0] and "not covered by epsilon" in held[0]
     public_n = [item for item in report["not_covered"] if item.startswith("num_units, N")]
     assert len(public_n) == 1 and "treated as public" in public_n[0]
     # With a separate validation file nothing of the training file is scored in the clear.

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,9 @@ def units_digest(rows: Sequence[tuple[list[int], list[int]]], units: Iterable[li
     for unit in units:
         h.update(b"U")
         for index in unit:
-            ids, labels = rows[index]
-            h.update(_canonical([list(ids), list(labels)]).encode())
+            for tokens in rows[index]:  # ids, then labels: each length-prefixed, int64
+                h.update(len(tokens).to_bytes(8, "little"))
+                h.update(array("q", tokens).tobytes())
     return h.hexdigest()
 
 

@@ -314,6 +314,8 @@ class PrivacyAccounting(L.Callback):
         self.resume.check_loaded(trainer, checkpoint)
         if self.resume.parent is not None:  # a fork: fresh noise and sampling, its own sigma
             self._fork_entry = self.resume.apply_fork(trainer, pl_module, _datamodule(trainer))
+            for saver in trainer.checkpoint_callbacks:  # the parent's files: not the fork's
+                checkpoint.get("callbacks", {}).pop(saver.state_key, None)
 
     def state_dict(self) -> dict[str, Any]:
         return {

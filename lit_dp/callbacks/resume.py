@@ -43,10 +43,14 @@ class ResumeGuard:
         self.fingerprint: dict[str, Any] | None = None
         self.parent: dict[str, Any] | None = None  # read_checkpoint_run of a fork's checkpoint
         self.fork_sigma: float | None = None
+        self._fingerprinted: tuple[int, ...] = ()
 
     def setup(self, trainer: Any, module: Any, datamodule: Any, accounting: Any) -> None:
         """Fingerprint this run; refuse a resume of another run before anything is written."""
-        self.fingerprint = run_fingerprint(trainer, module, datamodule, accounting)
+        key = (id(trainer), id(module), id(datamodule))
+        if self.fingerprint is None or key != self._fingerprinted:  # the CLI checks before fit
+            self.fingerprint = run_fingerprint(trainer, module, datamodule, accounting)
+            self._fingerprinted = key
         self.parent = None
         if self.path is None:
             return

@@ -448,3 +448,10 @@ def test_training_longer_after_a_finished_run_says_the_budget_is_spent(tmp_path,
     assert report["fork_of"]["checkpoint"] == str(last) and report["fork_of"]["steps"] == 4
     assert report["steps"] == 8 and report["ledger"][0][2] == 4  # the parent's 4 steps first
     assert 0.99 * 12.0 <= report["epsilon"] <= 12.0
+
+
+def test_fork_needs_a_checkpoint_to_fork(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--fork needs `lit-dp fit` and --ckpt_path"):
+        LitDPCLI(args=["fit", "--config", TINY, "--fork"])
+    assert _no_checkpoint(tmp_path)

@@ -134,12 +134,14 @@ def follow_default_root_dir(trainer_cfg) -> None:
         init["save_dir"] = str(root)
 
 
-def resolve_last_checkpoint(cfg) -> str:
+def resolve_last_checkpoint(cfg, *, continue_run: bool = True) -> str:
     """``ckpt_path: last``: the ``last.ckpt`` of the newest run (or of the logger version given).
 
-    The run then continues in its own directory (the logger's version is set to it). Lightning's
-    own lookup searches the new run's empty directory and silently starts from scratch; this
-    refuses instead.
+    The run then continues in its own directory (the logger's version is set to it, unless
+    ``continue_run`` is false: a fork writes a new run). Lightning's own lookup searches the new
+    run's empty directory and silently starts from scratch; this refuses instead. A checkpoint of
+    another run (other config or data) is refused at setup, naming what changed
+    (lit_dp.fingerprint).
     """
     trainer_cfg = cfg["trainer"]
     root = Path(trainer_cfg.get("default_root_dir") or ".")
@@ -158,10 +160,12 @@ def resolve_last_checkpoint(cfg) -> str:
             name = version if isinstance(version, str) else f"version_{version}"
             path = runs / name / "checkpoints" / LAST_CHECKPOINT
             where = str(path)
+            if not continue_run:  # a fork never writes into the run it forks
+                init["version"] = None
         else:
             path = find_last_checkpoint(runs)
             where = str(runs / "*" / "checkpoints" / LAST_CHECKPOINT)
-            if path is not None:
+            if path is not None and continue_run:
                 name = path.parent.parent.name
                 match = re.fullmatch(r"version_(\d+)", name)
                 init["version"] = int(match.group(1)) if match else name
@@ -194,6 +198,12 @@ class LitDPCLI(LightningCLI):
         parser.add_lightning_class_args(PrivacyAccounting, "privacy")
         parser.add_lightning_class_args(DPModelCheckpoint, "checkpoint")
         parser.link_arguments("model.model", "data.init_args.tokenizer")
+        parser.add_argument(
+            "--fork",
+            action="store_true",
+            help="with --ckpt_path (fit): continue the checkpoint's weights as a new run with "
+            "fresh noise; its epsilon includes the checkpoint's steps",
+        )
         parser.set_defaults(
             {
                 "trainer.use_distributed_sampler": False,
@@ -208,8 +218,21 @@ class LitDPCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         check_trainer_config(cfg["trainer"])
         follow_default_root_dir(cfg["trainer"])
+        if cfg.get("fork") and (self.subcommand != "fit" or not cfg.get("ckpt_path")):
+            raise ValueError("--fork needs `lit-dp fit` and --ckpt_path: the checkpoint to fork")
         if self.subcommand == "fit" and cfg.get("ckpt_path") == "last":
-            cfg["ckpt_path"] = resolve_last_checkpoint(cfg)
+            cfg["ckpt_path"] = resolve_last_checkpoint(cfg, continue_run=not cfg.get("fork"))
+
+    def before_fit(self) -> None:
+        # The checkpoint must be of this run (or forked explicitly): checked here, before
+        # Lightning writes anything into the run directory (lit_dp.callbacks.resume).
+        cfg = self.config[self.subcommand]
+        for callback in getattr(self.trainer, "callbacks", []):
+            if isinstance(callback, PrivacyAccounting):
+                callback.resume_from(cfg.get("ckpt_path"), fork=bool(cfg.get("fork")))
+                if cfg.get("ckpt_path"):
+                    self.datamodule.setup("fit")  # the fingerprint hashes the units
+                    callback.resume.setup(self.trainer, self.model, self.datamodule, callback)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         # trainer.enable_checkpointing: false turns the always-present checkpoint callback off

@@ -111,6 +111,7 @@ class DPCausalLM(CausalLMEvaluation):
         self._stop_reason: str | None = None
         self._noise_generator: torch.Generator | None = None
         self._pending_generator_state: torch.Tensor | None = None
+        self._fork = False  # set by reseed_noise_for_fork
         self._num_units: int | None = None
         self.num_nonfinite_total = 0
         self.noise_correction = (
@@ -199,7 +200,7 @@ class DPCausalLM(CausalLMEvaluation):
 
     def _generator(self) -> torch.Generator:
         if self._noise_generator is None:
-            seed = self.hparams["noise_seed"]
+            seed = None if self._fork else self.hparams["noise_seed"]  # a fork: OS entropy
             gen, seed = make_generator(seed, device=self.device)
             seed = broadcast_int(seed, self.device)  # identical noise on every rank
             gen.manual_seed(seed)
@@ -368,6 +369,16 @@ class DPCausalLM(CausalLMEvaluation):
             "num_nonfinite_total": self.num_nonfinite_total,
             "val_history": self.val_history,
         }
+
+    def reseed_noise_for_fork(self) -> None:
+        """Drop the restored noise generator state: a fork draws fresh noise from OS entropy.
+
+        Called by PrivacyAccounting after the checkpoint is restored, for ``lit-dp fit --fork``:
+        the parent's continuation and the fork must never share a noise draw.
+        """
+        self._fork = True
+        self._pending_generator_state = None
+        self._noise_generator = None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["lit_dp"]

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,9 +31,12 @@ from lit_dp.checkpoint import (
 )
 from lit_dp.cli import resolve_last_checkpoint
 from lit_dp.data import ConstantBatchSize, SyntheticDataModule
+from lit_dp.fingerprint import FINGERPRINT_KEY, short_id
 from lit_dp.models import tiny_tokenizer
 from lit_dp.module import DPCausalLM
+from lit_dp.privacy.budget import epsilon_for_schedule
 from lit_dp.privacy.clipping import FixedClip
+from lit_dp.privacy.pld import PLDAccountant
 
 
 def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -302,3 +307,148 @@ def test_cli_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(t
         "Writing model shards",
     ):
         assert noise not in out_full + out_resumed, noise
+
+
+# --- a resume is the same run, or it is refused; forks are explicit --------------------------
+def _dp_run(
+    root: Path,
+    *,
+    max_steps: int = 4,
+    num_train: int = 32,
+    expected: float = 4.0,
+    data_seed: int = 0,
+    target_epsilon: float | None = None,
+    ckpt: Path | None = None,
+    fork: bool = False,
+    checked_at_setup: bool = True,
+):
+    """A tiny private run (sigma 1, or auto with a target) saving every 2 steps under root/ckpt;
+    ``ckpt`` resumes it (named before fit, as the CLI does, or only passed to Trainer.fit)."""
+    dm = SyntheticDataModule(
+        tokenizer=tiny_tokenizer(),
+        num_train=num_train,
+        num_val=0,
+        num_test=0,
+        max_length=512,
+        batch_schedule=ConstantBatchSize(expected),
+        sampling_seed=1,
+        data_seed=data_seed,
+    )
+    module = DPCausalLM(
+        model="tiny-qwen2",
+        noise_multiplier=1.0 if target_epsilon is None else "auto",
+        clipping=FixedClip(1.0),
+        noise_seed=1,
+        eval_before_fit=False,
+        export_dir=None,
+        max_physical_batch_size=8,
+    )
+    acct = PrivacyAccounting(target_epsilon=target_epsilon)
+    if ckpt is not None and checked_at_setup:
+        acct.resume_from(ckpt, fork=fork)
+    saver = DPModelCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=2, save_top_k=-1)
+    trainer = quiet_trainer(
+        root, max_steps, [EMAWeights(), ClipDrivenLR(), acct, saver], limit_val_batches=0
+    )
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt) if ckpt is not None else None)
+    return trainer, module, acct
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory) -> Path:
+    """The step-2 checkpoint of a 4-step run (sigma 1, N = 32, E[B] = 4, data_seed 0)."""
+    root = tmp_path_factory.mktemp("parent")
+    _dp_run(root)
+    return root / "ckpt" / "step=2.ckpt"
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (
+            {"data_seed": 1},
+            r"data: the training units or their order .*units_sha256 \"\w+\" -> \"\w+\"",
+        ),
+        ({"num_train": 40}, r"num_units: N, the number of privacy units: value 32 -> 40"),
+        ({"max_steps": 6}, r"was planned for trainer.max_steps=4 .* is at step 2"),
+        ({"expected": 8.0}, r"batch_schedule: .*expected_batch_size 4\.0 -> 8\.0"),
+    ],
+    ids=["data", "N", "max_steps", "batch-size"],
+)
+def test_resume_of_a_changed_run_is_refused_naming_the_change(parent, tmp_path, change, named):
+    with pytest.raises(ValueError, match="refused, this checkpoint is not of this run") as exc:
+        _dp_run(tmp_path, ckpt=parent, **change)
+    assert re.search(named, str(exc.value)), str(exc.value)
+    assert not (tmp_path / "ckpt").exists()  # refused before the first step
+
+
+def test_resume_outside_the_cli_is_checked_when_the_checkpoint_loads(parent, tmp_path):
+    """Trainer.fit(ckpt_path=...) without resume_from: the same refusal, from the loaded file."""
+    with pytest.raises(ValueError, match=r"num_units: .*value 32 -> 40"):
+        _dp_run(tmp_path, ckpt=parent, num_train=40, checked_at_setup=False)
+
+
+def test_a_resume_prints_no_not_resumable_warning(parent, tmp_path):
+    """Resumed at step 2 of an 8-step epoch (q = 1/8): Lightning's warning that the loader is
+    not resumable would contradict the sampler's exact resume; it is not shown."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _, acct = _dp_run(tmp_path, ckpt=parent)
+    assert trainer.global_step == 4 and acct.accountant.total_steps == 4
+    assert not [w for w in caught if "not resumable" in str(w.message)]
+
+
+def test_fork_reseeds_the_noise_and_its_ledger_keeps_the_parents_steps(parent, tmp_path):
+    _, cont, _ = _dp_run(tmp_path / "continued", ckpt=parent)
+    _, forked, acct = _dp_run(tmp_path / "fork", ckpt=parent, fork=True)
+    # Fixed-clip steps draw the same amount of noise: equal generator states after the same two
+    # steps would mean the fork replayed the parent's noise stream.
+    assert not torch.equal(forked._generator().get_state(), cont._generator().get_state())
+    assert (
+        max(
+            (a - b).abs().max().item()
+            for a, b in zip(forked.model.parameters(), cont.model.parameters(), strict=True)
+        )
+        > 1e-4
+    )
+    saved = torch.load(parent, weights_only=False)
+    q = 4.0 / 32
+    assert acct.accountant.history == [(1.0, q, 4)]  # the parent's 2 steps and the fork's 2
+    assert acct.epsilon() == pytest.approx(
+        epsilon_for_schedule(noise_multiplier=1.0, delta=acct.delta, sample_rate=q, steps=4),
+        rel=1e-9,
+    )
+    assert acct.fork_of == {
+        "checkpoint": str(parent),
+        "fingerprint": short_id(saved[FINGERPRINT_KEY]),
+        "steps": 2,
+        "fork_of": None,
+    }
+    report = acct.report(forked.trainer, forked)
+    assert report["fork_of"]["checkpoint"] == str(parent) and report["steps"] == 4
+
+
+def test_fork_plan_counts_the_parents_steps(tmp_path):
+    """auto noise: the fork's sigma is calibrated so that the parent's 2 steps (its sigma) and
+    the fork's 4 planned steps together spend the target."""
+    _dp_run(tmp_path / "p", target_epsilon=8.0)
+    ckpt = tmp_path / "p" / "ckpt" / "step=2.ckpt"
+    _, module, acct = _dp_run(tmp_path / "f", target_epsilon=8.0, max_steps=6, ckpt=ckpt, fork=True)
+    parent_sigma = torch.load(ckpt, weights_only=False)["lit_dp"]["noise_multiplier"]
+    q = 4.0 / 32
+    assert acct.accountant.history == [(parent_sigma, q, 2), (module.noise_multiplier, q, 4)]
+    assert module.noise_multiplier > parent_sigma  # 4 steps left on the budget of 2
+    reference = PLDAccountant()
+    reference.step(noise_multiplier=parent_sigma, sample_rate=q, num_steps=2)
+    reference.step(noise_multiplier=module.noise_multiplier, sample_rate=q, num_steps=4)
+    eps = reference.get_epsilon(acct.delta)
+    assert 0.99 * 8.0 <= eps <= 8.0
+    assert acct.epsilon() == pytest.approx(eps, rel=1e-9)
+
+
+def test_a_private_report_over_steps_its_ledger_lacks_is_refused():
+    acct = PrivacyAccounting()
+    trainer = SimpleNamespace(global_step=8)
+    module = SimpleNamespace(private=True, privacy_description=dict, num_nonfinite_total=0)
+    with pytest.raises(RuntimeError, match="weights took 8 steps but the privacy ledger holds 0"):
+        acct.report(trainer, module)  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from shipped_configs import TINY
@@ -355,3 +356,102 @@ def test_generate_subcommand_writes_responses(tmp_path, monkeypatch):
     bad.write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match="prompt"):
         main(["generate", "--model", str(export), "--prompts", str(bad), "--out", str(out)])
+
+
+# --- a resume is the same run: `last` never crosses to another run ---------------------------
+_SHORT = [
+    "--trainer.max_steps",
+    "4",
+    "--trainer.val_check_interval",
+    "2",
+    "--data.init_args.num_train",
+    "64",
+    "--data.init_args.num_val",
+    "4",
+    "--data.init_args.batch_schedule.init_args.expected_batch_size",
+    "8",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.default_root_dir",
+    "root",
+]
+NONPRIVATE = str(Path(TINY).with_name("nonprivate.yaml"))
+
+
+class Killed(Exception):
+    """The process dies here."""
+
+
+class KillAfterFirstCheckpoint(L.Callback):
+    """Stands in for killing the run once its first checkpoint (step 2) is on disk."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 2:
+            raise Killed
+
+
+def test_private_resume_never_takes_the_nonprivate_baselines_checkpoint(tmp_path, monkeypatch):
+    """The new user's sequence: tiny.yaml killed after its first checkpoint, the non-private
+    baseline run in the same root, then the first command again with --ckpt_path last. `last`
+    is the baseline's newer checkpoint: refused, naming the private/non-private mismatch and the
+    run this config belongs to, before anything of the baseline's run is rewritten."""
+    monkeypatch.chdir(tmp_path)
+    kill = ["--trainer.callbacks+=test_cli.KillAfterFirstCheckpoint"]
+    with pytest.raises(Killed):
+        LitDPCLI(args=["fit", "--config", TINY, *_SHORT, *kill])
+    private_run, baseline_run = Path("root/lit_dp/version_0"), Path("root/lit_dp/version_1")
+    assert (
+        torch.load(private_run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+        == 2
+    )
+    LitDPCLI(args=["fit", "--config", NONPRIVATE, *_SHORT])
+    baseline = {p: p.read_bytes() for p in baseline_run.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="refused, this checkpoint is not of this run") as exc:
+        LitDPCLI(args=["fit", "--config", TINY, *_SHORT, "--ckpt_path", "last"])
+    message = str(exc.value)
+    assert str(baseline_run / "checkpoints" / "last.ckpt") in message
+    assert "model.private: False in the checkpoint, True in this run" in message
+    assert f"This config's own run is {private_run}" in message
+    assert "--fork" not in message  # a private run cannot fork non-private weights either
+    assert {p: p.read_bytes() for p in baseline_run.rglob("*") if p.is_file()} == baseline
+    # The way the refusal points to: the private run, resumed in its own directory.
+    cli = LitDPCLI(
+        args=["fit", "--config", TINY, *_SHORT, "--trainer.logger.init_args.version",
+              private_run.name, "--ckpt_path", "last"]
+    )  # fmt: skip
+    assert Path(cli.trainer.log_dir) == private_run
+    report = json.loads((private_run / "privacy_report.json").read_text())
+    assert report["private"] and report["steps"] == 4 and report["fork_of"] is None
+    assert 0.98 * 8.0 <= report["epsilon"] <= 8.0
+
+
+def test_training_longer_after_a_finished_run_says_the_budget_is_spent(tmp_path, monkeypatch):
+    """A finished 4-step run resumed with trainer.max_steps 8 is refused (it took 0 steps and
+    exited 0): its budget is spent, a longer run needs a new plan. --fork with a larger target is
+    the explicit way on: a new run directory whose epsilon counts the 4 steps."""
+    monkeypatch.chdir(tmp_path)
+    LitDPCLI(args=["fit", "--config", TINY, *_SHORT])
+    last = Path("root/lit_dp/version_0/checkpoints/last.ckpt")
+    longer = [*_SHORT, "--trainer.max_steps", "8"]
+    with pytest.raises(ValueError, match="refused, this checkpoint is not of this run") as exc:
+        LitDPCLI(args=["fit", "--config", TINY, *longer, "--ckpt_path", "last"])
+    message = str(exc.value)
+    assert "the checkpoint's run is finished: it took all 4 planned steps" in message
+    assert "the budget is spent" in message
+    assert "A run of 8 steps needs a new plan from the start: run without --ckpt_path" in message
+    assert "max_steps: trainer.max_steps: value 4 -> 8" in message
+    assert torch.load(last, weights_only=False)["global_step"] == 4
+    fork = ["--privacy.target_epsilon", "12", "--fork", "--ckpt_path", "last"]
+    cli = LitDPCLI(args=["fit", "--config", TINY, *longer, *fork])
+    assert Path(cli.trainer.log_dir).name == "version_1"  # the fork is a new run
+    report = json.loads((Path(cli.trainer.log_dir) / "privacy_report.json").read_text())
+    assert report["fork_of"]["checkpoint"] == str(last) and report["fork_of"]["steps"] == 4
+    assert report["steps"] == 8 and report["ledger"][0][2] == 4  # the parent's 4 steps first
+    assert 0.99 * 12.0 <= report["epsilon"] <= 12.0
+
+
+def test_fork_needs_a_checkpoint_to_fork(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--fork needs `lit-dp fit` and --ckpt_path"):
+        LitDPCLI(args=["fit", "--config", TINY, "--fork"])
+    assert _no_checkpoint(tmp_path)

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lit_dp.callbacks.resume import ResumeGuard
 from lit_dp.export import OPERATOR_SIDE_KEY
+from lit_dp.fingerprint import FINGERPRINT_KEY, to_state
 from lit_dp.privacy.accountant import RDPAccountant
 from lit_dp.privacy.budget import (
     calibrate_noise_multiplier,
@@ -159,6 +161,20 @@ class PrivacyAccounting(L.Callback):
         self.calibrated_noise_multiplier: float | None = None
         self.num_units: int | None = None
         self.last_report: dict[str, Any] | None = None  # rank 0: the report last written
+        self.resume = ResumeGuard()  # the run's fingerprint; the checkpoint it resumes or forks
+        self.fork_of: dict[str, Any] | None = None  # the report's: the checkpoint forked
+        self._fork_entry: dict[str, Any] = {}
+
+    def resume_from(self, ckpt_path: str | None, *, fork: bool = False) -> None:
+        """Name the checkpoint the next fit resumes (or forks) before it starts.
+
+        A resume of another run (its fingerprint differs) is then refused at setup, before the
+        run writes anything; ``fork=True`` continues the checkpoint's weights as a new run with
+        fresh noise (lit_dp.callbacks.resume). ``lit-dp fit --ckpt_path X [--fork]`` calls it.
+        """
+        if fork and not ckpt_path:
+            raise ValueError("--fork needs --ckpt_path: the checkpoint to fork")
+        self.resume.path, self.resume.fork = (str(ckpt_path) if ckpt_path else None), fork
 
     # --- planning, before any step -----------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -171,6 +187,7 @@ class PrivacyAccounting(L.Callback):
         self.num_units = int(dm.num_units)
         if self.num_units < 1:
             raise ValueError("data: the training set is empty; add records or fix the path")
+        self.resume.setup(trainer, module, dm, self)  # refuses a resume of another run
         if not module.private:
             return
         if not module.clip.covered_by_dp:  # said before training, not only in the report after
@@ -187,7 +204,13 @@ class PrivacyAccounting(L.Callback):
         steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         sigma = module.noise_multiplier
         if sigma == "auto":
-            calibrated = self.calibrate(schedule=dm.schedule, steps=steps, delta=self.delta)
+            calibrated = (
+                self.resume.calibrate_fork(
+                    accounting=self, schedule=dm.schedule, steps=steps, delta=self.delta
+                )
+                if self.resume.parent is not None
+                else self.calibrate(schedule=dm.schedule, steps=steps, delta=self.delta)
+            )
             self.calibrated_noise_multiplier = calibrated
             module.set_noise_multiplier(calibrated)
             rank_zero_info(
@@ -210,6 +233,7 @@ class PrivacyAccounting(L.Callback):
                     f"noise_multiplier={sigma} already costs epsilon={first:.3g}; raise "
                     "model.noise_multiplier or use noise_multiplier: auto"
                 )
+        self.resume.fork_sigma = float(module.noise_multiplier)
 
     def calibrate(
         self, *, schedule: Any, steps: int | None, delta: float, accountant: str | None = None
@@ -297,12 +321,25 @@ class PrivacyAccounting(L.Callback):
         return self.delta
 
     # --- state -------------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if self.resume.fingerprint is not None:  # what a resume of this checkpoint must match
+            checkpoint[FINGERPRINT_KEY] = to_state(self.resume.fingerprint)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        # After the module and DataModule restored the checkpoint's state, before the ledger.
+        self.resume.check_loaded(trainer, checkpoint)
+        if self.resume.parent is not None:  # a fork: fresh noise and sampling, its own sigma
+            self._fork_entry = self.resume.apply_fork(trainer, pl_module, _datamodule(trainer))
+            for saver in trainer.checkpoint_callbacks:  # the parent's files: not the fork's
+                checkpoint.get("callbacks", {}).pop(saver.state_key, None)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "accountant_name": self.accountant_name,
             "accountant": self.accountant.state_dict(),
             "stop_reason": self.stop_reason,
             "calibrated_noise_multiplier": self.calibrated_noise_multiplier,
+            "fork_of": self.fork_of,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -321,6 +358,11 @@ class PrivacyAccounting(L.Callback):
                 {"orders": self.rdp.state_dict()["orders"], "history": history}
             )
         self.stop_reason = state_dict.get("stop_reason")
+        self.fork_of = state_dict.get("fork_of")
+        if self.resume.parent is not None:  # a fork: a new run on the parent's ledger
+            self.stop_reason = None
+            self.fork_of = {**self._fork_entry, "fork_of": self.fork_of}
+            return  # its own calibrated sigma (setup) stays
         self.calibrated_noise_multiplier = state_dict.get("calibrated_noise_multiplier")
 
     # --- report ------------------------------------------------------------------------------
@@ -334,6 +376,13 @@ class PrivacyAccounting(L.Callback):
             "num_nonfinite_zeroed": int(getattr(pl_module, "num_nonfinite_total", 0)),
         }
         private = bool(pl_module.private)
+        if private and self.accountant.total_steps < trainer.global_step:
+            # Never a private report over weights that took steps the ledger does not hold.
+            raise RuntimeError(
+                f"privacy report refused: the weights took {trainer.global_step} steps but the "
+                f"privacy ledger holds {self.accountant.total_steps} (a checkpoint of another run "
+                "was loaded?); this run's epsilon does not cover its weights"
+            )
         eps, eps_rdp, order = float("inf"), float("inf"), None
         if private and self.accountant.total_steps > 0:
             delta = self._delta()
@@ -385,6 +434,7 @@ class PrivacyAccounting(L.Callback):
             "data": data,
             OPERATOR_SIDE_KEY: operator_side,
             "stop_reason": self.stop_reason,
+            "fork_of": self.fork_of,
         }
 
     def write_report(self, trainer: L.Trainer, pl_module: DPCausalLM) -> Path:

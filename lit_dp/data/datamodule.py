@@ -17,12 +17,14 @@ import hashlib
 import json
 import os
 import secrets
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader
 
 from lit_dp.data.batch_schedule import BatchSchedule, ConstantBatchSize
@@ -39,6 +41,10 @@ from lit_dp.export import OPERATOR_SIDE_KEY
 from lit_dp.privacy.sampling import PoissonBatchSampler, SampleRateSchedule
 
 _CACHE_VERSION = 1
+_NOT_RESUMABLE = (
+    r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader "
+    r"is not resumable"
+)
 
 
 class DPDataModule(L.LightningDataModule):
@@ -245,6 +251,12 @@ class DPDataModule(L.LightningDataModule):
         n = len(self._make_units(splits["train"]))
         return n, self._make_schedule(n)
 
+    def training_units_digest(self) -> str:
+        """SHA-256 of the training units in order (their tokenized records): a run's data."""
+        from lit_dp.fingerprint import units_digest
+
+        return units_digest(self.encoded["train"], self._units)
+
     def _make_schedule(self, n: int) -> SampleRateSchedule:
         return self.batch_schedule.sample_rates(n)
 
@@ -307,6 +319,13 @@ class DPDataModule(L.LightningDataModule):
             step_source=step_source,
         )
         self._sampler.next_step = self._next_step
+        # Lightning warns on a mid-epoch resume that this loader is "not resumable" because it
+        # has no state_dict of its own. It is: the batch of step t is a pure function of (seed, t)
+        # with t the trainer's restored global_step, and the seed is this DataModule's
+        # checkpointed state (the sampler docstring's resume contract). Only that warning goes.
+        warnings.filterwarnings(
+            "ignore", message=_NOT_RESUMABLE, category=PossibleUserWarning, append=False
+        )
         return DataLoader(
             UnitDataset(self.encoded["train"], self._units),
             batch_sampler=self._sampler,

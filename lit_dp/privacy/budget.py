@@ -21,6 +21,7 @@ __all__ = [
     "ACCOUNTANTS",
     "RATE_ELASTICITY",
     "AccountantName",
+    "calibrate_continuation",
     "calibrate_noise_multiplier",
     "describe_accountant",
     "epsilon_for_schedule",
@@ -245,4 +246,47 @@ def calibrate_noise_multiplier(
         sigma_max=sigma_max,
         elasticity=elasticity,
     )
+    return sigma
+
+
+def calibrate_continuation(
+    *,
+    target_epsilon: float,
+    delta: float,
+    prefix: Sequence[Sequence[float]],
+    sample_rate: Sequence[float],
+    accountant: AccountantName = "pld",
+    max_noise_multiplier: float = 1000.0,
+) -> float:
+    """Sigma for planned steps that follow steps already taken (a fork of a checkpoint).
+
+    The prefix ledger ``[[sigma, q, steps], ...]`` and the planned steps (one rate each, at the
+    returned sigma) together cost epsilon in [0.99 * target, target] under ``accountant``, or
+    less when the prefix alone already costs more than 0.99 * target.
+
+    Raises:
+        ValueError: the prefix alone reaches the target (no step is left in the budget), or the
+            target is not reachable with sigma <= max_noise_multiplier.
+    """
+    target, d, runs, sigma_max = check_calibration(
+        target_epsilon=target_epsilon, delta=delta, sample_rate=list(sample_rate),
+        steps=len(sample_rate), max_noise_multiplier=max_noise_multiplier,
+    )  # fmt: skip
+    taken = [[float(s), float(q), int(n)] for s, q, n in prefix]
+
+    def epsilon(sigma: float | None) -> float:
+        acct = make_accountant(accountant)
+        state = acct.state_dict()
+        state["history"] = taken + ([] if sigma is None else [[sigma, q, n] for q, n in runs])
+        acct.load_state_dict(state)
+        return acct.get_epsilon(d) if state["history"] else 0.0
+
+    goal = target * (1.0 - _REPLAY_MARGIN)
+    spent = epsilon(None)
+    if spent >= goal:
+        raise ValueError(
+            f"the steps already taken cost epsilon={spent:.4f} of target_epsilon={target:g}: "
+            "no step is left in the budget"
+        )
+    sigma, _ = _solve(epsilon, target=goal, start=1.0, sigma_max=sigma_max)
     return sigma

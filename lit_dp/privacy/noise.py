@@ -2,10 +2,10 @@
 
 The one noise formula of lit_dp: the Gaussian mechanism adds, once per optimizer step, noise of
 standard deviation ``std = noise_multiplier * max_grad_norm`` (sigma * C, in gradient-norm units)
-to every coordinate of the clipped gradient sum. Noise is always drawn in fp32 (a bf16 draw would
-round a small std away) and from a ``torch.Generator`` that the caller owns, so that it can be
-seeded identically on every DDP rank (one draw per step, never one per rank) and checkpointed (a
-resumed run continues the same noise stream).
+to every coordinate of the clipped gradient sum. Noise is drawn in fp32 (a bf16 draw would
+round a small std away; secure mode draws float64) from a generator that the caller owns, so
+that it can be seeded identically on every DDP rank (one draw per step, never one per rank) and
+checkpointed (a resumed run continues the same noise stream).
 
 The noise seed and generator state are secret operator-side state: they belong in checkpoints,
 never in an exported model.

@@ -156,6 +156,8 @@ class DPCausalLM(CausalLMEvaluation):
             raise ValueError("model.max_physical_batch_size must be >= 1")
         if args["lora_rank"] < 0:
             raise ValueError("model.lora_rank must be >= 0 (0 = train all weights)")
+        if not isinstance(args["secure_noise"], bool):
+            raise TypeError(f"model.secure_noise={args['secure_noise']!r} must be true or false")
 
     def set_noise_multiplier(self, value: float) -> None:
         """Set sigma (called by PrivacyAccounting after calibrating ``noise_multiplier: auto``)."""

@@ -72,6 +72,8 @@ def test_every_fresh_run_gets_a_new_key_and_the_report_names_the_mode(tmp_path):
         assert module.privacy_description()["noise_sampler"].startswith("secure: ChaCha20")
         assert "OS entropy" in module.privacy_description()["noise_sampler"]
         assert i + 1 == len(keys)
+    with pytest.raises(TypeError, match=r"model\.secure_noise='yes' must be true or false"):
+        make_module(secure_noise="yes")  # a truthy string must not switch modes silently
     fast = make_module(noise_seed=None)
     assert isinstance(fast._generator(), torch.Generator)
     assert fast.privacy_description()["noise_sampler"].startswith("fast:")

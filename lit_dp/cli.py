@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from lit_dp.callbacks.accounting import PrivacyAccounting
 from lit_dp.callbacks.clip_lr import ClipDrivenLR
 from lit_dp.callbacks.ema import EMAWeights
 from lit_dp.checkpoint import LAST_CHECKPOINT, DPModelCheckpoint, find_last_checkpoint
+from lit_dp.cli_errors import CommandLineError, explain_parse_error
 from lit_dp.data.datamodule import DPDataModule
 from lit_dp.distributed import DPDDPStrategy
 from lit_dp.module import DPCausalLM
@@ -185,8 +188,28 @@ class LitDPCLI(LightningCLI):
     def __init__(self, **kwargs: Any) -> None:
         quiet_third_party_output()
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        # Parse errors are raised (and explained in one line by parse_arguments), not printed
+        # with the whole usage text.
+        kwargs.setdefault("parser_kwargs", {"default_env": False, "exit_on_error": False})
+        # No top-level --optimizer/--lr_scheduler: they would replace the DP optimizer and the
+        # lr schedule (model.optimizer and clip_lr are the options; cli_errors says so).
+        kwargs.setdefault("auto_configure_optimizers", False)
+        args = kwargs.get("args")
+        self.command_line = list(sys.argv[1:] if args is None else args)  # the resume command
         super().__init__(DPCausalLM, DPDataModule, subclass_mode_data=True, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # No predict: DPCausalLM has no predict_step (lit-dp generate samples an export).
+        commands = LightningCLI.subcommands()
+        commands.pop("predict", None)
+        return commands
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:  # one line naming the flag, with "did you mean"
+            raise CommandLineError(explain_parse_error(err, parser, args)) from err
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(EMAWeights, "ema")

@@ -148,7 +148,10 @@ class DPCausalLM(CausalLMEvaluation):
     def configure_optimizers(self):
         # Lightning may call this more than once: it builds the optimizer, never wraps the model.
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = self._optimizer_factory(params)
+        try:
+            opt = self._optimizer_factory(params)
+        except ValueError as err:  # the optimizer names its argument; say where it is set
+            raise ValueError(f"model.optimizer.init_args: {err}") from err
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(
                 f"model.optimizer built {type(opt).__name__}, not a torch.optim.Optimizer"

@@ -23,8 +23,10 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_dp.callbacks.accounting import PrivacyAccounting
 from lit_dp.callbacks.clip_lr import ClipDrivenLR
@@ -34,6 +36,7 @@ from lit_dp.cli_errors import CommandLineError, explain_parse_error
 from lit_dp.data.datamodule import DPDataModule
 from lit_dp.distributed import DPDDPStrategy
 from lit_dp.module import DPCausalLM
+from lit_dp.threads import set_torch_threads
 
 if "dp_ddp" not in StrategyRegistry:
     StrategyRegistry.register(
@@ -217,6 +220,12 @@ class LitDPCLI(LightningCLI):
         parser.add_lightning_class_args(PrivacyAccounting, "privacy")
         parser.add_lightning_class_args(DPModelCheckpoint, "checkpoint")
         parser.link_arguments("model.model", "data.init_args.tokenizer")
+        parser.add_argument(
+            "--threads",
+            type=int | None,
+            default=None,
+            help="CPU threads per process; null: the cores other jobs leave free (lit_dp.threads)",
+        )
         parser.set_defaults(
             {
                 "trainer.use_distributed_sampler": False,
@@ -231,6 +240,12 @@ class LitDPCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         check_trainer_config(cfg["trainer"])
         follow_default_root_dir(cfg["trainer"])
+        trainer_cfg = cfg["trainer"]
+        on_cpu = trainer_cfg.get("accelerator") == "cpu" or not torch.cuda.is_available()
+        per_node = _devices_per_node(trainer_cfg.get("accelerator"), trainer_cfg.get("devices"))
+        note = set_torch_threads(cfg.get("threads"), processes=(per_node or 1) if on_cpu else 1)
+        if note:
+            rank_zero_info(note)
         if self.subcommand == "fit" and cfg.get("ckpt_path") == "last":
             cfg["ckpt_path"] = resolve_last_checkpoint(cfg)
 

@@ -316,6 +316,19 @@ def run_summary(trainer, model: DPCausalLM, log_dir: Path) -> str:
                     f"{report['epsilon_rdp']:.4f})"
                 )
             lines.append(f"covers: {report['covers']}")
+            seeds = [
+                name
+                for name, key in (
+                    ("model.noise_seed", "noise_seed_fixed"),
+                    ("data.sampling_seed", "sampling_seed_fixed"),
+                )
+                if report.get(key)
+            ]
+            if seeds:
+                lines.append(
+                    f"seeds: {' and '.join(seeds)} FIXED: epsilon holds only while the seed stays "
+                    "secret (for experiments; leave them null for a release)"
+                )
         else:
             lines.append("privacy: NONE (private: false, non-private baseline)")
         lines.append(f"stopped: {report['stop_reason']}")

@@ -31,6 +31,22 @@ _OPERATOR_SIDE_NOTE = (
     "operator_side counts {} (exact, not privatized: at group level num_records / num_units is "
     "how many records users hold): in the run directory's report only, never exported"
 )
+# What `covers` adds when a private run fixes a seed (a known seed undoes the randomness).
+SEED_CAVEAT = (
+    "; epsilon holds only as long as nobody learns the fixed {}: a known noise seed lets anyone "
+    "subtract the noise, a known sampling seed removes the subsampling the accountant assumes"
+)
+
+
+def fixed_seeds(pl_module: Any, dm: Any) -> list[str]:
+    """The config fields of the seeds a run fixed (model.noise_seed, data.sampling_seed)."""
+    hparams = getattr(pl_module, "hparams", {})
+    fixed = ["model.noise_seed"] if hparams.get("noise_seed") is not None else []
+    if getattr(dm, "sampling_seed_fixed", False):
+        fixed.append("data.sampling_seed")
+    return fixed
+
+
 # A delta above this lets a mechanism release some unit's data in the clear with a probability
 # that is no longer negligible (delta is roughly that probability, per unit).
 MAX_DEFAULT_DELTA = 1e-5
@@ -164,6 +180,14 @@ class PrivacyAccounting(L.Callback):
             raise ValueError("data: the training set is empty; add records or fix the path")
         if not module.private:
             return
+        seeds = fixed_seeds(module, dm)
+        if seeds:
+            rank_zero_warn(
+                f"{' and '.join(seeds)} fixed: epsilon holds only while the seed stays secret (a "
+                "known noise seed lets anyone subtract the noise, a known sampling seed removes "
+                "the subsampling amplification). Fine for experiments; leave them null (OS "
+                "entropy) for a model you release"
+            )
         if self.target_epsilon is not None:
             _refuse_minimum_length(trainer, self.target_epsilon)
         self.delta = self.delta_arg if self.delta_arg is not None else default_delta(self.num_units)
@@ -327,7 +351,14 @@ class PrivacyAccounting(L.Callback):
             eps = eps_rdp = 0.0
         history = [list(h) for h in self.accountant.history]
         rates = sorted({h[1] for h in self.accountant.history})
-        sigmas = sorted({h[0] for h in self.accountant.history})
+        schedule = getattr(dm, "schedule", None)
+        if not private and schedule is not None:
+            rates = sorted(set(schedule.rates(trainer.global_step)))  # sampled, not accounted
+        sigma = pl_module.noise_multiplier
+        seeds = fixed_seeds(pl_module, dm)
+        covers = mech["covers"] + (
+            SEED_CAVEAT.format(" and ".join(seeds)) if private and seeds else ""
+        )
         return {
             "private": private,
             "epsilon": eps if math.isfinite(eps) else None,
@@ -342,11 +373,11 @@ class PrivacyAccounting(L.Callback):
             "target_epsilon": self.target_epsilon,
             "best_rdp_order": order,
             "steps": int(self.accountant.total_steps) if private else int(trainer.global_step),
-            "noise_multiplier": sigmas[0] if len(sigmas) == 1 else sigmas,
+            # One type per field: sigma a float (0.0 without privacy), the sample rate its
+            # schedule and the distinct rates of the steps taken (the ledger has every step).
+            "noise_multiplier": float(sigma) if isinstance(sigma, int | float) else 0.0,
             "calibrated_noise_multiplier": self.calibrated_noise_multiplier,
-            "sample_rate": rates[0]
-            if len(rates) == 1
-            else {
+            "sample_rate": {
                 "schedule": dm.schedule_description()
                 if dm is not None and hasattr(dm, "schedule_description")
                 else None,
@@ -359,7 +390,9 @@ class PrivacyAccounting(L.Callback):
             "accountant_description": ACCOUNTANTS[self.accountant_name],
             "clipping": mech["clipping"],
             "mechanism": mech,
-            "covers": mech["covers"],
+            "covers": covers,
+            "noise_seed_fixed": "model.noise_seed" in seeds,
+            "sampling_seed_fixed": "data.sampling_seed" in seeds,
             "not_covered": [
                 *mech["not_covered"],
                 _OPERATOR_SIDE_NOTE.format(sorted(operator_side)),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shlex
 import sys
 import warnings
 from argparse import ArgumentError
@@ -31,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_dp.callbacks.accounting import PrivacyAccounting
 from lit_dp.callbacks.clip_lr import ClipDrivenLR
 from lit_dp.callbacks.ema import EMAWeights
+from lit_dp.callbacks.interrupts import GracefulInterrupt
 from lit_dp.checkpoint import LAST_CHECKPOINT, DPModelCheckpoint, find_last_checkpoint
 from lit_dp.cli_errors import CommandLineError, explain_parse_error
 from lit_dp.data.datamodule import DPDataModule
@@ -254,12 +256,25 @@ class LitDPCLI(LightningCLI):
         # (Lightning refuses a ModelCheckpoint callback together with that flag).
         if config.get("enable_checkpointing") is False:
             callbacks = [cb for cb in callbacks if not isinstance(cb, DPModelCheckpoint)]
-        return super()._instantiate_trainer(config, callbacks)
+        return super()._instantiate_trainer(config, [*callbacks, GracefulInterrupt()])
 
     def after_fit(self) -> None:
         log_dir = Path(self.trainer.log_dir or ".")  # a collective under DDP: all ranks ask
         if self.trainer.global_rank == 0:
             print(run_summary(self.trainer, self.model, log_dir))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except (SystemExit, KeyboardInterrupt):  # Lightning ends a signalled run with SystemExit
+            callbacks = getattr(self.trainer, "callbacks", [])
+            hook = next((cb for cb in callbacks if isinstance(cb, GracefulInterrupt)), None)
+            if subcommand != "fit" or hook is None or hook.signal_name is None:
+                raise
+            if self.trainer.global_rank == 0:
+                log_dir = Path(self.trainer.default_root_dir)
+                print(run_summary(self.trainer, self.model, log_dir, self.command_line), flush=True)
+            raise SystemExit(hook.exit_code) from None
 
 
 # Lightning's info lines that are not about the run (advertising, absent accelerators).
@@ -295,11 +310,19 @@ def quiet_third_party_output() -> None:
     disable_progress_bars()
 
 
-def run_summary(trainer, model: DPCausalLM, log_dir: Path) -> str:
-    """The lines a person reads at the end of a run: epsilon, losses before/after, files."""
+def run_summary(
+    trainer, model: DPCausalLM, log_dir: Path, command_line: list[str] | None = None
+) -> str:
+    """The lines a person reads at the end of a run: epsilon, losses before/after, files.
+
+    An interrupted run ends with its last checkpoint and the command (``command_line`` with
+    ``--ckpt_path last``) that resumes it.
+    """
     acct = next((cb for cb in trainer.callbacks if isinstance(cb, PrivacyAccounting)), None)
     lines = ["", "=" * 72, "lit_dp run summary"]
     report = model.privacy_report  # handed over in memory by PrivacyAccounting at the end of fit
+    if report is None and acct is not None:  # interrupted: the report written at the interrupt
+        report = acct.last_report
     if report is not None:
         report_path = getattr(acct, "report_path", log_dir / "privacy_report.json")
         if report["private"]:
@@ -346,8 +369,31 @@ def run_summary(trainer, model: DPCausalLM, log_dir: Path) -> str:
     export = getattr(model, "export_path", None)
     if export:
         lines.append(f"exported EMA model: {export}")
-    last = getattr(trainer.checkpoint_callback, "last_model_path", "")
-    if last:
-        lines.append(f"checkpoint: {last} (--ckpt_path last resumes from it)")
+    if report is not None and report.get("interrupted"):
+        lines += resume_hint(trainer, command_line or [])
+    else:
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "")
+        if last:
+            lines.append(f"checkpoint: {last} (--ckpt_path last resumes from it)")
     lines.append("=" * 72)
     return "\n".join(lines)
+
+
+def resume_hint(trainer, command_line: list[str]) -> list[str]:
+    """What an interrupted run prints last: its checkpoint and the command that resumes it."""
+    last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+    if not last or not Path(last).is_file():
+        return [
+            "no checkpoint was saved before the interrupt (one is saved at every validation): "
+            "rerun the same command to start over"
+        ]
+    args, skip = [], False
+    for arg in command_line:  # the same command, with --ckpt_path last
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            args.append(arg)
+    command = shlex.join(["lit-dp", *args, "--ckpt_path", "last"])
+    return [f"last checkpoint: {last}", f"resume with: {command}"]

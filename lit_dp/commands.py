@@ -67,6 +67,9 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(2)
     try:
         _run(command, argv)
+    except KeyboardInterrupt:  # before training started (fit handles its own Ctrl-C)
+        print(f"lit-dp {command}: interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(130) from None
     except (ValueError, TypeError, OSError, argparse.ArgumentError) as err:
         if debug:
             raise

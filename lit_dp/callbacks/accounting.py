@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lit_dp.callbacks.interrupts import interruption
 from lit_dp.export import OPERATOR_SIDE_KEY
 from lit_dp.privacy.accountant import RDPAccountant
 from lit_dp.privacy.budget import ACCOUNTANTS, calibrate_noise_multiplier, make_accountant
@@ -290,6 +291,16 @@ class PrivacyAccounting(L.Callback):
         if hand_over is not None:  # the module's export keeps the report's public part
             hand_over(self.last_report)
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Ctrl-C or SIGTERM: the report of the steps taken, marked interrupted (no export).
+        reason = interruption(trainer, exception)
+        if reason is None:
+            return
+        if isinstance(exception, KeyboardInterrupt) and trainer.world_size > 1:
+            return  # stopped inside a step: the ranks are not in step to agree on log_dir
+        self.stop_reason = reason
+        self.write_report(trainer, pl_module)
+
     def epsilon(self) -> float:
         if self.accountant.total_steps == 0:
             return 0.0
@@ -400,6 +411,7 @@ class PrivacyAccounting(L.Callback):
             "data": data,
             OPERATOR_SIDE_KEY: operator_side,
             "stop_reason": self.stop_reason,
+            "interrupted": (self.stop_reason or "").startswith("interrupted"),
         }
 
     def write_report(self, trainer: L.Trainer, pl_module: DPCausalLM) -> Path:

@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_dp.callbacks.accounting import PrivacyAccounting
 from lit_dp.callbacks.clip_lr import ClipDrivenLR
+from lit_dp.callbacks.console import ValidationLines, is_terminal, progress_bar
 from lit_dp.callbacks.ema import EMAWeights
 from lit_dp.callbacks.interrupts import GracefulInterrupt
 from lit_dp.checkpoint import LAST_CHECKPOINT, DPModelCheckpoint, find_last_checkpoint
@@ -231,6 +233,7 @@ class LitDPCLI(LightningCLI):
         parser.set_defaults(
             {
                 "trainer.use_distributed_sampler": False,
+                "trainer.enable_model_summary": False,  # a table of parameter counts per module
                 "trainer.logger": {
                     "class_path": _LOGGER_CLASS,
                     "init_args": {"save_dir": _DEFAULT_SAVE_DIR, "name": "lit_dp"},
@@ -256,7 +259,15 @@ class LitDPCLI(LightningCLI):
         # (Lightning refuses a ModelCheckpoint callback together with that flag).
         if config.get("enable_checkpointing") is False:
             callbacks = [cb for cb in callbacks if not isinstance(cb, DPModelCheckpoint)]
-        return super()._instantiate_trainer(config, [*callbacks, GracefulInterrupt()])
+        extra: list = [GracefulInterrupt()]
+        # A bar in a terminal; with the output redirected, a line per validation instead.
+        if not is_terminal():
+            config["enable_progress_bar"] = False
+        if config.get("enable_progress_bar") is False:
+            extra.append(ValidationLines())
+        elif not any(isinstance(cb, ProgressBar) for cb in callbacks):
+            extra.append(progress_bar())
+        return super()._instantiate_trainer(config, [*callbacks, *extra])
 
     def after_fit(self) -> None:
         log_dir = Path(self.trainer.log_dir or ".")  # a collective under DDP: all ranks ask
@@ -277,9 +288,12 @@ class LitDPCLI(LightningCLI):
             raise SystemExit(hook.exit_code) from None
 
 
-# Lightning's info lines that are not about the run (advertising, absent accelerators).
+# Lightning's info lines that are not about the run (advertising, absent accelerators, and
+# seed_everything's seed, which seeds the model's initialization but reads as if it seeded the
+# noise).
 _NOISE = re.compile(
-    r"💡 Tip:|(GPU|TPU|HPU) available: False|LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES"
+    r"💡 Tip:|(GPU|TPU|HPU) available: False|LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES|"
+    r"^Seed set to \d+$"
 )
 
 
@@ -297,7 +311,11 @@ def quiet_third_party_output() -> None:
     """
     from lightning.fabric.utilities.rank_zero import LightningDeprecationWarning
 
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.fabric.utilities.seed",
+    ):
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in log.filters):
             log.addFilter(_DropNoise())

@@ -280,7 +280,12 @@ class PrivacyAccounting(L.Callback):
             self.rdp.step(noise_multiplier=record.noise_multiplier, sample_rate=record.sample_rate)
         if (record.step + 1) % self.log_every == 0:
             pl_module.log(
-                "privacy/epsilon", self.epsilon(), on_step=True, on_epoch=False, rank_zero_only=True
+                "privacy/epsilon",
+                self.epsilon(),
+                on_step=True,
+                on_epoch=False,
+                rank_zero_only=True,
+                prog_bar=True,  # epsilon beside the loss in the progress bar
             )
 
     def on_fit_end(self, trainer, pl_module) -> None:

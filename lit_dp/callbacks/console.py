@@ -75,7 +75,8 @@ class ValidationLines(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         history = getattr(pl_module, "val_history", None)
-        if trainer.sanity_checking or not trainer.is_global_zero or not history:
+        fitting = trainer.state.fn == "fit"  # `lit-dp validate` prints its own results
+        if trainer.sanity_checking or not fitting or not trainer.is_global_zero or not history:
             return
         last = history[-1]
         if last["step"] != trainer.global_step:

@@ -129,13 +129,14 @@ def export_model(
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if privacy_report is not None:
-        from lit_dp.model_card import model_card
+        from lit_dp.model_card import REQUIRED_FIELDS, model_card
 
         public = _scrub(privacy_report)
         text = json.dumps(public, indent=2, sort_keys=True, default=str)
         (out / PRIVACY_REPORT_FILE).write_text(text + "\n")
-        card = model_card(json.loads(text), base_model=base_model, bitnet_qat=qat)
-        (out / MODEL_CARD_FILE).write_text(card)
+        if public.keys() >= REQUIRED_FIELDS:  # a run's report (not a hand-made partial one)
+            card = model_card(json.loads(text), base_model=base_model, bitnet_qat=qat)
+            (out / MODEL_CARD_FILE).write_text(card)
     return out
 
 

@@ -18,6 +18,29 @@ import yaml
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+# The report fields the card states: a report written by lit_dp's PrivacyAccounting has them all.
+REQUIRED_FIELDS = frozenset(
+    [
+        "private",
+        "epsilon",
+        "delta",
+        "privacy_unit",
+        "num_units",
+        "steps",
+        "noise_multiplier",
+        "sample_rate",
+        "accountant",
+        "accountant_description",
+        "covers",
+        "not_covered",
+        "clipping",
+        "mechanism",
+        "data",
+        "stop_reason",
+    ]
+)
+
+
 def _base_name(base_model: str | None) -> str | None:
     """The base model as the card may name it: a hub id or built-in name, or a file's name."""
     if not base_model:

@@ -41,7 +41,9 @@ _PARSER_KEY = re.compile(r'^Parser key "([^"]+)":\s*')
 _NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted|NestedArg\(key='([^']+)'")
 _CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: (.*)", re.IGNORECASE)
-_NOT_EXPECTED = re.compile(r"Key \"?'?([\w.]+)'?\"? is not expected")
+_NOT_EXPECTED = re.compile(
+    r"Key \"?'?([\w.]+)'?\"? is not expected|does not accept option '([\w.]+)'"
+)
 
 
 def _chain(err: BaseException) -> list[BaseException]:
@@ -173,6 +175,13 @@ def explain_parse_error(err: BaseException, parser: Any, args: list[str] | None)
         options = _class_options(cls, key) if cls and key else set()
         # The user may have written --data.x for --data.init_args.x: suggest the long form.
         return unknown_option(flag, options | _option_strings(parser))
-    if m := _NOT_EXPECTED.search(message):
-        return unknown_option(f"--{m.group(1)}", _option_strings(parser))
+    if m := _NOT_EXPECTED.search(message):  # a key of a config file
+        key = m.group(1) or m.group(2)
+        section = key.split(".", 1)[0]
+        if section in REFUSED_OPTIONS:
+            return (
+                f"the config section {section}: is not a lit_dp option: {REFUSED_OPTIONS[section]}"
+            )
+        guess = closest(f"--{key}", _option_strings(parser))
+        return f"unknown config key {key}" + (f"; did you mean {guess[2:]}?" if guess else "")
     return one_line(err)

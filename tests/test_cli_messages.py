@@ -4,6 +4,8 @@ and the top-level ``--optimizer`` refused (it would replace the DP optimizer).""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from shipped_configs import TINY
 
@@ -110,3 +112,15 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("LIT_DP_DEBUG", "1")
     with pytest.raises(ValueError, match="delta"):
         main(["plan", "--config", TINY, "--privacy.delta", "0.01"])
+
+
+def test_config_file_keys_get_the_same_answers(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("typo.yaml").write_text("trainer:\n  max_stepz: 3\n")
+    Path("opt.yaml").write_text("optimizer:\n  class_path: torch.optim.SGD\n")
+    code, err = _fails(["fit", "--config", TINY, "--config", "typo.yaml"], capsys)
+    assert code == 2
+    assert "unknown config key trainer.max_stepz; did you mean trainer.max_steps?" in err
+    code, err = _fails(["fit", "--config", TINY, "--config", "opt.yaml"], capsys)
+    assert code == 2 and "config section optimizer: is not a lit_dp option" in err
+    assert "model.optimizer" in err

@@ -400,6 +400,7 @@ def run_summary(
 def resume_hint(trainer, command_line: list[str]) -> list[str]:
     """What an interrupted run prints last: its checkpoint and the command that resumes it."""
     last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+    last = last or trainer.ckpt_path or ""  # none saved since the checkpoint it resumed from
     if not last or not Path(last).is_file():
         return [
             "no checkpoint was saved before the interrupt (one is saved at every validation): "

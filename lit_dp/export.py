@@ -59,8 +59,11 @@ def _public_dataset(name: Any) -> Any:
 
 
 def _public_value(key: Any, value: Any) -> Any:
-    """A report value without local paths: dataset names, and a fork's parent checkpoint (only
-    its file name is kept; its fingerprint says which run it was)."""
+    """A report value without local paths.
+
+    Dataset names lose their file path; a fork's parent checkpoint keeps only its file name (its
+    fingerprint says which run it was).
+    """
     if key == "dataset":
         return _public_dataset(value)
     if key == "checkpoint" and isinstance(value, str):
@@ -77,7 +80,9 @@ def _scrub(obj: Any) -> Any:
     HistoryPercentile's C_t is a percentile of raw per-unit norms).
     """
     if isinstance(obj, dict):
-        raw = {"max_grad_norm"} if obj.get("covered_by_dp") is False else set()
+        # A bound set from raw norms (HistoryPercentile); the baseline's null bound says nothing.
+        derived = obj.get("covered_by_dp") is False and obj.get("max_grad_norm") is not None
+        raw = {"max_grad_norm"} if derived else set()
         return {
             k: _public_value(k, v)
             for k, v in obj.items()

@@ -20,7 +20,8 @@ from lightning.pytorch.cli import instantiate_class
 
 from lit_dp.callbacks.accounting import PrivacyAccounting, check_delta, default_delta
 from lit_dp.cli import LitDPCLI
-from lit_dp.privacy.budget import ACCOUNTANTS, epsilon_for_schedule
+from lit_dp.privacy.accountant import ACCOUNTANTS
+from lit_dp.privacy.calibration import epsilon_for_schedule
 from lit_dp.privacy.clipping import (
     PrivateQuantile,
     check_smallest_batch,

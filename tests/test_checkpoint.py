@@ -34,9 +34,9 @@ from lit_dp.data import ConstantBatchSize, SyntheticDataModule
 from lit_dp.fingerprint import FINGERPRINT_KEY, short_id
 from lit_dp.models import tiny_tokenizer
 from lit_dp.module import DPCausalLM
-from lit_dp.privacy.budget import epsilon_for_schedule
+from lit_dp.privacy.calibration import epsilon_for_schedule
 from lit_dp.privacy.clipping import FixedClip
-from lit_dp.privacy.pld import PLDAccountant
+from lit_dp.privacy.pld_accountant import PLDAccountant
 
 
 def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

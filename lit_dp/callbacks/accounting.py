@@ -22,12 +22,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lit_dp.callbacks.resume import ResumeGuard
 from lit_dp.export import OPERATOR_SIDE_KEY
 from lit_dp.fingerprint import FINGERPRINT_KEY, to_state
-from lit_dp.privacy.accountant import RDPAccountant
-from lit_dp.privacy.budget import (
-    calibrate_noise_multiplier,
-    describe_accountant,
-    make_accountant,
-)
+from lit_dp.privacy.accountant import describe_accountant, make_accountant
+from lit_dp.privacy.calibration import calibrate_noise_multiplier
+from lit_dp.privacy.rdp_accountant import RDPAccountant
 
 if TYPE_CHECKING:
     from lit_dp.data.datamodule import DPDataModule

@@ -29,7 +29,7 @@ from lit_dp.fingerprint import (
     run_fingerprint,
     short_id,
 )
-from lit_dp.privacy.budget import calibrate_continuation
+from lit_dp.privacy.calibration import calibrate_continuation
 
 _SAMPLING_SEED_BITS = 62  # as DPDataModule draws it
 

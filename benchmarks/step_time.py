@@ -7,6 +7,8 @@ Each method runs the real optimizer step on the same model and batch:
                   (micro-batches of DPCausalLM's default max_physical_batch_size, clipped sums,
                   noise, division by the expected batch size, private-quantile clip update)
     vmap          the same with engine="vmap"
+    fast_secure   fast with model.secure_noise's generator (not in the default list;
+                  benchmarks/secure_noise.py compares it with fast)
     opacus_hooks  opacus GradSampleModule (per-sample grads by hooks) + DPOptimizer(AdamW)
     opacus_ghost  opacus GradSampleModuleFastGradientClipping(use_ghost_clipping=True)
                   + DPOptimizerFastGradientClipping(AdamW), two backward passes

@@ -24,10 +24,22 @@ from lit_dp.privacy.clipping import (
     check_smallest_batch,
     default_clip_estimator,
 )
-from lit_dp.privacy.collectives import all_reduce_sum_, broadcast_int, is_distributed
+from lit_dp.privacy.collectives import (
+    all_reduce_sum_,
+    broadcast_bytes,
+    broadcast_int,
+    is_distributed,
+)
 from lit_dp.privacy.mechanism import privatize, split_micro_batches
-from lit_dp.privacy.noise import make_generator
+from lit_dp.privacy.noise import (
+    NoiseGenerator,
+    describe_noise_sampler,
+    generator_state,
+    load_generator_state,
+    make_generator,
+)
 from lit_dp.privacy.per_sample import ENGINES, per_example_losses
+from lit_dp.privacy.secure_noise import SecureNoiseGenerator
 from lit_dp.step_record import DPStepRecord
 
 
@@ -61,6 +73,13 @@ class DPCausalLM(CausalLMEvaluation):
         max_physical_batch_size: rows per forward/backward; bounds memory, not the math.
         noise_seed: seed of the noise generator; null draws it from OS entropy (recommended;
             a fixed seed is for tests and reproducibility studies only).
+        secure_noise: draw the noise in secure mode (``lit_dp.privacy.secure_noise``): a
+            ChaCha20 keystream keyed from OS entropy (a CSPRNG), Gaussians made in float64 as
+            the sum of two Box-Muller samples (against floating-point attacks), rounded once
+            to fp32. Same noise distribution and accounting; slower (CPU draws). False (the
+            default, fast mode): torch's generator, statistically sound but not cryptographic.
+            With a fixed noise_seed the key is derived from it and a warning says the noise is
+            then not secret.
         diagnostics: also log raw (non-private) per-unit norm statistics; named in the report.
         eval_before_fit: evaluate once before the first step (the "before" loss).
         export_dir: where the EMA model is exported at the end of fit ("auto" =
@@ -82,6 +101,7 @@ class DPCausalLM(CausalLMEvaluation):
         engine: Literal["fast", "vmap", "loop"] = "fast",
         max_physical_batch_size: int = 16,
         noise_seed: int | None = None,
+        secure_noise: bool = False,
         diagnostics: bool = False,
         eval_before_fit: bool = True,
         export_dir: str | None = "auto",
@@ -109,8 +129,8 @@ class DPCausalLM(CausalLMEvaluation):
         self.automatic_optimization = False
         self.last_record: DPStepRecord | None = None
         self._stop_reason: str | None = None
-        self._noise_generator: torch.Generator | None = None
-        self._pending_generator_state: torch.Tensor | None = None
+        self._noise_generator: NoiseGenerator | None = None
+        self._pending_generator_state: torch.Tensor | dict | None = None
         self._fork = False  # set by reseed_noise_for_fork
         self._num_units: int | None = None
         self.num_nonfinite_total = 0
@@ -142,6 +162,8 @@ class DPCausalLM(CausalLMEvaluation):
             raise ValueError("model.max_physical_batch_size must be >= 1")
         if args["lora_rank"] < 0:
             raise ValueError("model.lora_rank must be >= 0 (0 = train all weights)")
+        if not isinstance(args["secure_noise"], bool):
+            raise TypeError(f"model.secure_noise={args['secure_noise']!r} must be true or false")
 
     def set_noise_multiplier(self, value: float) -> None:
         """Set sigma (called by PrivacyAccounting after calibrating ``noise_multiplier: auto``)."""
@@ -198,14 +220,19 @@ class DPCausalLM(CausalLMEvaluation):
                 num_steps=max_steps if max_steps and max_steps > 0 else None,
             )
 
-    def _generator(self) -> torch.Generator:
+    def _generator(self) -> NoiseGenerator:
         if self._noise_generator is None:
             seed = None if self._fork else self.hparams["noise_seed"]  # a fork: OS entropy
-            gen, seed = make_generator(seed, device=self.device)
-            seed = broadcast_int(seed, self.device)  # identical noise on every rank
-            gen.manual_seed(seed)
+            gen: NoiseGenerator
+            if self.hparams.get("secure_noise", False):
+                key = SecureNoiseGenerator.create(seed).key
+                gen = SecureNoiseGenerator(broadcast_bytes(key, self.device))  # rank 0's key
+            else:
+                gen, seed = make_generator(seed, device=self.device)
+                seed = broadcast_int(seed, self.device)  # identical noise on every rank
+                gen.manual_seed(seed)
             if self._pending_generator_state is not None:
-                gen.set_state(self._pending_generator_state)
+                load_generator_state(gen, self._pending_generator_state)
                 self._pending_generator_state = None
             self._noise_generator = gen
         return self._noise_generator
@@ -350,6 +377,10 @@ class DPCausalLM(CausalLMEvaluation):
             "clipping": clip,
             "engine": self.engine,
             "noise_multiplier_accounted": self.noise_multiplier,
+            "noise_sampler": describe_noise_sampler(
+                secure=self.hparams.get("secure_noise", False),
+                seed_fixed=self.hparams["noise_seed"] is not None,
+            ),
             "optimizer": self._optimizer_name(),
             "noise_correction": self.noise_correction,
             "covers": covers,
@@ -365,7 +396,7 @@ class DPCausalLM(CausalLMEvaluation):
         checkpoint["lit_dp"] = {
             "clip": self.clip.state_dict(),
             "noise_multiplier": self.noise_multiplier,
-            "noise_generator": self._generator().get_state() if self.private else None,
+            "noise_generator": generator_state(self._generator()) if self.private else None,
             "num_nonfinite_total": self.num_nonfinite_total,
             "val_history": self.val_history,
         }

@@ -37,6 +37,7 @@ from lit_dp.module import DPCausalLM
 from lit_dp.privacy.calibration import epsilon_for_schedule
 from lit_dp.privacy.clipping import FixedClip
 from lit_dp.privacy.pld_accountant import PLDAccountant
+from lit_dp.privacy.secure_noise import SecureNoiseGenerator
 
 
 def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -321,6 +322,7 @@ def _dp_run(
     ckpt: Path | None = None,
     fork: bool = False,
     checked_at_setup: bool = True,
+    secure_noise: bool = False,
 ):
     """A tiny private run (sigma 1, or auto with a target) saving every 2 steps under root/ckpt;
     ``ckpt`` resumes it (named before fit, as the CLI does, or only passed to Trainer.fit)."""
@@ -339,6 +341,7 @@ def _dp_run(
         noise_multiplier=1.0 if target_epsilon is None else "auto",
         clipping=FixedClip(1.0),
         noise_seed=1,
+        secure_noise=secure_noise,
         eval_before_fit=False,
         export_dir=None,
         max_physical_batch_size=8,
@@ -426,6 +429,18 @@ def test_fork_reseeds_the_noise_and_its_ledger_keeps_the_parents_steps(parent, t
     }
     report = acct.report(forked.trainer, forked)
     assert report["fork_of"]["checkpoint"] == str(parent) and report["steps"] == 4
+
+
+def test_fork_of_a_secure_run_draws_a_fresh_key(tmp_path):
+    """Secure mode: the continuation keeps the parent's ChaCha20 key, a fork gets a new one from
+    the OS (the parent's fixed noise_seed is not reused), so the two never share a noise draw."""
+    _dp_run(tmp_path / "p", secure_noise=True)
+    ckpt = tmp_path / "p" / "ckpt" / "step=2.ckpt"
+    _, cont, _ = _dp_run(tmp_path / "c", ckpt=ckpt, secure_noise=True)
+    _, forked, _ = _dp_run(tmp_path / "f", ckpt=ckpt, fork=True, secure_noise=True)
+    parent_key = SecureNoiseGenerator.create(1).key  # noise_seed=1 derives the parent's key
+    assert cont._generator().key == parent_key
+    assert forked._generator().key != parent_key
 
 
 def test_fork_plan_counts_the_parents_steps(tmp_path):

@@ -101,3 +101,26 @@ def test_ddp_matches_single_process_and_adds_noise_once(tmp_path):
     # ... and its spread is the single draw's: std(noisy - clean) = sigma C / (q N).
     expected_std = 1.0 * 1.0 / 32.0  # tiny.yaml: C = 1, expected batch q N = 32
     assert (n0[0] - r0[0]).std().item() == pytest.approx(expected_std, rel=0.05)
+
+    # Secure mode with an OS-entropy key: rank 0's key is broadcast, so again one shared draw.
+    _fit(
+        tmp_path / "secure",
+        "--model.noise_multiplier",
+        "1.0",
+        "--privacy.target_epsilon",
+        "null",
+        "--model.secure_noise",
+        "true",
+        "--model.noise_seed",
+        "null",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+    )
+    s0 = torch.load(tmp_path / "secure" / "grads_rank0.pt")
+    s1 = torch.load(tmp_path / "secure" / "grads_rank1.pt")
+    for a, b in zip(s0, s1, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (s0[0] - r0[0]).std().item() == pytest.approx(expected_std, rel=0.05)
+    assert not torch.equal(s0[0], n0[0])  # not the torch generator's draw

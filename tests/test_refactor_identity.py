@@ -15,8 +15,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).parents[1]
-# The merge of 'resume' into main: the last commit before the privacy plan refactor.
-BEFORE = "66cb6e9607338b5b0b4e4aa6e0b6535bbf09698b"
+# The last main commit merged into the privacy plan refactor (main without the refactor).
+BEFORE = "2312d3fff1f45ddb8291b39f8c92181181d4173d"
 SCRIPT = Path(__file__).with_name("four_step_run.py")
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from lit_dp.privacy.noise import gaussian_noise_like
+from lit_dp.privacy.noise import NoiseGenerator, gaussian_noise_like
 
 if TYPE_CHECKING:
     from lit_dp.privacy.sampling import SampleRateSchedule
@@ -157,7 +157,7 @@ class ClipBoundEstimator(ABC):
 
     @abstractmethod
     def update(
-        self, *, norms: torch.Tensor, expected_batch_size: float, generator: torch.Generator
+        self, *, norms: torch.Tensor, expected_batch_size: float, generator: NoiseGenerator
     ) -> float | None:
         """Update C_t from this step's per-unit norms; return a clip rate safe to use downstream.
 
@@ -211,7 +211,7 @@ class FixedClip(ClipBoundEstimator):
         super().__init__(c)
 
     def update(
-        self, *, norms: torch.Tensor, expected_batch_size: float, generator: torch.Generator
+        self, *, norms: torch.Tensor, expected_batch_size: float, generator: NoiseGenerator
     ) -> float | None:
         """No change and no clip rate (releasing one would need its own noise)."""
         self.num_updates += 1
@@ -330,7 +330,7 @@ class PrivateQuantile(ClipBoundEstimator):
         return raised_noise_multiplier(noise_multiplier=z, count_noise_std=sigma_b)
 
     def update(
-        self, *, norms: torch.Tensor, expected_batch_size: float, generator: torch.Generator
+        self, *, norms: torch.Tensor, expected_batch_size: float, generator: NoiseGenerator
     ) -> float | None:
         """Noisy count -> new C_t; returns the privatized clip rate 1 - b_bar in [0, 1]."""
         expected = float(expected_batch_size)
@@ -400,7 +400,7 @@ class HistoryPercentile(ClipBoundEstimator):
         self.buffer: deque[float] = deque(maxlen=history_size)
 
     def update(
-        self, *, norms: torch.Tensor, expected_batch_size: float, generator: torch.Generator
+        self, *, norms: torch.Tensor, expected_batch_size: float, generator: NoiseGenerator
     ) -> float | None:
         """Append finite norms, recompute C_t; return the raw clip rate (None: empty batch)."""
         unclipped, total = _count(norms, self._clip)

@@ -2,8 +2,9 @@
 
 Only privatized or to-be-privatized quantities cross ranks: the clipped per-unit gradient sums
 (before the noise, which every rank then adds identically), the per-unit norms the clip-bound
-estimator counts, and rank 0's noise seed. Raw gradients never do. Outside a process group every
-function is the identity, so single-process code calls them unconditionally.
+estimator counts, and rank 0's noise seed (or secure-mode key). Raw gradients never do. Outside
+a process group every function is the identity, so single-process code calls them
+unconditionally.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_norms", "all_reduce_sum_", "broadcast_int", "is_distributed"]
+__all__ = [
+    "all_gather_norms",
+    "all_reduce_sum_",
+    "broadcast_bytes",
+    "broadcast_int",
+    "is_distributed",
+]
 
 
 def is_distributed() -> bool:
@@ -54,3 +61,12 @@ def broadcast_int(value: int, device: torch.device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.broadcast(t, src=0)
     return int(t.item())
+
+
+def broadcast_bytes(value: bytes, device: torch.device) -> bytes:
+    """Rank 0's bytes on every rank (used for the secure-mode noise key); lengths must agree."""
+    if not is_distributed():
+        return value
+    t = torch.tensor(list(value), dtype=torch.uint8, device=device)
+    dist.broadcast(t, src=0)
+    return bytes(t.cpu().tolist())

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from lit_dp.privacy.clipping import ClipBoundEstimator
 from lit_dp.privacy.collectives import all_gather_norms, all_reduce_sum_
-from lit_dp.privacy.noise import add_noise_
+from lit_dp.privacy.noise import NoiseGenerator, add_noise_
 from lit_dp.privacy.per_sample import per_example_clip
 
 __all__ = ["PrivateStep", "privatize", "split_micro_batches"]
@@ -108,7 +108,7 @@ def privatize(
     clip: ClipBoundEstimator,
     noise_multiplier: float,
     expected_batch_size: float,
-    generator: torch.Generator,
+    generator: NoiseGenerator,
     engine: str = "fast",
     max_rows: int = 16,
 ) -> PrivateStep:
@@ -122,7 +122,8 @@ def privatize(
         clip: the clip-bound estimator; its bound is used, then updated (step 6).
         noise_multiplier: sigma as accounted for this step.
         expected_batch_size: q_t * N, the public divisor.
-        generator: the noise generator, identically seeded on every rank.
+        generator: the noise generator, identically seeded on every rank: a
+            ``torch.Generator`` (fast mode) or a ``SecureNoiseGenerator`` (secure mode).
         engine: per-unit clipping engine, ``"fast"``, ``"vmap"`` or ``"loop"``.
         max_rows: rows per physical micro-batch (memory, not math).
 

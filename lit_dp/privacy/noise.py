@@ -2,13 +2,18 @@
 
 The one noise formula of lit_dp: the Gaussian mechanism adds, once per optimizer step, noise of
 standard deviation ``std = noise_multiplier * max_grad_norm`` (sigma * C, in gradient-norm units)
-to every coordinate of the clipped gradient sum. Noise is always drawn in fp32 (a bf16 draw would
-round a small std away) and from a ``torch.Generator`` that the caller owns, so that it can be
-seeded identically on every DDP rank (one draw per step, never one per rank) and checkpointed (a
-resumed run continues the same noise stream).
+to every coordinate of the clipped gradient sum. Noise is drawn in fp32 (a bf16 draw would
+round a small std away; secure mode draws float64) from a generator that the caller owns, so
+that it can be seeded identically on every DDP rank (one draw per step, never one per rank) and
+checkpointed (a resumed run continues the same noise stream).
 
 The noise seed and generator state are secret operator-side state: they belong in checkpoints,
 never in an exported model.
+
+Two kinds of generator are accepted wherever a generator is (``NoiseGenerator``): a
+``torch.Generator`` (the default, fast mode: statistically sound, not cryptographic) and a
+``lit_dp.privacy.secure_noise.SecureNoiseGenerator`` (``model.secure_noise: true``: a ChaCha20
+keystream, float64 Box-Muller, a sum of Gaussians, one rounding to fp32; see that module).
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ import math
 import secrets
 
 import torch
+
+from lit_dp.privacy.secure_noise import SecureNoiseGenerator
+
+# What the noise functions draw from: torch's generator (fast mode) or the secure-mode one.
+NoiseGenerator = torch.Generator | SecureNoiseGenerator
 
 # Seeds are drawn below 2**63 so that they fit an int64 tensor (the DDP broadcast of the seed).
 _SEED_BITS = 63
@@ -65,6 +75,26 @@ def noise_std(*, noise_multiplier: float, max_grad_norm: float) -> float:
     return sigma * clip
 
 
+def describe_noise_sampler(*, secure: bool, seed_fixed: bool) -> str:
+    """What the noise of a run guarantees, in one line for the privacy report.
+
+    Args:
+        secure: ``model.secure_noise``.
+        seed_fixed: whether ``model.noise_seed`` was fixed (the key or seed is then known).
+    """
+    if not secure:
+        origin = "a fixed noise_seed" if seed_fixed else "OS entropy"
+        return (
+            f"fast: torch generator seeded from {origin}, fp32 draws; statistically sound, "
+            "not a cryptographic generator and no floating-point attack mitigation"
+        )
+    origin = "derived from a fixed noise_seed (NOT secret)" if seed_fixed else "from OS entropy"
+    return (
+        f"secure: ChaCha20 keystream (CSPRNG) with a key {origin}, float64 Box-Muller, each "
+        "coordinate a sum of 2 Gaussians (floating-point attack mitigation), rounded once to fp32"
+    )
+
+
 def make_generator(
     seed: int | None = None, device: str | torch.device = "cpu"
 ) -> tuple[torch.Generator, int]:
@@ -91,20 +121,25 @@ def make_generator(
     return generator, seed
 
 
-def gaussian_noise_like(t: torch.Tensor, *, std: float, generator: torch.Generator) -> torch.Tensor:
-    """fp32 Gaussian noise N(0, std^2) with the shape of ``t``, on the generator's device.
+def gaussian_noise_like(t: torch.Tensor, *, std: float, generator: NoiseGenerator) -> torch.Tensor:
+    """Gaussian noise N(0, std^2) with the shape of ``t``, on the generator's device.
 
-    The noise is fp32 whatever ``t``'s dtype (bf16 noise would round away most of a small std).
+    The noise is fp32 whatever ``t``'s dtype (bf16 noise would round away most of a small std);
+    a secure-mode generator draws it in float64 on the CPU, and adding it to an fp32 sum rounds
+    the noisy sum once.
 
     Args:
         t: tensor whose shape the noise takes (its values and dtype are not used).
         std: per-coordinate standard deviation, >= 0 (see ``noise_std``).
-        generator: the noise generator.
+        generator: the noise generator (``torch.Generator`` or ``SecureNoiseGenerator``).
 
     Returns:
-        A new fp32 tensor of ``t.shape`` on ``generator.device``.
+        A new tensor of ``t.shape`` on ``generator.device``: fp32 from a torch generator,
+        float64 from a secure-mode one.
     """
     std = _check_scalar("std", std, positive=False)
+    if isinstance(generator, SecureNoiseGenerator):
+        return generator.normal(t.shape, std=std)
     noise = torch.randn(t.shape, generator=generator, device=generator.device, dtype=torch.float32)
     return noise.mul_(std)
 
@@ -114,7 +149,7 @@ def add_noise_(
     *,
     noise_multiplier: float,
     max_grad_norm: float,
-    generator: torch.Generator,
+    generator: NoiseGenerator,
 ) -> None:
     """Add N(0, (noise_multiplier * max_grad_norm)^2) noise in place to each clipped gradient sum.
 
@@ -129,7 +164,9 @@ def add_noise_(
         noise_multiplier: sigma >= 0 applied to this sum (the raised gradient multiplier when the
             clip bound is a private quantile, see ``ClipBoundEstimator.grad_noise_multiplier``).
         max_grad_norm: C > 0, the clip bound used for these sums (inf only with sigma = 0).
-        generator: the noise generator (identically seeded on every DDP rank).
+        generator: the noise generator (identically seeded on every DDP rank). A secure-mode
+            generator's float64 noise is added in float64 and the sum rounded once to the
+            gradient's dtype.
 
     Raises:
         ValueError: bad noise_multiplier or max_grad_norm (see ``noise_std``).
@@ -149,17 +186,32 @@ def add_noise_(
         g.add_(gaussian_noise_like(g, std=std, generator=generator).to(device=g.device))
 
 
-def generator_state(generator: torch.Generator) -> torch.Tensor:
-    """A copy of the generator's state (a CPU uint8 tensor) for a checkpoint; keep it private."""
+def generator_state(generator: NoiseGenerator) -> torch.Tensor | dict:
+    """A copy of the generator's state for a checkpoint; keep it private.
+
+    A CPU uint8 tensor for a torch generator; for a secure-mode one, a dict with its key and
+    nonce counter (``SecureNoiseGenerator.get_state``).
+    """
+    if isinstance(generator, SecureNoiseGenerator):
+        return generator.get_state()
     return generator.get_state().clone()
 
 
-def load_generator_state(generator: torch.Generator, state: torch.Tensor) -> None:
+def load_generator_state(generator: NoiseGenerator, state: torch.Tensor | dict) -> None:
     """Restore a state from ``generator_state`` so noise continues exactly where it stopped.
 
     Raises:
-        ValueError: ``state`` is not a uint8 tensor.
+        ValueError: ``state`` is not a state of this kind of generator (a uint8 tensor for a
+            torch generator, a ChaCha20 state dict for a secure-mode one): a checkpoint written
+            with the other ``model.secure_noise`` setting.
     """
+    if isinstance(generator, SecureNoiseGenerator):
+        generator.set_state(state)  # it checks that the state is its own kind
+        return
     if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8:
-        raise ValueError("state must be the uint8 tensor returned by generator_state()")
+        raise ValueError(
+            "state must be the uint8 tensor returned by generator_state() (a checkpoint written "
+            "with model.secure_noise=true holds a ChaCha20 state; resume with the same "
+            "model.secure_noise)"
+        )
     generator.set_state(state.cpu())

@@ -14,21 +14,28 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lit_dp.callbacks.contract import DPModule, dp_module, report_source
 from lit_dp.callbacks.resume import ResumeGuard
+from lit_dp.data.datamodule import DPDataModule
 from lit_dp.export import OPERATOR_SIDE_KEY
 from lit_dp.fingerprint import FINGERPRINT_KEY, to_state
 from lit_dp.privacy.accountant import describe_accountant, make_accountant
-from lit_dp.privacy.calibration import calibrate_noise_multiplier
+from lit_dp.privacy.plan import (
+    MAX_DEFAULT_DELTA,
+    PrivacyPlan,
+    check_delta_for_units,
+    check_privacy_settings,
+    default_delta,
+    exceeds_budget,
+)
 from lit_dp.privacy.rdp_accountant import RDPAccountant
 
-if TYPE_CHECKING:
-    from lit_dp.data.datamodule import DPDataModule
-    from lit_dp.module import DPCausalLM
+__all__ = ["MAX_DEFAULT_DELTA", "PrivacyAccounting", "check_delta", "default_delta"]
 
 _OPERATOR_SIDE_NOTE = (
     "operator_side counts {} (exact, not privatized: at group level num_records / num_units is "
@@ -39,49 +46,20 @@ _N_IS_PUBLIC = (
     "num_units, N, the number of privacy units: treated as public (the sample rate q = E[B] / N "
     "states it); epsilon does not hide how many units the training set holds"
 )
-# A delta above this lets a mechanism release some unit's data in the clear with a probability
-# that is no longer negligible (delta is roughly that probability, per unit).
-MAX_DEFAULT_DELTA = 1e-5
-
-
-def default_delta(num_units: int) -> float:
-    """The default delta: min(1e-5, 1 / N^1.1).
-
-    1/N^1.1 alone is strictly below 1/N but large for small N (0.0022 at N = 256, 0.065 for 12
-    users: a real chance of a full leak).
-    """
-    return min(MAX_DEFAULT_DELTA, 1.0 / num_units**1.1)
 
 
 def check_delta(delta: float, num_units: int) -> None:
-    """Delta must lie in (0, 1/N): a larger delta allows releasing one unit in the clear.
-
-    An explicit delta above 1e-5 is allowed (a user may need it for a comparison) with a warning.
-    """
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"privacy.delta={delta} must be in (0, 1)")
-    if delta >= 1.0 / num_units:
-        raise ValueError(
-            f"privacy.delta={delta:g} must be below 1/N = {1.0 / num_units:g} for N={num_units} "
-            f"privacy units; leave it unset for the default min(1e-5, 1/N^1.1) = "
-            f"{default_delta(num_units):.3g}"
-        )
-    if delta > MAX_DEFAULT_DELTA:
-        rank_zero_warn(
-            f"privacy.delta={delta:g} is above 1e-5: with probability up to about delta the "
-            f"guarantee fails for a unit (N={num_units}); leave privacy.delta unset for the "
-            f"default min(1e-5, 1/N^1.1) = {default_delta(num_units):.3g} unless you need this "
-            "value"
-        )
+    """The privacy plan's delta check (delta < 1/N; above 1e-5 warned about on rank 0)."""
+    check_delta_for_units(delta, num_units, warn=rank_zero_warn)
 
 
 def _datamodule(trainer: L.Trainer) -> DPDataModule | None:
-    """The trainer's DataModule (None without one).
+    """The trainer's lit_dp DataModule (None without one, or with another kind).
 
-    Lightning attaches ``trainer.datamodule`` at run time. This callback expects a lit_dp
-    DataModule: ``setup`` refuses one without ``num_units``.
+    ``setup`` refuses a run without one: it defines the privacy units.
     """
-    return cast("DPDataModule | None", getattr(trainer, "datamodule", None))
+    dm = getattr(trainer, "datamodule", None)  # Lightning attaches it at run time
+    return dm if isinstance(dm, DPDataModule) else None
 
 
 def _refuse_minimum_length(trainer: L.Trainer, target_epsilon: float) -> None:
@@ -131,16 +109,7 @@ class PrivacyAccounting(L.Callback):
         log_epsilon_every_n_steps: int = 1,
         report_name: str = "privacy_report.json",
     ) -> None:
-        if target_epsilon is not None and not (
-            target_epsilon > 0 and math.isfinite(target_epsilon)
-        ):
-            raise ValueError(
-                f"privacy.target_epsilon={target_epsilon} must be a positive number or null"
-            )
-        if delta is not None and not 0.0 < delta < 1.0:
-            raise ValueError(
-                f"privacy.delta={delta} must be in (0, 1) or null for min(1e-5, 1/N^1.1)"
-            )
+        check_privacy_settings(target_epsilon=target_epsilon, delta=delta)
         if log_epsilon_every_n_steps < 1:
             raise ValueError("privacy.log_epsilon_every_n_steps must be >= 1")
         self.target_epsilon = target_epsilon
@@ -156,6 +125,7 @@ class PrivacyAccounting(L.Callback):
         )
         self.stop_reason: str | None = None
         self.calibrated_noise_multiplier: float | None = None
+        self.plan: PrivacyPlan | None = None  # the run's privacy plan (setup of a private run)
         self.num_units: int | None = None
         self.last_report: dict[str, Any] | None = None  # rank 0: the report last written
         self.resume = ResumeGuard()  # the run's fingerprint; the checkpoint it resumes or forks
@@ -177,9 +147,9 @@ class PrivacyAccounting(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        module = cast("DPCausalLM", pl_module)  # the hook is typed for any LightningModule
+        module = dp_module(pl_module, caller="PrivacyAccounting")
         dm = _datamodule(trainer)
-        if dm is None or not hasattr(dm, "num_units"):
+        if dm is None:
             raise ValueError("lit_dp needs a lit_dp DataModule (it defines the privacy units)")
         self.num_units = int(dm.num_units)
         if self.num_units < 1:
@@ -196,92 +166,93 @@ class PrivacyAccounting(L.Callback):
             )
         if self.target_epsilon is not None:
             _refuse_minimum_length(trainer, self.target_epsilon)
-        self.delta = self.delta_arg if self.delta_arg is not None else default_delta(self.num_units)
-        check_delta(self.delta, self.num_units)
-        steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        sigma = module.noise_multiplier
-        if sigma == "auto":
-            calibrated = (
-                self.resume.calibrate_fork(
-                    accounting=self, schedule=dm.schedule, steps=steps, delta=self.delta
-                )
-                if self.resume.parent is not None
-                else self.calibrate(schedule=dm.schedule, steps=steps, delta=self.delta)
+        if dm.schedule is None:
+            raise RuntimeError(
+                "PrivacyAccounting.setup: the DataModule has no sample-rate schedule yet; "
+                "its setup('fit') sets it and must run before this callback's"
             )
-            self.calibrated_noise_multiplier = calibrated
-            module.set_noise_multiplier(calibrated)
+        steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        parent = self.resume.parent  # a fork: the checkpoint's steps are already in the ledger
+        taken = (
+            ((parent["accounting"] or {}).get("accountant") or {}).get("history", [])
+            if parent is not None
+            else []
+        )
+        self.plan = self.make_plan(
+            num_units=self.num_units,
+            schedule=dm.schedule,
+            steps=steps,
+            noise_multiplier="auto" if module.noise_multiplier is None else module.noise_multiplier,
+            clip=module.clip,
+            taken=taken,
+            first_step=int(parent["global_step"]) if parent is not None else 0,
+            fork_error=(
+                self.resume.fork_error(steps, self.target_epsilon) if parent is not None else None
+            ),
+        )
+        self.delta = self.plan.delta
+        module.apply_privacy_plan(self.plan)  # sigma is a float from here on
+        if self.plan.calibrated:
+            self.calibrated_noise_multiplier = self.plan.noise_multiplier
             rank_zero_info(
-                f"lit_dp: calibrated noise_multiplier={calibrated:.4f} for "
+                f"lit_dp: calibrated noise_multiplier={self.plan.noise_multiplier:.4f} for "
                 f"epsilon={self.target_epsilon} ({self.accountant_name.upper()} accountant)"
             )
-        elif self.target_epsilon is not None:
-            schedule = dm.schedule
-            if schedule is None:
-                raise RuntimeError(
-                    "PrivacyAccounting.setup: the DataModule has no sample-rate schedule yet; "
-                    "its setup('fit') sets it and must run before this callback's"
-                )
-            first = make_accountant(self.accountant_name).peek_epsilon(
-                delta=self.delta, noise_multiplier=float(sigma), sample_rate=schedule.rate(0)
-            )
-            if first > self.target_epsilon:
-                raise ValueError(
-                    f"privacy.target_epsilon={self.target_epsilon} is unreachable: one step at "
-                    f"noise_multiplier={sigma} already costs epsilon={first:.3g}; raise "
-                    "model.noise_multiplier or use noise_multiplier: auto"
-                )
-        self.resume.fork_sigma = float(module.noise_multiplier)
+        self.resume.fork_plan = self.plan
 
-    def calibrate(
-        self, *, schedule: Any, steps: int | None, delta: float, accountant: str | None = None
-    ) -> float:
-        """Sigma for ``model.noise_multiplier: auto``.
+    def make_plan(
+        self,
+        *,
+        num_units: int,
+        schedule: Any,
+        steps: int | None,
+        noise_multiplier: float | Literal["auto"],
+        clip: Any,
+        accountant: Literal["pld", "rdp"] | None = None,
+        taken: Any = (),
+        first_step: int = 0,
+        fork_error: Any = None,
+    ) -> PrivacyPlan:
+        """The privacy plan of a run with this privacy section (fit's setup, ``lit-dp plan``).
 
-        ``steps`` steps of ``schedule`` (a SampleRateSchedule) at this sigma cost ``target_epsilon``
-        under ``accountant`` (default: this run's).
-
-        Raises:
-            ValueError: naming the config fields: no target or no max_steps, or a target that
-                no sigma reaches.
+        ``accountant`` overrides the section's (``lit-dp plan`` prints both).
         """
-        if self.target_epsilon is None or steps is None:
-            raise ValueError(
-                "model.noise_multiplier=auto needs privacy.target_epsilon and trainer.max_steps "
-                "(the planned number of steps); set both or give a number"
-            )
-        try:
-            return calibrate_noise_multiplier(
-                target_epsilon=self.target_epsilon,
-                delta=delta,
-                sample_rate=schedule.rates(steps),
-                steps=steps,
-                accountant=accountant or self.accountant_name,  # type: ignore[arg-type]
-            )
-        except ValueError as err:
-            raise ValueError(
-                f"privacy.target_epsilon is unreachable in {steps} steps: {err}"
-            ) from err
+        return PrivacyPlan.create(
+            num_units=num_units,
+            schedule=schedule,
+            steps=steps,
+            noise_multiplier=noise_multiplier,
+            target_epsilon=self.target_epsilon,
+            delta=self.delta_arg,
+            accountant=accountant or self.accountant_name,
+            clip=clip,
+            taken=taken,
+            first_step=first_step,
+            warn=rank_zero_warn,
+            fork_error=fork_error,
+        )
 
     # --- per step ----------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if not pl_module.private or self.target_epsilon is None:
+        module = dp_module(pl_module, caller="PrivacyAccounting")
+        if not module.private or self.target_epsilon is None:
             return
         eps_next = self.accountant.peek_epsilon(
             delta=self._delta(),
-            noise_multiplier=float(pl_module.noise_multiplier),
+            noise_multiplier=_sigma(module),
             sample_rate=float(batch["sample_rate"]),
         )
-        if eps_next > self.target_epsilon * (1 + 1e-9):
+        if exceeds_budget(eps_next, self.target_epsilon):
             self.stop_reason = (
                 f"budget: step {trainer.global_step} would reach epsilon={eps_next:.4f} > "
                 f"target_epsilon={self.target_epsilon}"
             )
-            pl_module.request_stop(self.stop_reason)
+            module.request_stop(self.stop_reason)  # the module skips the step (HOOK_ORDER 2)
             trainer.should_stop = True
             self.write_report(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        record = getattr(pl_module, "last_record", None)
+        record = dp_module(pl_module, caller="PrivacyAccounting").last_record
         if record is None or not record.private:
             return
         # The accounted sigma (not the raised gradient multiplier of private quantile clipping).
@@ -299,9 +270,8 @@ class PrivacyAccounting(L.Callback):
         if self.stop_reason is None:
             self.stop_reason = f"completed: {trainer.global_step} steps (trainer limits reached)"
         self.write_report(trainer, pl_module)
-        hand_over = getattr(pl_module, "set_privacy_report", None)
-        if hand_over is not None:  # the module's export keeps the report's public part
-            hand_over(self.last_report)
+        # The module's export (its on_fit_end, after this one) keeps the report's public part.
+        dp_module(pl_module, caller="PrivacyAccounting").set_privacy_report(self.last_report)
 
     def epsilon(self) -> float:
         if self.accountant.total_steps == 0:
@@ -363,16 +333,17 @@ class PrivacyAccounting(L.Callback):
         self.calibrated_noise_multiplier = state_dict.get("calibrated_noise_multiplier")
 
     # --- report ------------------------------------------------------------------------------
-    def report(self, trainer: L.Trainer, pl_module: DPCausalLM) -> dict[str, Any]:
+    def report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        module = report_source(pl_module, caller="PrivacyAccounting.report")
         dm = _datamodule(trainer)
-        data = dict(dm.data_report()) if dm is not None and hasattr(dm, "data_report") else {}
-        mech = pl_module.privacy_description()
+        data = dict(dm.data_report()) if dm is not None else {}
+        mech = module.privacy_description()
         # Exact data-dependent counts: this run directory's report only (export drops them).
         operator_side = {
             **data.pop(OPERATOR_SIDE_KEY, {}),
-            "num_nonfinite_zeroed": int(getattr(pl_module, "num_nonfinite_total", 0)),
+            "num_nonfinite_zeroed": int(module.num_nonfinite_total),
         }
-        private = bool(pl_module.private)
+        private = bool(module.private)
         if private and self.accountant.total_steps < trainer.global_step:
             # Never a private report over weights that took steps the ledger does not hold.
             raise RuntimeError(
@@ -409,9 +380,7 @@ class PrivacyAccounting(L.Callback):
             "sample_rate": rates[0]
             if len(rates) == 1
             else {
-                "schedule": dm.schedule_description()
-                if dm is not None and hasattr(dm, "schedule_description")
-                else None,
+                "schedule": dm.schedule_description() if dm is not None else None,
                 "distinct_rates": rates,
             },
             "ledger": history,
@@ -424,7 +393,7 @@ class PrivacyAccounting(L.Callback):
             "covers": mech["covers"],
             "not_covered": [
                 *mech["not_covered"],
-                *(dm.not_covered() if dm is not None and hasattr(dm, "not_covered") else []),
+                *(dm.not_covered() if dm is not None else []),
                 _N_IS_PUBLIC,
                 _OPERATOR_SIDE_NOTE.format(sorted(operator_side)),
             ],
@@ -434,7 +403,7 @@ class PrivacyAccounting(L.Callback):
             "fork_of": self.fork_of,
         }
 
-    def write_report(self, trainer: L.Trainer, pl_module: DPCausalLM) -> Path:
+    def write_report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         # trainer.log_dir is a collective under DDP: every rank asks, rank 0 writes.
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         path = log_dir / self.report_name
@@ -450,3 +419,10 @@ class PrivacyAccounting(L.Callback):
         os.replace(tmp, path)
         self.report_path = path
         return path
+
+
+def _sigma(module: DPModule) -> float:
+    """The module's sigma; a float once setup applied the plan (HOOK_ORDER 1)."""
+    if module.noise_multiplier is None:
+        raise RuntimeError("PrivacyAccounting: the privacy plan was not applied (setup('fit'))")
+    return module.noise_multiplier

@@ -21,6 +21,7 @@ steps) supplies the ledger's rates through ``NoiseEvent.round_sample_rates``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -29,7 +30,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from lit_dp.privacy.accountant import ACCOUNTANTS, AccountantName, make_accountant
 from lit_dp.privacy.calibration import calibrate_continuation, calibrate_noise_multiplier
 from lit_dp.privacy.checks import Run, check_noise_multiplier, rate_runs
-from lit_dp.privacy.clipping import raised_noise_multiplier
+from lit_dp.privacy.clipping import ClipBoundEstimator, PrivateQuantile, raised_noise_multiplier
 from lit_dp.privacy.sampling import SampleRateSchedule
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "NoiseEvent",
     "PrivacyPlan",
     "check_delta_for_units",
+    "check_privacy_settings",
     "default_delta",
     "exceeds_budget",
 ]
@@ -81,6 +83,16 @@ def check_delta_for_units(
             f"default min(1e-5, 1/N^1.1) = {default_delta(num_units):.3g} unless you need this "
             "value"
         )
+
+
+def check_privacy_settings(*, target_epsilon: float | None, delta: float | None) -> None:
+    """The privacy section's own checks (before N is known); ValueError naming the field."""
+    if target_epsilon is not None and not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise ValueError(
+            f"privacy.target_epsilon={target_epsilon} must be a positive number or null"
+        )
+    if delta is not None and not 0.0 < delta < 1.0:
+        raise ValueError(f"privacy.delta={delta} must be in (0, 1) or null for min(1e-5, 1/N^1.1)")
 
 
 def exceeds_budget(epsilon: float, target_epsilon: float | None) -> bool:
@@ -155,11 +167,17 @@ class PrivacyPlan:
         max_grad_norm: float = 1.0,
         count_noise_divisor: float | None = None,
         mechanism: NoiseEvent | None = None,
+        clip: ClipBoundEstimator | None = None,
         taken: Sequence[Sequence[float]] = (),
         first_step: int = 0,
         warn: Callable[[str], Any] = warnings.warn,
+        fork_error: Callable[[ValueError], ValueError] | None = None,
     ) -> PrivacyPlan:
         """Apply the delta default and check, calibrate ``auto``, and freeze the plan.
+
+        ``clip`` (the run's clip-bound estimator), when given, sets ``max_grad_norm`` (its C_0)
+        and ``count_noise_divisor`` (a private quantile's). ``fork_error`` rewrites a fork's
+        calibration error (``taken``) to name the checkpoint.
 
         Raises:
             ValueError: naming the config field: delta not below 1/N, ``auto`` without a
@@ -170,6 +188,12 @@ class PrivacyPlan:
         if accountant not in ACCOUNTANTS:
             raise ValueError(
                 f"privacy.accountant={accountant!r} must be one of {sorted(ACCOUNTANTS)}"
+            )
+        check_privacy_settings(target_epsilon=target_epsilon, delta=delta)
+        if clip is not None:
+            max_grad_norm = clip.max_grad_norm
+            count_noise_divisor = (
+                clip.count_noise_divisor if isinstance(clip, PrivateQuantile) else None
             )
         if num_units < 1:
             raise ValueError("data: the training set is empty; add records or fix the path")
@@ -184,7 +208,17 @@ class PrivacyPlan:
             taken=tuple((float(s), float(q), int(n)) for s, q, n in taken),
         )  # fmt: skip
         if noise_multiplier == "auto":
-            return replace(plan, noise_multiplier=plan._calibrate())
+            if target_epsilon is None or steps is None:
+                raise ValueError(
+                    "model.noise_multiplier=auto needs privacy.target_epsilon and "
+                    "trainer.max_steps (the planned number of steps); set both or give a number"
+                )
+            try:
+                return replace(plan, noise_multiplier=plan._calibrate())
+            except ValueError as err:
+                if fork_error is None or not plan._continues():
+                    raise
+                raise fork_error(err) from err
         plan = replace(plan, noise_multiplier=check_noise_multiplier(noise_multiplier))
         if target_epsilon is not None:  # one step from scratch, a fork's included
             q0 = (
@@ -204,12 +238,8 @@ class PrivacyPlan:
         return plan
 
     def _calibrate(self) -> float:
-        if self.target_epsilon is None or self.steps is None:
-            raise ValueError(
-                "model.noise_multiplier=auto needs privacy.target_epsilon and trainer.max_steps "
-                "(the planned number of steps); set both or give a number"
-            )
-        if self.taken or self.first_step:
+        assert self.target_epsilon is not None and self.steps is not None  # create checked
+        if self._continues():
             return calibrate_continuation(
                 target_epsilon=self.target_epsilon,
                 delta=self.delta,
@@ -230,6 +260,10 @@ class PrivacyPlan:
             raise ValueError(
                 f"privacy.target_epsilon is unreachable in {self.steps} steps: {err}"
             ) from err
+
+    def _continues(self) -> bool:
+        """A fork's plan: steps already taken before this plan's first."""
+        return bool(self.taken) or self.first_step > 0
 
     # --- the ledger the plan implies ---------------------------------------------------------
     def _planned_rates(self, until: int) -> list[float]:

@@ -17,20 +17,30 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shlex
+import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
+import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_dp.callbacks.accounting import PrivacyAccounting
 from lit_dp.callbacks.clip_lr import ClipDrivenLR
+from lit_dp.callbacks.console import ValidationLines, is_terminal, progress_bar
 from lit_dp.callbacks.ema import EMAWeights
+from lit_dp.callbacks.interrupts import GracefulInterrupt
 from lit_dp.checkpoint import LAST_CHECKPOINT, DPModelCheckpoint, find_last_checkpoint
+from lit_dp.cli_errors import CommandLineError, explain_parse_error
 from lit_dp.data.datamodule import DPDataModule
 from lit_dp.distributed import DPDDPStrategy
 from lit_dp.module import DPCausalLM
+from lit_dp.threads import set_torch_threads
 
 if "dp_ddp" not in StrategyRegistry:
     StrategyRegistry.register(
@@ -189,8 +199,28 @@ class LitDPCLI(LightningCLI):
     def __init__(self, **kwargs: Any) -> None:
         quiet_third_party_output()
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        # Parse errors are raised (and explained in one line by parse_arguments), not printed
+        # with the whole usage text.
+        kwargs.setdefault("parser_kwargs", {"default_env": False, "exit_on_error": False})
+        # No top-level --optimizer/--lr_scheduler: they would replace the DP optimizer and the
+        # lr schedule (model.optimizer and clip_lr are the options; cli_errors says so).
+        kwargs.setdefault("auto_configure_optimizers", False)
+        args = kwargs.get("args")
+        self.command_line = list(sys.argv[1:] if args is None else args)  # the resume command
         super().__init__(DPCausalLM, DPDataModule, subclass_mode_data=True, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # No predict: DPCausalLM has no predict_step (lit-dp generate samples an export).
+        commands = LightningCLI.subcommands()
+        commands.pop("predict", None)
+        return commands
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:  # one line naming the flag, with "did you mean"
+            raise CommandLineError(explain_parse_error(err, parser, args)) from err
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(EMAWeights, "ema")
@@ -204,9 +234,16 @@ class LitDPCLI(LightningCLI):
             help="with --ckpt_path (fit): continue the checkpoint's weights as a new run with "
             "fresh noise; its epsilon includes the checkpoint's steps",
         )
+        parser.add_argument(
+            "--threads",
+            type=int | None,
+            default=None,
+            help="CPU threads per process; null: the cores other jobs leave free (lit_dp.threads)",
+        )
         parser.set_defaults(
             {
                 "trainer.use_distributed_sampler": False,
+                "trainer.enable_model_summary": False,  # a table of parameter counts per module
                 "trainer.logger": {
                     "class_path": _LOGGER_CLASS,
                     "init_args": {"save_dir": _DEFAULT_SAVE_DIR, "name": "lit_dp"},
@@ -220,6 +257,12 @@ class LitDPCLI(LightningCLI):
         follow_default_root_dir(cfg["trainer"])
         if cfg.get("fork") and (self.subcommand != "fit" or not cfg.get("ckpt_path")):
             raise ValueError("--fork needs `lit-dp fit` and --ckpt_path: the checkpoint to fork")
+        trainer_cfg = cfg["trainer"]
+        on_cpu = trainer_cfg.get("accelerator") == "cpu" or not torch.cuda.is_available()
+        per_node = _devices_per_node(trainer_cfg.get("accelerator"), trainer_cfg.get("devices"))
+        note = set_torch_threads(cfg.get("threads"), processes=(per_node or 1) if on_cpu else 1)
+        if note:
+            rank_zero_info(note)
         if self.subcommand == "fit" and cfg.get("ckpt_path") == "last":
             cfg["ckpt_path"] = resolve_last_checkpoint(cfg, continue_run=not cfg.get("fork"))
 
@@ -239,17 +282,41 @@ class LitDPCLI(LightningCLI):
         # (Lightning refuses a ModelCheckpoint callback together with that flag).
         if config.get("enable_checkpointing") is False:
             callbacks = [cb for cb in callbacks if not isinstance(cb, DPModelCheckpoint)]
-        return super()._instantiate_trainer(config, callbacks)
+        extra: list = [GracefulInterrupt()]
+        # A bar in a terminal; with the output redirected, a line per validation instead.
+        if not is_terminal():
+            config["enable_progress_bar"] = False
+        if config.get("enable_progress_bar") is False:
+            extra.append(ValidationLines())
+        elif not any(isinstance(cb, ProgressBar) for cb in callbacks):
+            extra.append(progress_bar())
+        return super()._instantiate_trainer(config, [*callbacks, *extra])
 
     def after_fit(self) -> None:
         log_dir = Path(self.trainer.log_dir or ".")  # a collective under DDP: all ranks ask
         if self.trainer.global_rank == 0:
             print(run_summary(self.trainer, self.model, log_dir))
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except (SystemExit, KeyboardInterrupt):  # Lightning ends a signalled run with SystemExit
+            callbacks = getattr(self.trainer, "callbacks", [])
+            hook = next((cb for cb in callbacks if isinstance(cb, GracefulInterrupt)), None)
+            if subcommand != "fit" or hook is None or hook.signal_name is None:
+                raise
+            if self.trainer.global_rank == 0:
+                log_dir = Path(self.trainer.default_root_dir)
+                print(run_summary(self.trainer, self.model, log_dir, self.command_line), flush=True)
+            raise SystemExit(hook.exit_code) from None
 
-# Lightning's info lines that are not about the run (advertising, absent accelerators).
+
+# Lightning's info lines that are not about the run (advertising, absent accelerators, and
+# seed_everything's seed, which seeds the model's initialization but reads as if it seeded the
+# noise).
 _NOISE = re.compile(
-    r"💡 Tip:|(GPU|TPU|HPU) available: False|LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES"
+    r"💡 Tip:|(GPU|TPU|HPU) available: False|LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES|"
+    r"^Seed set to \d+$"
 )
 
 
@@ -267,7 +334,11 @@ def quiet_third_party_output() -> None:
     """
     from lightning.fabric.utilities.rank_zero import LightningDeprecationWarning
 
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.fabric.utilities.seed",
+    ):
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in log.filters):
             log.addFilter(_DropNoise())
@@ -280,11 +351,19 @@ def quiet_third_party_output() -> None:
     disable_progress_bars()
 
 
-def run_summary(trainer, model: DPCausalLM, log_dir: Path) -> str:
-    """The lines a person reads at the end of a run: epsilon, losses before/after, files."""
+def run_summary(
+    trainer, model: DPCausalLM, log_dir: Path, command_line: list[str] | None = None
+) -> str:
+    """The lines a person reads at the end of a run: epsilon, losses before/after, files.
+
+    An interrupted run ends with its last checkpoint and the command (``command_line`` with
+    ``--ckpt_path last``) that resumes it.
+    """
     acct = next((cb for cb in trainer.callbacks if isinstance(cb, PrivacyAccounting)), None)
     lines = ["", "=" * 72, "lit_dp run summary"]
     report = model.privacy_report  # handed over in memory by PrivacyAccounting at the end of fit
+    if report is None and acct is not None:  # interrupted: the report written at the interrupt
+        report = acct.last_report
     if report is not None:
         report_path = getattr(acct, "report_path", log_dir / "privacy_report.json")
         if report["private"]:
@@ -301,6 +380,19 @@ def run_summary(trainer, model: DPCausalLM, log_dir: Path) -> str:
                     f"{report['epsilon_rdp']:.4f})"
                 )
             lines.append(f"covers: {report['covers']}")
+            seeds = [
+                name
+                for name, key in (
+                    ("model.noise_seed", "noise_seed_fixed"),
+                    ("data.sampling_seed", "sampling_seed_fixed"),
+                )
+                if report.get(key)
+            ]
+            if seeds:
+                lines.append(
+                    f"seeds: {' and '.join(seeds)} FIXED: epsilon holds only while the seed stays "
+                    "secret (for experiments; leave them null for a release)"
+                )
         else:
             lines.append("privacy: NONE (private: false, non-private baseline)")
         lines.append(f"stopped: {report['stop_reason']}")
@@ -318,8 +410,32 @@ def run_summary(trainer, model: DPCausalLM, log_dir: Path) -> str:
     export = getattr(model, "export_path", None)
     if export:
         lines.append(f"exported EMA model: {export}")
-    last = getattr(trainer.checkpoint_callback, "last_model_path", "")
-    if last:
-        lines.append(f"checkpoint: {last} (--ckpt_path last resumes from it)")
+    if report is not None and report.get("interrupted"):
+        lines += resume_hint(trainer, command_line or [])
+    else:
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "")
+        if last:
+            lines.append(f"checkpoint: {last} (--ckpt_path last resumes from it)")
     lines.append("=" * 72)
     return "\n".join(lines)
+
+
+def resume_hint(trainer, command_line: list[str]) -> list[str]:
+    """What an interrupted run prints last: its checkpoint and the command that resumes it."""
+    last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+    last = last or trainer.ckpt_path or ""  # none saved since the checkpoint it resumed from
+    if not last or not Path(last).is_file():
+        return [
+            "no checkpoint was saved before the interrupt (one is saved at every validation): "
+            "rerun the same command to start over"
+        ]
+    args, skip = [], False
+    for arg in command_line:  # the same command, with --ckpt_path last
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            args.append(arg)
+    command = shlex.join(["lit-dp", *args, "--ckpt_path", "last"])
+    return [f"last checkpoint: {last}", f"resume with: {command}"]

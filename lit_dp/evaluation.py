@@ -168,5 +168,9 @@ class CausalLMEvaluation(L.LightningModule):
         tokenizer = getattr(self._datamodule(), "tokenizer", None)
         with self.evaluation_weights():  # export_model keeps the report's public part only
             self.export_path = export_model(
-                self.model, tokenizer, out, privacy_report=self.privacy_report
+                self.model,
+                tokenizer,
+                out,
+                privacy_report=self.privacy_report,
+                base_model=self.hparams.get("model"),
             )

@@ -8,10 +8,13 @@ Export layout (``out_dir``):
 - ``config.json``, ``model.safetensors``, ``generation_config.json``: ``from_pretrained(out_dir)``.
 - tokenizer files (when a tokenizer is given).
 - ``privacy_report.json`` (when a report is given): what epsilon covers and public
-  configuration only. Seeds and generator states are dropped, and so are a clip bound derived
-  from raw norms (HistoryPercentile's ``max_grad_norm``) and the report's
+  configuration only. Seeds and generator states are dropped (whether a seed was fixed is kept),
+  local file paths in dataset names too, a clip bound derived from raw norms
+  (HistoryPercentile's ``max_grad_norm``), and the report's
   ``operator_side`` section (exact data-dependent counts such as num_records, truncated,
   records_without_labels, num_nonfinite_zeroed), which stays in the run directory's report.
+- ``README.md`` (with the report): a model card in Hugging Face's format (YAML front matter)
+  stating the privacy guarantee and the training recipe (``lit_dp.model_card``).
 - LoRA is merged into the weights (on a copy; the training model is not touched), except over
   BitNet QAT layers: merging into latent weights that are re-quantized to ternary is not the
   trained function, so the adapter is saved unmerged in ``lora_adapter/`` beside the base.
@@ -41,23 +44,51 @@ from lit_dp.sources import BITNET_QAT_FLAG, LORA_ADAPTER_DIR
 PRIVACY_REPORT_FILE = "privacy_report.json"
 # The report section of exact, unprivatized data counts: operator-side, never exported.
 OPERATOR_SIDE_KEY = "operator_side"
+MODEL_CARD_FILE = "README.md"
 # Keys never written next to a released model: knowing the noise draws would undo the privacy.
 _SECRET_KEY = re.compile(r"seed|generator|rng", re.IGNORECASE)
+# Booleans that say whether a seed was fixed (never its value): the shareable report keeps them.
+_PUBLIC_SEED_FLAGS = {"noise_seed_fixed", "sampling_seed_fixed"}
+
+
+def _public_dataset(name: Any) -> Any:
+    """A dataset name without the local path of its file (``jsonl:/home/x/mail.jsonl``)."""
+    if isinstance(name, str) and ":" in name and name.split(":", 1)[0] == "jsonl":
+        return "jsonl (a local file; its path is not exported)"
+    return name
+
+
+def _public_value(key: Any, value: Any) -> Any:
+    """A report value without local paths.
+
+    Dataset names lose their file path; a fork's parent checkpoint keeps only its file name (its
+    fingerprint says which run it was).
+    """
+    if key == "dataset":
+        return _public_dataset(value)
+    if key == "checkpoint" and isinstance(value, str):
+        return Path(value).name
+    return _scrub(value)
 
 
 def _scrub(obj: Any) -> Any:
     """Drop (recursively) every dict entry whose key names a seed or generator state.
 
-    The operator-side counts are dropped too, and so is the clip bound of a clip-bound
-    description that epsilon does not cover (``covered_by_dp: false``: HistoryPercentile's
-    C_t is a percentile of raw per-unit norms).
+    The operator-side counts are dropped too, local file paths (dataset names, a fork's parent
+    checkpoint), and the clip
+    bound of a clip-bound description that epsilon does not cover (``covered_by_dp: false``:
+    HistoryPercentile's C_t is a percentile of raw per-unit norms).
     """
     if isinstance(obj, dict):
-        raw = {"max_grad_norm"} if obj.get("covered_by_dp") is False else set()
+        # A bound set from raw norms (HistoryPercentile); the baseline's null bound says nothing.
+        derived = obj.get("covered_by_dp") is False and obj.get("max_grad_norm") is not None
+        raw = {"max_grad_norm"} if derived else set()
         return {
-            k: _scrub(v)
+            k: _public_value(k, v)
             for k, v in obj.items()
-            if k != OPERATOR_SIDE_KEY and k not in raw and not _SECRET_KEY.search(str(k))
+            if k != OPERATOR_SIDE_KEY
+            and k not in raw
+            and (k in _PUBLIC_SEED_FLAGS or not _SECRET_KEY.search(str(k)))
         }
     if isinstance(obj, list | tuple):
         return [_scrub(v) for v in obj]
@@ -89,15 +120,17 @@ def export_model(
     out_dir: str | Path,
     *,
     privacy_report: dict | None = None,
+    base_model: str | None = None,
 ) -> Path:
-    """Write ``model`` (+ ``tokenizer``, + ``privacy_report``) as a HF directory.
+    """Write ``model`` (+ ``tokenizer``, + ``privacy_report`` and its model card) as a HF directory.
 
-    See the module docstring for the layout. Returns ``out_dir`` as a Path. Never mutates
-    ``model``.
+    See the module docstring for the layout. ``base_model`` (the model source trained from) is
+    named in the model card. Returns ``out_dir`` as a Path. Never mutates ``model``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / LORA_ADAPTER_DIR, out / PRIVACY_REPORT_FILE):  # from an earlier export
+    stale_files = (out / LORA_ADAPTER_DIR, out / PRIVACY_REPORT_FILE, out / MODEL_CARD_FILE)
+    for stale in stale_files:  # from an earlier export
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.exists():
@@ -117,8 +150,14 @@ def export_model(
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if privacy_report is not None:
-        text = json.dumps(_scrub(privacy_report), indent=2, sort_keys=True, default=str)
+        from lit_dp.model_card import REQUIRED_FIELDS, model_card
+
+        public = _scrub(privacy_report)
+        text = json.dumps(public, indent=2, sort_keys=True, default=str)
         (out / PRIVACY_REPORT_FILE).write_text(text + "\n")
+        if public.keys() >= REQUIRED_FIELDS:  # a run's report (not a hand-made partial one)
+            card = model_card(json.loads(text), base_model=base_model, bitnet_qat=qat)
+            (out / MODEL_CARD_FILE).write_text(card)
     return out
 
 

@@ -84,7 +84,10 @@ def optimizer_settings(factory: Any) -> dict[str, Any]:
     Built once on a throw-away parameter, so every way of giving the factory (a class, a
     ``functools.partial``, the CLI's callable) is described the same way.
     """
-    opt = factory([torch.nn.Parameter(torch.zeros(1))])
+    try:
+        opt = factory([torch.nn.Parameter(torch.zeros(1))])
+    except ValueError as err:  # the optimizer names its argument; say where it is set
+        raise ValueError(f"model.optimizer.init_args: {err}") from err
     cls = type(opt)
     return {"class": f"{cls.__module__}.{cls.__qualname__}", "settings": dict(opt.defaults)}
 

@@ -48,9 +48,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-field", default="prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: the free cores)"
+    )
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1 or args.batch_size < 1:
         parser.error("--max-new-tokens and --batch-size must be >= 1")
+    from lit_dp.threads import set_torch_threads
+
+    note = set_torch_threads(args.threads)
+    if note:
+        print(note)
 
     from lit_dp import models
     from lit_dp.export import generate

@@ -193,7 +193,10 @@ class DPCausalLM(CausalLMEvaluation):
     def configure_optimizers(self):
         # Lightning may call this more than once: it builds the optimizer, never wraps the model.
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = self._optimizer_factory(params)
+        try:
+            opt = self._optimizer_factory(params)
+        except ValueError as err:  # the optimizer names its argument; say where it is set
+            raise ValueError(f"model.optimizer.init_args: {err}") from err
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(
                 f"model.optimizer built {type(opt).__name__}, not a torch.optim.Optimizer"
@@ -204,6 +207,7 @@ class DPCausalLM(CausalLMEvaluation):
                     group["noise_correction"] = False
         # Read once here, not every step: whether each step must hand the optimizer its noise std.
         self.noise_correction = any(g.get("noise_correction", False) for g in opt.param_groups)
+        self._built_optimizer = opt  # the report describes the optimizer that was built
         return opt
 
     def _optimizer(self) -> LightningOptimizer:
@@ -368,6 +372,15 @@ class DPCausalLM(CausalLMEvaluation):
     # --- privacy description (for the report) and checkpoints --------------------------------
     def privacy_description(self) -> dict[str, Any]:
         clip = self.clip.describe()
+        if not self.private:  # the baseline never clips: nothing is bounded, nothing covered
+            clip = {
+                **clip,
+                "name": "none",
+                "parameters": {},
+                "max_grad_norm": None,
+                "covered_by_dp": False,
+                "note": "private: false: gradients are not clipped",
+            }
         not_covered = [
             "train/loss and train/batch_size logs (raw, operator-side)",
             "validation/test metrics (computed on held-out data without noise)",
@@ -399,16 +412,11 @@ class DPCausalLM(CausalLMEvaluation):
                 secure=self.hparams.get("secure_noise", False),
                 seed_fixed=self.hparams["noise_seed"] is not None,
             ),
-            "optimizer": self._optimizer_name(),
+            **describe_optimizer(self._optimizer_factory, getattr(self, "_built_optimizer", None)),
             "noise_correction": self.noise_correction,
             "covers": covers,
             "not_covered": not_covered,
         }
-
-    def _optimizer_name(self) -> str:
-        factory = self._optimizer_factory
-        cls = getattr(factory, "func", factory)  # functools.partial or jsonargparse's callable
-        return getattr(cls, "__name__", type(cls).__name__)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lit_dp"] = {
@@ -437,3 +445,25 @@ class DPCausalLM(CausalLMEvaluation):
         self._noise_generator = None
         self.num_nonfinite_total = state["num_nonfinite_total"]
         self.val_history = state["val_history"]
+
+
+def describe_optimizer(factory: Any, built: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """``optimizer`` (the class path) and ``optimizer_hyperparameters`` (its scalar defaults).
+
+    Read from the built optimizer; before it is built, from the factory (a class, or a
+    ``functools.partial`` of one, as jsonargparse and Python callers give it).
+    """
+    if built is not None:
+        cls, params = type(built), dict(built.defaults)
+    else:
+        parts = [factory, *getattr(factory, "args", ()), getattr(factory, "func", None)]
+        cls = next((c for c in parts if isinstance(c, type)), type(factory))
+        params = dict(getattr(factory, "keywords", {}) or {})
+    scalars = (bool, int, float, str)
+    hyper = {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in params.items()
+        if isinstance(v, scalars)
+        or (isinstance(v, tuple) and all(isinstance(x, scalars) for x in v))
+    }
+    return {"optimizer": f"{cls.__module__}.{cls.__qualname__}", "optimizer_hyperparameters": hyper}

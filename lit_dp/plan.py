@@ -315,8 +315,28 @@ def _table(rows: list[tuple[str, list[str]]], title: str) -> str:
     return "\n".join(lines)
 
 
+PLAN_HELP = """usage: lit-dp plan --config X.yaml [--section.field value ...]
+
+Print what a run of this config will cost in privacy, before any training: the number of
+privacy units N (counted from the records), the expected batch size and sample rate, the steps,
+delta, the noise multiplier (calibrated to privacy.target_epsilon, or the one given) and the
+epsilon it gives under the PLD and RDP accountants, and where a budget stop would end the run.
+It reads the config exactly as `lit-dp fit` does, with the same overrides and the same errors,
+but loads neither the model nor its tokenizer, so it takes seconds.
+
+options:
+  --config X.yaml         the config of the run (several: later ones override earlier ones)
+  --section.field value   any field fit accepts, e.g. --privacy.target_epsilon 4
+                          --trainer.max_steps 100 --model.noise_multiplier 0.8
+                          (lit-dp fit --help lists them all)
+  -h, --help              show this help"""
+
+
 def main(argv: list[str]) -> None:
     """``lit-dp plan --config X.yaml [--section.field value ...]``: print the privacy plan."""
+    if not argv or argv[0] in ("-h", "--help") or "--help" in argv:
+        print(PLAN_HELP)
+        return
     config = read_config(argv)
     sources = [str(path) for path in (config.get("config") or []) if path is not None]
     print(format_plan(make_plan(config), ", ".join(sources)))

@@ -126,9 +126,9 @@ def test_tiny_config_end_to_end(tmp_path, monkeypatch, capfd):
     )
     assert report["epsilon_pld"] == report["epsilon"] < report["epsilon_rdp"]
     # The plan printed before training is what fit reports: N, q, delta, sigma, both epsilons.
-    assert (plan.num_units, plan.schedule.rate(0), plan.delta, plan.steps) == (
+    assert report["sample_rate"]["distinct_rates"] == [plan.schedule.rate(0)]
+    assert (plan.num_units, plan.delta, plan.steps) == (
         report["num_units"],
-        report["sample_rate"],
         report["delta"],
         report["steps"],
     )
@@ -151,7 +151,10 @@ def test_tiny_config_end_to_end(tmp_path, monkeypatch, capfd):
     assert (export / "config.json").exists()
     exported = json.loads((export / "privacy_report.json").read_text())
     assert not _keys(exported) & (OPERATOR_SIDE | {"operator_side"})
-    assert not any(re.search("seed|generator|rng", k, re.IGNORECASE) for k in _keys(exported))
+    # No seed or generator state; only whether a seed was fixed (data.sampling_seed here).
+    assert exported["sampling_seed_fixed"] is True and exported["noise_seed_fixed"] is False
+    secret = {k for k in _keys(exported) if re.search("seed|generator|rng", k, re.IGNORECASE)}
+    assert secret == {"noise_seed_fixed", "sampling_seed_fixed"}
     # Everything else is the run report: what epsilon covers and public configuration.
     assert set(exported) == set(report) - {"operator_side"}
     assert exported["epsilon"] == report["epsilon"] and exported["data"]["num_units"] == 256
@@ -327,7 +330,7 @@ def test_generate_reads_a_prompt_file_written_on_windows(tmp_path):
     ]
 
 
-def test_generate_subcommand_writes_responses(tmp_path, monkeypatch):
+def test_generate_subcommand_writes_responses(tmp_path, monkeypatch, capsys):
     from lit_dp.export import export_model
     from lit_dp.models import load_model, load_tokenizer
 
@@ -355,8 +358,9 @@ def test_generate_subcommand_writes_responses(tmp_path, monkeypatch):
     assert all(isinstance(r["response"], str) for r in rows)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x"}\n')
-    with pytest.raises(ValueError, match="prompt"):
+    with pytest.raises(SystemExit):  # the error's one line (test_cli_messages.py)
         main(["generate", "--model", str(export), "--prompts", str(bad), "--out", str(out)])
+    assert "has no string field 'prompt'" in capsys.readouterr().err
 
 
 # --- a resume is the same run: `last` never crosses to another run ---------------------------

@@ -16,7 +16,7 @@ import torch
 
 ROOT = Path(__file__).parents[1]
 # The last main commit merged into the privacy plan refactor (main without the refactor).
-BEFORE = "2312d3fff1f45ddb8291b39f8c92181181d4173d"
+BEFORE = "8ae8a5e3407c0960e3d0ab9c0048047fd97562d7"
 SCRIPT = Path(__file__).with_name("four_step_run.py")
 
 

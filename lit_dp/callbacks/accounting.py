@@ -20,6 +20,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_dp.callbacks.contract import DPModule, dp_module, report_source
+from lit_dp.callbacks.interrupts import interruption
 from lit_dp.callbacks.resume import ResumeGuard
 from lit_dp.data.datamodule import DPDataModule
 from lit_dp.export import OPERATOR_SIDE_KEY
@@ -46,6 +47,22 @@ _N_IS_PUBLIC = (
     "num_units, N, the number of privacy units: treated as public (the sample rate q = E[B] / N "
     "states it); epsilon does not hide how many units the training set holds"
 )
+
+
+# What `covers` adds when a private run fixes a seed (a known seed undoes the randomness).
+SEED_CAVEAT = (
+    "; epsilon holds only as long as nobody learns the fixed {}: a known noise seed lets anyone "
+    "subtract the noise, a known sampling seed removes the subsampling the accountant assumes"
+)
+
+
+def fixed_seeds(pl_module: Any, dm: Any) -> list[str]:
+    """The config fields of the seeds a run fixed (model.noise_seed, data.sampling_seed)."""
+    hparams = getattr(pl_module, "hparams", {})
+    fixed = ["model.noise_seed"] if hparams.get("noise_seed") is not None else []
+    if getattr(dm, "sampling_seed_fixed", False):
+        fixed.append("data.sampling_seed")
+    return fixed
 
 
 def check_delta(delta: float, num_units: int) -> None:
@@ -164,6 +181,14 @@ class PrivacyAccounting(L.Callback):
                 "or anything derived from them (the report's covers says nothing); use "
                 "FixedClip or PrivateQuantile for a private run"
             )
+        seeds = fixed_seeds(module, dm)
+        if seeds:
+            rank_zero_warn(
+                f"{' and '.join(seeds)} fixed: epsilon holds only while the seed stays secret (a "
+                "known noise seed lets anyone subtract the noise, a known sampling seed removes "
+                "the subsampling amplification). Fine for experiments; leave them null (OS "
+                "entropy) for a model you release"
+            )
         if self.target_epsilon is not None:
             _refuse_minimum_length(trainer, self.target_epsilon)
         if dm.schedule is None:
@@ -263,7 +288,12 @@ class PrivacyAccounting(L.Callback):
             self.rdp.step(noise_multiplier=record.noise_multiplier, sample_rate=record.sample_rate)
         if (record.step + 1) % self.log_every == 0:
             pl_module.log(
-                "privacy/epsilon", self.epsilon(), on_step=True, on_epoch=False, rank_zero_only=True
+                "privacy/epsilon",
+                self.epsilon(),
+                on_step=True,
+                on_epoch=False,
+                rank_zero_only=True,
+                prog_bar=True,  # epsilon beside the loss in the progress bar
             )
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -272,6 +302,16 @@ class PrivacyAccounting(L.Callback):
         self.write_report(trainer, pl_module)
         # The module's export (its on_fit_end, after this one) keeps the report's public part.
         dp_module(pl_module, caller="PrivacyAccounting").set_privacy_report(self.last_report)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Ctrl-C or SIGTERM: the report of the steps taken, marked interrupted (no export).
+        reason = interruption(trainer, exception)
+        if reason is None:
+            return
+        if isinstance(exception, KeyboardInterrupt) and trainer.world_size > 1:
+            return  # stopped inside a step: the ranks are not in step to agree on log_dir
+        self.stop_reason = reason
+        self.write_report(trainer, pl_module)
 
     def epsilon(self) -> float:
         if self.accountant.total_steps == 0:
@@ -360,7 +400,14 @@ class PrivacyAccounting(L.Callback):
             eps = eps_rdp = 0.0
         history = [list(h) for h in self.accountant.history]
         rates = sorted({h[1] for h in self.accountant.history})
-        sigmas = sorted({h[0] for h in self.accountant.history})
+        schedule = dm.schedule if dm is not None else None
+        if not private and schedule is not None:
+            rates = sorted(set(schedule.rates(trainer.global_step)))  # sampled, not accounted
+        sigma = pl_module.noise_multiplier
+        seeds = fixed_seeds(pl_module, dm)
+        covers = mech["covers"] + (
+            SEED_CAVEAT.format(" and ".join(seeds)) if private and seeds else ""
+        )
         return {
             "private": private,
             "epsilon": eps if math.isfinite(eps) else None,
@@ -375,11 +422,11 @@ class PrivacyAccounting(L.Callback):
             "target_epsilon": self.target_epsilon,
             "best_rdp_order": order,
             "steps": int(self.accountant.total_steps) if private else int(trainer.global_step),
-            "noise_multiplier": sigmas[0] if len(sigmas) == 1 else sigmas,
+            # One type per field: sigma a float (0.0 without privacy), the sample rate its
+            # schedule and the distinct rates of the steps taken (the ledger has every step).
+            "noise_multiplier": float(sigma) if isinstance(sigma, int | float) else 0.0,
             "calibrated_noise_multiplier": self.calibrated_noise_multiplier,
-            "sample_rate": rates[0]
-            if len(rates) == 1
-            else {
+            "sample_rate": {
                 "schedule": dm.schedule_description() if dm is not None else None,
                 "distinct_rates": rates,
             },
@@ -390,7 +437,9 @@ class PrivacyAccounting(L.Callback):
             "accountant_description": describe_accountant(self.accountant_name, self.accountant),
             "clipping": mech["clipping"],
             "mechanism": mech,
-            "covers": mech["covers"],
+            "covers": covers,
+            "noise_seed_fixed": "model.noise_seed" in seeds,
+            "sampling_seed_fixed": "data.sampling_seed" in seeds,
             "not_covered": [
                 *mech["not_covered"],
                 *(dm.not_covered() if dm is not None else []),
@@ -401,6 +450,7 @@ class PrivacyAccounting(L.Callback):
             OPERATOR_SIDE_KEY: operator_side,
             "stop_reason": self.stop_reason,
             "fork_of": self.fork_of,
+            "interrupted": (self.stop_reason or "").startswith("interrupted"),
         }
 
     def write_report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:

@@ -114,6 +114,7 @@ class DPDataModule(L.LightningDataModule):
         self.batch_schedule = ConstantBatchSize() if batch_schedule is None else batch_schedule
         self.steps_per_epoch = steps_per_epoch
         self.sampling_seed = sampling_seed if sampling_seed is not None else secrets.randbits(62)
+        self.sampling_seed_fixed = sampling_seed is not None  # the report says so (not its value)
         self.privacy_unit, self.group_key = privacy_unit, group_key
         self.eval_batch_size, self.cache_dir, self.num_workers = (
             eval_batch_size,

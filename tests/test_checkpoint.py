@@ -464,6 +464,12 @@ def test_fork_plan_counts_the_parents_steps(tmp_path):
 def test_a_private_report_over_steps_its_ledger_lacks_is_refused():
     acct = PrivacyAccounting()
     trainer = SimpleNamespace(global_step=8)
-    module = SimpleNamespace(private=True, privacy_description=dict, num_nonfinite_total=0)
+    module = SimpleNamespace(
+        private=True,
+        privacy_description=dict,
+        num_nonfinite_total=0,
+        noise_multiplier=1.0,
+        hparams={},
+    )
     with pytest.raises(RuntimeError, match="weights took 8 steps but the privacy ledger holds 0"):
         acct.report(trainer, module)  # type: ignore[arg-type]

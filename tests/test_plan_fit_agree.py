@@ -34,6 +34,7 @@ class _Module:
         self.num_nonfinite_total = 0
         self.model = None
         self.applied: list[Any] = []
+        self.hparams: dict[str, Any] = {}
 
     def apply_privacy_plan(self, plan):
         self.applied.append(plan)

@@ -11,7 +11,6 @@ composed over the steps actually taken. The RDP epsilon is always reported besid
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -23,9 +22,8 @@ from lit_dp.callbacks.contract import DPModule, dp_module, report_source
 from lit_dp.callbacks.interrupts import interruption
 from lit_dp.callbacks.resume import ResumeGuard
 from lit_dp.data.datamodule import DPDataModule
-from lit_dp.export import OPERATOR_SIDE_KEY
 from lit_dp.fingerprint import FINGERPRINT_KEY, to_state
-from lit_dp.privacy.accountant import describe_accountant, make_accountant
+from lit_dp.privacy.accountant import make_accountant
 from lit_dp.privacy.plan import (
     MAX_DEFAULT_DELTA,
     PrivacyPlan,
@@ -35,34 +33,9 @@ from lit_dp.privacy.plan import (
     exceeds_budget,
 )
 from lit_dp.privacy.rdp_accountant import RDPAccountant
+from lit_dp.report import assemble, fixed_seeds
 
 __all__ = ["MAX_DEFAULT_DELTA", "PrivacyAccounting", "check_delta", "default_delta"]
-
-_OPERATOR_SIDE_NOTE = (
-    "operator_side counts {} (exact, not privatized: at group level num_records / num_units is "
-    "how many records users hold): in the run directory's report only, never exported"
-)
-# N is an input of the accountant (q = E[B] / N) and is printed in every report.
-_N_IS_PUBLIC = (
-    "num_units, N, the number of privacy units: treated as public (the sample rate q = E[B] / N "
-    "states it); epsilon does not hide how many units the training set holds"
-)
-
-
-# What `covers` adds when a private run fixes a seed (a known seed undoes the randomness).
-SEED_CAVEAT = (
-    "; epsilon holds only as long as nobody learns the fixed {}: a known noise seed lets anyone "
-    "subtract the noise, a known sampling seed removes the subsampling the accountant assumes"
-)
-
-
-def fixed_seeds(pl_module: Any, dm: Any) -> list[str]:
-    """The config fields of the seeds a run fixed (model.noise_seed, data.sampling_seed)."""
-    hparams = getattr(pl_module, "hparams", {})
-    fixed = ["model.noise_seed"] if hparams.get("noise_seed") is not None else []
-    if getattr(dm, "sampling_seed_fixed", False):
-        fixed.append("data.sampling_seed")
-    return fixed
 
 
 def check_delta(delta: float, num_units: int) -> None:
@@ -374,84 +347,21 @@ class PrivacyAccounting(L.Callback):
 
     # --- report ------------------------------------------------------------------------------
     def report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        module = report_source(pl_module, caller="PrivacyAccounting.report")
-        dm = _datamodule(trainer)
-        data = dict(dm.data_report()) if dm is not None else {}
-        mech = module.privacy_description()
-        # Exact data-dependent counts: this run directory's report only (export drops them).
-        operator_side = {
-            **data.pop(OPERATOR_SIDE_KEY, {}),
-            "num_nonfinite_zeroed": int(module.num_nonfinite_total),
-        }
-        private = bool(module.private)
-        if private and self.accountant.total_steps < trainer.global_step:
-            # Never a private report over weights that took steps the ledger does not hold.
-            raise RuntimeError(
-                f"privacy report refused: the weights took {trainer.global_step} steps but the "
-                f"privacy ledger holds {self.accountant.total_steps} (a checkpoint of another run "
-                "was loaded?); this run's epsilon does not cover its weights"
-            )
-        eps, eps_rdp, order = float("inf"), float("inf"), None
-        if private and self.accountant.total_steps > 0:
-            delta = self._delta()
-            eps = self.accountant.get_epsilon(delta)
-            eps_rdp, order = self.rdp.get_privacy_spent(delta=delta)
-        elif private:
-            eps = eps_rdp = 0.0
-        history = [list(h) for h in self.accountant.history]
-        rates = sorted({h[1] for h in self.accountant.history})
-        schedule = dm.schedule if dm is not None else None
-        if not private and schedule is not None:
-            rates = sorted(set(schedule.rates(trainer.global_step)))  # sampled, not accounted
-        sigma = pl_module.noise_multiplier
-        seeds = fixed_seeds(pl_module, dm)
-        covers = mech["covers"] + (
-            SEED_CAVEAT.format(" and ".join(seeds)) if private and seeds else ""
+        """The run's privacy report so far (``lit_dp.report.assemble``)."""
+        return assemble(
+            module=report_source(pl_module, caller="PrivacyAccounting.report"),
+            dm=_datamodule(trainer),
+            global_step=int(trainer.global_step),
+            accountant=self.accountant,
+            accountant_name=self.accountant_name,
+            rdp=self.rdp,
+            delta=self.delta,
+            target_epsilon=self.target_epsilon,
+            calibrated_noise_multiplier=self.calibrated_noise_multiplier,
+            num_units=self.num_units,
+            stop_reason=self.stop_reason,
+            fork_of=self.fork_of,
         )
-        return {
-            "private": private,
-            "epsilon": eps if math.isfinite(eps) else None,
-            "epsilon_is_infinite": not math.isfinite(eps),
-            "epsilon_rdp": eps_rdp if math.isfinite(eps_rdp) else None,
-            **(
-                {"epsilon_pld": eps if math.isfinite(eps) else None}
-                if self.accountant_name == "pld"
-                else {}
-            ),
-            "delta": self.delta,
-            "target_epsilon": self.target_epsilon,
-            "best_rdp_order": order,
-            "steps": int(self.accountant.total_steps) if private else int(trainer.global_step),
-            # One type per field: sigma a float (0.0 without privacy), the sample rate its
-            # schedule and the distinct rates of the steps taken (the ledger has every step).
-            "noise_multiplier": float(sigma) if isinstance(sigma, int | float) else 0.0,
-            "calibrated_noise_multiplier": self.calibrated_noise_multiplier,
-            "sample_rate": {
-                "schedule": dm.schedule_description() if dm is not None else None,
-                "distinct_rates": rates,
-            },
-            "ledger": history,
-            "num_units": self.num_units,
-            "privacy_unit": data.get("privacy_unit", "example"),
-            "accountant": self.accountant_name,
-            "accountant_description": describe_accountant(self.accountant_name, self.accountant),
-            "clipping": mech["clipping"],
-            "mechanism": mech,
-            "covers": covers,
-            "noise_seed_fixed": "model.noise_seed" in seeds,
-            "sampling_seed_fixed": "data.sampling_seed" in seeds,
-            "not_covered": [
-                *mech["not_covered"],
-                *(dm.not_covered() if dm is not None else []),
-                _N_IS_PUBLIC,
-                _OPERATOR_SIDE_NOTE.format(sorted(operator_side)),
-            ],
-            "data": data,
-            OPERATOR_SIDE_KEY: operator_side,
-            "stop_reason": self.stop_reason,
-            "fork_of": self.fork_of,
-            "interrupted": (self.stop_reason or "").startswith("interrupted"),
-        }
 
     def write_report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         # trainer.log_dir is a collective under DDP: every rank asks, rank 0 writes.

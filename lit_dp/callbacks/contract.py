@@ -5,7 +5,7 @@ typed protocol that ``DPCausalLM`` satisfies. PrivacyAccounting needs all of ``D
 refuses a module without it, naming the members it lacks (``dp_module``); the optional glue
 (EMA, clip-driven LR) reads only the small protocols it needs (``TrainedModel``, ``StepSource``,
 ``ClipSource``, ``EvaluationWeights``) and leaves a module without them alone; the report reads
-``ReportSource``.
+``ReportSource`` (``lit_dp.report``).
 
 HOOK_ORDER states the one ordering of Lightning's hooks that lit_dp relies on;
 tests/callbacks/test_contract.py checks that Lightning still calls them in this order.
@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from lit_dp.privacy.clipping import ClipBoundEstimator
 from lit_dp.privacy.plan import PrivacyPlan
+from lit_dp.report import ReportSource
 from lit_dp.step_record import DPStepRecord
 
 __all__ = [
@@ -80,24 +81,13 @@ class EvaluationWeights(Protocol):
 
 
 @runtime_checkable
-class ReportSource(Protocol):
-    """What the privacy report reads of a module."""
-
-    private: bool
-    num_nonfinite_total: int
-
-    def privacy_description(self) -> dict[str, Any]:
-        """The mechanism, clipping and what epsilon covers, for the report."""
-        ...
-
-
-@runtime_checkable
 class DPModule(Protocol):
     """The members of ``DPCausalLM`` that lit_dp's callbacks use."""
 
     private: bool
     clip: ClipBoundEstimator
     noise_multiplier: float | None  # None only before the plan is applied ("auto")
+    hparams: Any
     last_record: DPStepRecord | None  # the step just taken (None: no step this batch)
     num_nonfinite_total: int
     model: Any

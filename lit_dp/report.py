@@ -61,7 +61,7 @@ def fixed_seeds(module: ReportSource, dm: Any) -> list[str]:
     ``dm`` is the run's lit_dp DataModule, or None.
     """
     fixed = ["model.noise_seed"] if module.hparams.get("noise_seed") is not None else []
-    if dm is not None and dm.sampling_seed_fixed:
+    if getattr(dm, "sampling_seed_fixed", False):  # a DataModule without the flag fixed none
         fixed.append("data.sampling_seed")
     return fixed
 
@@ -124,7 +124,7 @@ def assemble(
     Raises:
         RuntimeError: a private report over weights that took steps the ledger does not hold.
     """
-    data = dict(dm.data_report()) if dm is not None else {}
+    data = dict(dm.data_report()) if dm is not None and hasattr(dm, "data_report") else {}
     mech = module.privacy_description()
     # Exact data-dependent counts: this run directory's report only (export drops them).
     operator_side = {
@@ -148,7 +148,7 @@ def assemble(
         eps = eps_rdp = 0.0
     history = [list(h) for h in accountant.history]
     rates = sorted({h[1] for h in accountant.history})
-    schedule = dm.schedule if dm is not None else None
+    schedule = getattr(dm, "schedule", None)
     if not private and schedule is not None:
         rates = sorted(set(schedule.rates(global_step)))  # sampled, not accounted
     sigma = module.noise_multiplier
@@ -171,7 +171,9 @@ def assemble(
         "noise_multiplier": float(sigma) if isinstance(sigma, int | float) else 0.0,
         "calibrated_noise_multiplier": calibrated_noise_multiplier,
         "sample_rate": {
-            "schedule": dm.schedule_description() if dm is not None else None,
+            "schedule": dm.schedule_description()
+            if dm is not None and hasattr(dm, "schedule_description")
+            else None,
             "distinct_rates": rates,
         },
         "ledger": history,
@@ -186,7 +188,7 @@ def assemble(
         "sampling_seed_fixed": "data.sampling_seed" in seeds,
         "not_covered": [
             *mech["not_covered"],
-            *(dm.not_covered() if dm is not None else []),
+            *(dm.not_covered() if dm is not None and hasattr(dm, "not_covered") else []),
             _N_IS_PUBLIC,
             _OPERATOR_SIDE_NOTE.format(sorted(operator_side)),
         ],

@@ -21,7 +21,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lit_dp.callbacks.contract import DPModule, dp_module, report_source
 from lit_dp.callbacks.interrupts import interruption
 from lit_dp.callbacks.resume import ResumeGuard
-from lit_dp.data.datamodule import DPDataModule
 from lit_dp.fingerprint import FINGERPRINT_KEY, to_state
 from lit_dp.privacy.accountant import make_accountant
 from lit_dp.privacy.plan import (
@@ -43,13 +42,14 @@ def check_delta(delta: float, num_units: int) -> None:
     check_delta_for_units(delta, num_units, warn=rank_zero_warn)
 
 
-def _datamodule(trainer: L.Trainer) -> DPDataModule | None:
-    """The trainer's lit_dp DataModule (None without one, or with another kind).
+def _datamodule(trainer: L.Trainer) -> Any:
+    """The trainer's DataModule (None without one), attached by Lightning at run time.
 
-    ``setup`` refuses a run without one: it defines the privacy units.
+    A lit_dp ``DPDataModule``, or any DataModule with its privacy members (``num_units``,
+    ``schedule``; the report reads ``data_report`` and the rest where present): ``setup``
+    refuses one without ``num_units``.
     """
-    dm = getattr(trainer, "datamodule", None)  # Lightning attaches it at run time
-    return dm if isinstance(dm, DPDataModule) else None
+    return getattr(trainer, "datamodule", None)
 
 
 def _refuse_minimum_length(trainer: L.Trainer, target_epsilon: float) -> None:
@@ -139,7 +139,7 @@ class PrivacyAccounting(L.Callback):
             return
         module = dp_module(pl_module, caller="PrivacyAccounting")
         dm = _datamodule(trainer)
-        if dm is None:
+        if dm is None or not hasattr(dm, "num_units"):
             raise ValueError("lit_dp needs a lit_dp DataModule (it defines the privacy units)")
         self.num_units = int(dm.num_units)
         if self.num_units < 1:
@@ -164,7 +164,7 @@ class PrivacyAccounting(L.Callback):
             )
         if self.target_epsilon is not None:
             _refuse_minimum_length(trainer, self.target_epsilon)
-        if dm.schedule is None:
+        if getattr(dm, "schedule", None) is None:
             raise RuntimeError(
                 "PrivacyAccounting.setup: the DataModule has no sample-rate schedule yet; "
                 "its setup('fit') sets it and must run before this callback's"

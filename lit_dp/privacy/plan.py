@@ -106,6 +106,11 @@ class NoiseEvent(Protocol):
 
     bands: int
 
+    @property
+    def sensitivity(self) -> float:
+        """The factor by which the noise std exceeds sigma * C (||c||_2 of banded MF)."""
+        ...
+
     def round_sample_rates(self, rate_of: Callable[[int], float], steps: int) -> list[float]:
         """The rates the ledger holds after ``steps`` planned steps, one per ledger step."""
         ...
@@ -308,10 +313,13 @@ class PrivacyPlan:
         return raised_noise_multiplier(noise_multiplier=self.noise_multiplier, count_noise_std=std)
 
     def noise_std(self, step: int = 0) -> float:
-        """Noise std per coordinate of the averaged gradient at C_0: z_grad * C_0 / E[B_t]."""
-        return (
-            self.grad_noise_multiplier(step) * self.max_grad_norm / self.expected_batch_size(step)
-        )
+        """Noise std per coordinate of the averaged gradient at C_0: z_grad * C_0 * s / E[B_t].
+
+        s is the mechanism's sensitivity (1 for independent noise): the std of its fresh draw.
+        """
+        scale = 1.0 if self.mechanism is None else self.mechanism.sensitivity
+        z = self.grad_noise_multiplier(step)
+        return z * self.max_grad_norm * scale / self.expected_batch_size(step)
 
     def epsilon_after(self, steps: int, accountant: AccountantName | None = None) -> float:
         """Epsilon after optimizer steps 0..steps-1 (run by run, ~1e-9 relative to stepping)."""

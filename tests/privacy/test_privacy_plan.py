@@ -111,6 +111,7 @@ class _Rounds:
     """A mechanism accounted once per round of 2 steps at rate 2 q (as banded MF with b = 2)."""
 
     bands = 2
+    sensitivity = 1.25
 
     def round_sample_rates(self, rate_of, steps):
         return [min(1.0, 2 * rate_of(t)) for t in range(0, steps, 2)]
@@ -126,6 +127,8 @@ def test_a_mechanism_with_its_own_event_sets_the_ledger_and_the_calibration():
     eps = _stepped(RDPAccountant(), plan.noise_multiplier, [0.25] * 4, plan.delta)
     assert 0.99 * 5.0 <= eps[-1] <= 5.0
     assert plan.describe()["noise_mechanism"] == {"bands": 2}
+    assert plan.noise_std(0) == pytest.approx(plan.noise_multiplier * 1.25 / 32, rel=1e-15)
+    assert plan.budget_stop_step() is None
 
 
 def test_a_fork_plan_counts_the_steps_taken():
@@ -137,3 +140,15 @@ def test_a_fork_plan_counts_the_steps_taken():
     eps = _stepped(acct, plan.noise_multiplier, [0.125] * 6, plan.delta)
     assert 0.98 * 6.0 <= eps[-1] <= 6.0
     assert math.isfinite(plan.epsilon_after(10))
+
+
+def test_a_mechanism_round_stops_the_budget_at_a_round_boundary():
+    eps = _stepped(RDPAccountant(), 1.5, [0.25] * 4, 1e-5)
+    target = (eps[1] + eps[2]) / 2  # two rounds fit, a third would pass the target
+    plan = _plan(
+        mechanism=_Rounds(), accountant="rdp", steps=8, target_epsilon=target,
+        noise_multiplier=1.5,
+    )  # fmt: skip
+    assert plan.budget_stop_step() == 4  # 2 rounds of 2 steps; step 4 would start the third
+    assert plan.epsilon_after(4) == pytest.approx(eps[1], rel=1e-12)
+    assert plan.epsilon_after(5) == pytest.approx(eps[2], rel=1e-12)  # charged at its start

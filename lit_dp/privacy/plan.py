@@ -188,7 +188,7 @@ class PrivacyPlan:
             ValueError: naming the config field: delta not below 1/N, ``auto`` without a
                 target or planned steps, a target no sigma reaches in the planned steps, or a
                 fixed sigma whose first step already exceeds the target. A fork's calibration
-                error (``taken``) is raised as ``calibrate_continuation`` gives it.
+                error (``taken``) goes through ``fork_error`` when one is given.
         """
         if accountant not in ACCOUNTANTS:
             raise ValueError(

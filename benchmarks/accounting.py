@@ -33,9 +33,9 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
 from _meta import provenance  # benchmarks/ is sys.path[0] when run as a script
 
-from lit_dp.privacy.accountant import RDPAccountant
-from lit_dp.privacy.budget import calibrate_noise_multiplier, epsilon_for_schedule
-from lit_dp.privacy.pld import PLDAccountant
+from lit_dp.privacy.calibration import calibrate_noise_multiplier, epsilon_for_schedule
+from lit_dp.privacy.pld_accountant import PLDAccountant
+from lit_dp.privacy.rdp_accountant import RDPAccountant
 
 DELTA = 1e-5
 SIGMA = 1.0

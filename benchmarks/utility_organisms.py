@@ -13,7 +13,7 @@ A ``base`` organism (the GPU recipe) starts from an existing checkpoint and its 
 and continues pretraining on the public emails (for the BitNet twin: QAT healing after the
 ternary conversion).
 
-Organisms are written with ``lit_dp.models.export_model`` (BitNet twins carry the QAT flag, so
+Organisms are written with ``lit_dp.export.export_model`` (BitNet twins carry the QAT flag, so
 ``DPCausalLM(model=<dir>)`` re-applies the ternary layers) and cached in
 ``$LIT_DP_CACHE/utility/<name>-<hash of the config>`` (default ``~/.cache/lit_dp``): a changed
 config is a new directory, and a missing one is rebuilt from scratch.
@@ -35,7 +35,8 @@ import torch
 
 from lit_dp.data.encoding import Row, collate_rows, encode_records
 from lit_dp.data.synthetic import make_splits
-from lit_dp.models import convert_to_bitnet, export_model, load_model, load_tokenizer
+from lit_dp.export import export_model
+from lit_dp.models import convert_to_bitnet, load_model, load_tokenizer
 from lit_dp.sources import publish_once
 
 ORGANISM_VERSION = 1  # bump when the build procedure changes: every cached organism is rebuilt

@@ -16,11 +16,11 @@ if TYPE_CHECKING:
     from lit_dp.data import DPDataModule, JSONLDataModule, SyntheticDataModule
     from lit_dp.module import DPCausalLM
     from lit_dp.optim import DPAdamW
-    from lit_dp.privacy.accountant import RDPAccountant
-    from lit_dp.privacy.budget import calibrate_noise_multiplier
+    from lit_dp.privacy.calibration import calibrate_noise_multiplier
     from lit_dp.privacy.mechanism import PrivateStep, privatize
     from lit_dp.privacy.per_sample import clipped_grad_sum
-    from lit_dp.privacy.pld import PLDAccountant
+    from lit_dp.privacy.pld_accountant import PLDAccountant
+    from lit_dp.privacy.rdp_accountant import RDPAccountant
 
 # public name -> the module defining it
 _SOURCES = {
@@ -30,12 +30,12 @@ _SOURCES = {
     "DPDataModule": "lit_dp.data",
     "EMAWeights": "lit_dp.callbacks.ema",
     "JSONLDataModule": "lit_dp.data",
-    "PLDAccountant": "lit_dp.privacy.pld",
+    "PLDAccountant": "lit_dp.privacy.pld_accountant",
     "PrivacyAccounting": "lit_dp.callbacks.accounting",
     "PrivateStep": "lit_dp.privacy.mechanism",
-    "RDPAccountant": "lit_dp.privacy.accountant",
+    "RDPAccountant": "lit_dp.privacy.rdp_accountant",
     "SyntheticDataModule": "lit_dp.data",
-    "calibrate_noise_multiplier": "lit_dp.privacy.budget",
+    "calibrate_noise_multiplier": "lit_dp.privacy.calibration",
     "clipped_grad_sum": "lit_dp.privacy.per_sample",
     "privatize": "lit_dp.privacy.mechanism",
 }

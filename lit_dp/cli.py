@@ -40,6 +40,7 @@ from lit_dp.cli_errors import CommandLineError, explain_parse_error
 from lit_dp.data.datamodule import DPDataModule
 from lit_dp.distributed import DPDDPStrategy
 from lit_dp.module import DPCausalLM
+from lit_dp.report import summary_lines
 from lit_dp.threads import set_torch_threads
 
 if "dp_ddp" not in StrategyRegistry:
@@ -366,37 +367,7 @@ def run_summary(
         report = acct.last_report
     if report is not None:
         report_path = getattr(acct, "report_path", log_dir / "privacy_report.json")
-        if report["private"]:
-            eps = report["epsilon"]
-            eps_s = "inf" if eps is None else f"{eps:.4f}"
-            lines.append(
-                f"privacy: epsilon = {eps_s} at delta = {report['delta']:.3g} "
-                f"({report['privacy_unit']}-level, {report['steps']} steps, "
-                f"noise_multiplier = {report['noise_multiplier']})"
-            )
-            if report.get("accountant") == "pld" and report.get("epsilon_rdp") is not None:
-                lines.append(
-                    f"accountant: PLD (RDP, looser, would bound the same steps at epsilon = "
-                    f"{report['epsilon_rdp']:.4f})"
-                )
-            lines.append(f"covers: {report['covers']}")
-            seeds = [
-                name
-                for name, key in (
-                    ("model.noise_seed", "noise_seed_fixed"),
-                    ("data.sampling_seed", "sampling_seed_fixed"),
-                )
-                if report.get(key)
-            ]
-            if seeds:
-                lines.append(
-                    f"seeds: {' and '.join(seeds)} FIXED: epsilon holds only while the seed stays "
-                    "secret (for experiments; leave them null for a release)"
-                )
-        else:
-            lines.append("privacy: NONE (private: false, non-private baseline)")
-        lines.append(f"stopped: {report['stop_reason']}")
-        lines.append(f"privacy report: {report_path}")
+        lines += summary_lines(report, report_path)
     hist = model.val_history
     if hist:
         before, after = hist[0], hist[-1]

@@ -21,7 +21,7 @@ import torch
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.text import Perplexity
 
-from lit_dp import models
+from lit_dp.export import export_model
 
 
 class CausalLMEvaluation(L.LightningModule):
@@ -167,7 +167,7 @@ class CausalLMEvaluation(L.LightningModule):
         )
         tokenizer = getattr(self._datamodule(), "tokenizer", None)
         with self.evaluation_weights():  # export_model keeps the report's public part only
-            self.export_path = models.export_model(
+            self.export_path = export_model(
                 self.model,
                 tokenizer,
                 out,

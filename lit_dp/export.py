@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -39,60 +38,11 @@ from torch import nn
 
 from lit_dp.bitnet import has_bitnet_qat
 from lit_dp.lora import is_lora
+from lit_dp.report import shareable
 from lit_dp.sources import BITNET_QAT_FLAG, LORA_ADAPTER_DIR
 
 PRIVACY_REPORT_FILE = "privacy_report.json"
-# The report section of exact, unprivatized data counts: operator-side, never exported.
-OPERATOR_SIDE_KEY = "operator_side"
 MODEL_CARD_FILE = "README.md"
-# Keys never written next to a released model: knowing the noise draws would undo the privacy.
-_SECRET_KEY = re.compile(r"seed|generator|rng", re.IGNORECASE)
-# Booleans that say whether a seed was fixed (never its value): the shareable report keeps them.
-_PUBLIC_SEED_FLAGS = {"noise_seed_fixed", "sampling_seed_fixed"}
-
-
-def _public_dataset(name: Any) -> Any:
-    """A dataset name without the local path of its file (``jsonl:/home/x/mail.jsonl``)."""
-    if isinstance(name, str) and ":" in name and name.split(":", 1)[0] == "jsonl":
-        return "jsonl (a local file; its path is not exported)"
-    return name
-
-
-def _public_value(key: Any, value: Any) -> Any:
-    """A report value without local paths.
-
-    Dataset names lose their file path; a fork's parent checkpoint keeps only its file name (its
-    fingerprint says which run it was).
-    """
-    if key == "dataset":
-        return _public_dataset(value)
-    if key == "checkpoint" and isinstance(value, str):
-        return Path(value).name
-    return _scrub(value)
-
-
-def _scrub(obj: Any) -> Any:
-    """Drop (recursively) every dict entry whose key names a seed or generator state.
-
-    The operator-side counts are dropped too, local file paths (dataset names, a fork's parent
-    checkpoint), and the clip
-    bound of a clip-bound description that epsilon does not cover (``covered_by_dp: false``:
-    HistoryPercentile's C_t is a percentile of raw per-unit norms).
-    """
-    if isinstance(obj, dict):
-        # A bound set from raw norms (HistoryPercentile); the baseline's null bound says nothing.
-        derived = obj.get("covered_by_dp") is False and obj.get("max_grad_norm") is not None
-        raw = {"max_grad_norm"} if derived else set()
-        return {
-            k: _public_value(k, v)
-            for k, v in obj.items()
-            if k != OPERATOR_SIDE_KEY
-            and k not in raw
-            and (k in _PUBLIC_SEED_FLAGS or not _SECRET_KEY.search(str(k)))
-        }
-    if isinstance(obj, list | tuple):
-        return [_scrub(v) for v in obj]
-    return obj
 
 
 def _save_base(model: Any, out: Path, *, bitnet_qat: bool) -> None:
@@ -152,7 +102,7 @@ def export_model(
     if privacy_report is not None:
         from lit_dp.model_card import REQUIRED_FIELDS, model_card
 
-        public = _scrub(privacy_report)
+        public = shareable(privacy_report)
         text = json.dumps(public, indent=2, sort_keys=True, default=str)
         (out / PRIVACY_REPORT_FILE).write_text(text + "\n")
         if public.keys() >= REQUIRED_FIELDS:  # a run's report (not a hand-made partial one)

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         print(note)
 
     from lit_dp import models
+    from lit_dp.export import generate
 
     rows = read_prompts(args.prompts, args.prompt_field)
     model = models.load_model(args.model)
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     with args.out.open("w", encoding="utf-8") as fh:
         for start in tqdm(range(0, len(rows), args.batch_size), desc="generate", unit="batch"):
             chunk = rows[start : start + args.batch_size]
-            outs = models.generate(
+            outs = generate(
                 model,
                 tokenizer,
                 [r[args.prompt_field] for r in chunk],

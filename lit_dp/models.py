@@ -5,8 +5,9 @@ With lit_dp.bitnet and lit_dp.lora, the only modules importing transformers/peft
 Sections: tiny random models (tests, ``tiny.yaml``); the tiny tokenizer; loading by source name
 (:func:`resolve_source`, :func:`load_model`, :func:`load_tokenizer`). BitNet b1.58 conversion
 (online ternary quantization-aware training through transformers' ``AutoBitLinear``) lives in
-``lit_dp.bitnet``, LoRA (:func:`apply_lora`, :func:`merge_lora`) in ``lit_dp.lora``, export and
-generation in ``lit_dp.export``; all are re-exported here. Importing this module imports
+``lit_dp.bitnet``, LoRA (:func:`apply_lora`, :func:`merge_lora`) in ``lit_dp.lora``; both are
+re-exported here. Export and generation live in ``lit_dp.export``, which this module does not
+import (loading a model never loads the export code). Importing this module imports
 ``lit_dp.bitnet``, which registers the BitNet layers' per-example rule with the fast clipping
 engine.
 """
@@ -28,8 +29,6 @@ from lit_dp.bitnet import BitLinearQAT as BitLinearQAT
 from lit_dp.bitnet import bitlinear_input as bitlinear_input
 from lit_dp.bitnet import convert_to_bitnet as convert_to_bitnet
 from lit_dp.bitnet import has_bitnet_qat as has_bitnet_qat
-from lit_dp.export import export_model as export_model
-from lit_dp.export import generate as generate
 from lit_dp.lora import DEFAULT_LORA_TARGETS as DEFAULT_LORA_TARGETS
 from lit_dp.lora import apply_lora as apply_lora
 from lit_dp.lora import is_lora as is_lora

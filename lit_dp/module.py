@@ -39,6 +39,7 @@ from lit_dp.privacy.noise import (
     make_generator,
 )
 from lit_dp.privacy.per_sample import ENGINES, per_example_losses
+from lit_dp.privacy.plan import PrivacyPlan
 from lit_dp.privacy.secure_noise import SecureNoiseGenerator
 from lit_dp.step_record import DPStepRecord
 
@@ -111,7 +112,11 @@ class DPCausalLM(CausalLMEvaluation):
         # The components are described in the privacy report, not pickled into hparams.
         self.save_hyperparameters(ignore=["clipping", "optimizer"])
         self.private = private
-        self.noise_multiplier: float | str = noise_multiplier if private else 0.0
+        # sigma: a float once a privacy plan is applied (setup); None until then for "auto".
+        self.noise_multiplier: float | None = (
+            (None if noise_multiplier == "auto" else float(noise_multiplier)) if private else 0.0
+        )
+        self.privacy_plan: PrivacyPlan | None = None
         self.engine = engine
         self.max_physical_batch_size = max_physical_batch_size
         self.diagnostics = diagnostics
@@ -165,9 +170,21 @@ class DPCausalLM(CausalLMEvaluation):
         if not isinstance(args["secure_noise"], bool):
             raise TypeError(f"model.secure_noise={args['secure_noise']!r} must be true or false")
 
-    def set_noise_multiplier(self, value: float) -> None:
-        """Set sigma (called by PrivacyAccounting after calibrating ``noise_multiplier: auto``)."""
-        self.noise_multiplier = float(value)
+    def apply_privacy_plan(self, plan: PrivacyPlan) -> None:
+        """Take sigma from the run's privacy plan (PrivacyAccounting.setup; a fork's again).
+
+        The plan's sigma is a float: calibrated for ``noise_multiplier: auto``, else the given one.
+        """
+        self.privacy_plan = plan
+        self.noise_multiplier = float(plan.noise_multiplier)
+
+    def _sigma(self) -> float:
+        if self.noise_multiplier is None:
+            raise RuntimeError(
+                "model.noise_multiplier=auto needs the PrivacyAccounting callback (privacy: "
+                "section) to calibrate it; give a number or run through the lit-dp CLI"
+            )
+        return self.noise_multiplier
 
     def request_stop(self, reason: str) -> None:
         """Stop before the next step (budget enforcement); the reason goes into the report."""
@@ -205,7 +222,8 @@ class DPCausalLM(CausalLMEvaluation):
             distributed.check_dp_strategy(self.trainer)
         if dm is not None and hasattr(dm, "num_units"):
             self._num_units = int(dm.num_units)
-        if stage == "fit" and self.private and self.noise_multiplier == "auto":
+        # PrivacyAccounting.setup ran before this hook and applied the plan (HOOK_ORDER).
+        if stage == "fit" and self.private and self.noise_multiplier is None:
             raise ValueError(
                 "model.noise_multiplier=auto needs the PrivacyAccounting callback (privacy: "
                 "section) to calibrate it; give a number or run through the lit-dp CLI"
@@ -218,7 +236,7 @@ class DPCausalLM(CausalLMEvaluation):
             max_steps = self.trainer.max_steps if self._trainer is not None else -1
             check_smallest_batch(
                 self.clip,
-                noise_multiplier=float(self.noise_multiplier),
+                noise_multiplier=self._sigma(),
                 schedule=dm.schedule,
                 num_units=int(self._num_units or 0),
                 num_steps=max_steps if max_steps and max_steps > 0 else None,
@@ -271,7 +289,7 @@ class DPCausalLM(CausalLMEvaluation):
             )
         sample_rate = float(batch["sample_rate"])
         expected = sample_rate * self._num_units
-        sigma = float(self.noise_multiplier)
+        sigma = self._sigma()
         # 1-6. Clip, sum (across ranks), noise, divide by q * N, update C: lit_dp.privacy.mechanism.
         step = privatize(
             self.model,

@@ -3,29 +3,30 @@
 The config is parsed exactly as ``fit`` parses it (``LitDPCLI``'s parser: the same defaults,
 links, overrides and trainer checks), but only the DataModule is built, and only its records
 are read: N privacy units and the sample-rate schedule need neither the model nor its tokenizer,
-so the plan works for configs whose model directory is not on this machine. The noise
-multiplier is calibrated (or, when fixed, its epsilon computed) under both accountants with
-the functions ``fit`` uses, so the plan's sigma, epsilon, N, q and delta are the ones the run
-will write into ``privacy_report.json``.
+so the plan works for configs whose model directory is not on this machine. The plan printed is
+the ``lit_dp.privacy.plan.PrivacyPlan`` that fit builds (``PrivacyAccounting.make_plan``, from
+the same privacy section, N, schedule, steps, sigma and clip-bound estimator), so its sigma,
+delta, epsilon and budget-stop step are the ones the run will write into
+``privacy_report.json``; the same plan under the other accountant is printed beside it.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from lightning.pytorch.cli import instantiate_class
 
-from lit_dp.callbacks.accounting import PrivacyAccounting, check_delta, default_delta
+from lit_dp.callbacks.accounting import PrivacyAccounting
 from lit_dp.cli import LitDPCLI
-from lit_dp.privacy.budget import ACCOUNTANTS, epsilon_for_schedule
+from lit_dp.privacy.accountant import ACCOUNTANTS
 from lit_dp.privacy.clipping import (
     PrivateQuantile,
     check_smallest_batch,
     default_clip_estimator,
 )
+from lit_dp.privacy.plan import PrivacyPlan as RunPlan
 from lit_dp.privacy.sampling import SampleRateSchedule
 
 
@@ -40,8 +41,13 @@ class _ParseOnlyCLI(LitDPCLI):
 
 
 @dataclass
-class PrivacyPlan:
-    """Everything ``lit-dp plan`` prints; per-accountant values are keyed "pld" / "rdp"."""
+class PlanView:
+    """Everything ``lit-dp plan`` prints; per-accountant values are keyed "pld" / "rdp".
+
+    ``privacy`` is the run's ``lit_dp.privacy.plan.PrivacyPlan``, the object fit builds in
+    ``PrivacyAccounting.setup`` from the same config (None for a non-private run); the noise
+    figures are its answers.
+    """
 
     private: bool
     num_units: int
@@ -49,49 +55,52 @@ class PrivacyPlan:
     dataset: str
     schedule: SampleRateSchedule
     steps: int | None
-    delta: float | None = None
-    delta_is_default: bool = True
     target_epsilon: float | None = None
     accountant: str = "pld"
-    calibrated: bool = False
+    privacy: RunPlan | None = None
     noise_multiplier: dict[str, float] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)
     epsilon_rdp_of_run: float | None = None  # the report's epsilon_rdp (RDP at the PLD sigma)
     budget_steps: int | None = None  # fixed sigma over budget: steps taken before the stop
     max_grad_norm: float = 1.0
-    sigma: float | None = None  # the run's accounted noise multiplier (its accountant's)
-    count_noise_divisor: float | None = None  # private quantile clipping only
     clipping: str = "FixedClip"  # the clip-bound estimator's class
     clip_covered_by_dp: bool = True  # False: C_t from raw norms, epsilon covers nothing
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.privacy is None else self.privacy.delta
+
+    @property
+    def delta_is_default(self) -> bool:
+        return self.privacy is None or self.privacy.delta_is_default
+
+    @property
+    def calibrated(self) -> bool:
+        return self.privacy is not None and self.privacy.calibrated
+
+    @property
+    def sigma(self) -> float | None:
+        """The run's accounted noise multiplier (its accountant's)."""
+        return None if self.privacy is None else self.privacy.noise_multiplier
 
     def expected_batch_size(self, step: int) -> float:
         return self.schedule.rate(step) * self.num_units
 
     def count_noise_std(self, step: int = 0) -> float | None:
         """Private quantile: std of the count noise at ``step``, E[B_t] / divisor (in units)."""
-        if self.count_noise_divisor is None:
-            return None
-        return self.expected_batch_size(step) / self.count_noise_divisor
+        return None if self.privacy is None else self.privacy.count_noise_std(step)
 
     def count_noise_share(self, step: int = 0) -> float | None:
-        """Share of the accounted noise precision 1 / sigma^2 that pays for the count.
-
-        It is (sigma / (2 sigma_b))^2 (Andrew et al. 2021, Theorem 1).
-        """
-        std = self.count_noise_std(step)
-        return None if std is None or self.sigma is None else (self.sigma / (2.0 * std)) ** 2
+        """Share of the accounted noise precision 1 / sigma^2 that pays for the count."""
+        return None if self.privacy is None else self.privacy.count_noise_share(step)
 
     def grad_noise_multiplier(self, step: int = 0) -> float | None:
         """The gradient's noise multiplier: sigma, raised to pay for a private quantile count."""
-        share = self.count_noise_share(step)
-        if self.sigma is None or share is None:
-            return self.sigma
-        return self.sigma / math.sqrt(1.0 - share)
+        return None if self.privacy is None else self.privacy.grad_noise_multiplier(step)
 
     def noise_std(self, step: int = 0) -> float | None:
         """Per-step noise std on the averaged gradient, z_grad * C_0 / E[B_t]."""
-        z = self.grad_noise_multiplier(step)
-        return None if z is None else z * self.max_grad_norm / self.expected_batch_size(step)
+        return None if self.privacy is None else self.privacy.noise_std(step)
 
 
 def read_config(args: list[str]) -> Any:
@@ -113,8 +122,8 @@ def _instantiate(spec: Any) -> Any:
     return spec
 
 
-def make_plan(config: Any) -> PrivacyPlan:
-    """Count units, calibrate or evaluate sigma under PLD and RDP, and the noise it implies.
+def make_plan(config: Any) -> PlanView:
+    """The run's privacy plan as fit builds it, and the same plan under the other accountant.
 
     Raises:
         ValueError: the errors ``fit`` raises before training for the same config (bad delta,
@@ -131,7 +140,7 @@ def make_plan(config: Any) -> PrivacyPlan:
         else instantiate_class((), model.clipping.as_dict())
     )
     max_steps = trainer_cfg.max_steps
-    plan = PrivacyPlan(
+    view = PlanView(
         private=bool(model.private),
         num_units=num_units,
         privacy_unit=dm.privacy_unit,
@@ -144,73 +153,44 @@ def make_plan(config: Any) -> PrivacyPlan:
         clipping=type(clip).__name__,
         clip_covered_by_dp=bool(clip.covered_by_dp),
     )
-    if not plan.private:
-        return plan
-    plan.delta_is_default = accounting.delta_arg is None
-    delta = default_delta(num_units) if accounting.delta_arg is None else accounting.delta_arg
-    check_delta(delta, num_units)
-    plan.delta = delta
-    plan.calibrated = model.noise_multiplier == "auto"
-    target, steps = plan.target_epsilon, plan.steps
-    if plan.calibrated and (target is None or steps is None):
-        accounting.calibrate(schedule=schedule, steps=steps, delta=delta)  # raises fit's error
-    if steps is not None:
-        rates = schedule.rates(steps)
-        for name in ACCOUNTANTS:
-            if plan.calibrated:
-                sigma = accounting.calibrate(
-                    schedule=schedule, steps=steps, delta=delta, accountant=name
-                )
-            else:
-                sigma = float(model.noise_multiplier)
-            plan.noise_multiplier[name] = sigma
-            plan.epsilon[name] = epsilon_for_schedule(
-                noise_multiplier=sigma, delta=delta, sample_rate=rates, steps=steps,
-                accountant=name,  # type: ignore[arg-type]
-            )  # fmt: skip
-        if target is not None and plan.epsilon[plan.accountant] > target:
-            plan.budget_steps = _steps_within_budget(plan, rates, target)
-        if plan.accountant == "pld":  # the report's epsilon_rdp: RDP of this run's own sigma
-            plan.epsilon_rdp_of_run = epsilon_for_schedule(
-                noise_multiplier=plan.noise_multiplier["pld"], delta=delta, sample_rate=rates,
-                steps=steps, accountant="rdp",
-            )  # fmt: skip
-    plan.sigma = plan.noise_multiplier.get(plan.accountant)
-    if plan.sigma is None and not plan.calibrated:
-        plan.sigma = float(model.noise_multiplier)
-    if plan.sigma is not None and isinstance(clip, PrivateQuantile):
+    if not view.private:
+        return view
+    noise_multiplier: float | Literal["auto"] = (
+        "auto" if model.noise_multiplier == "auto" else float(model.noise_multiplier)
+    )
+    plans = {
+        name: accounting.make_plan(
+            num_units=num_units,
+            schedule=schedule,
+            steps=view.steps,
+            noise_multiplier=noise_multiplier,
+            clip=clip,
+            accountant=name,  # type: ignore[arg-type]
+        )
+        for name in sorted(ACCOUNTANTS, key=lambda n: n != view.accountant)  # the run's first
+    }
+    run = view.privacy = plans[view.accountant]
+    if view.steps is not None:
+        for name, plan in plans.items():
+            view.noise_multiplier[name] = plan.noise_multiplier
+            view.epsilon[name] = plan.epsilon_after(view.steps)
+        view.budget_steps = run.budget_stop_step()
+        if view.accountant == "pld":  # the report's epsilon_rdp: RDP of this run's own sigma
+            view.epsilon_rdp_of_run = run.epsilon_after(view.steps, accountant="rdp")
+    if isinstance(clip, PrivateQuantile):
         # The check fit makes before its first step (ValueError: batch too small for the count
         # at the smallest expected batch of the planned steps).
         check_smallest_batch(
             clip,
-            noise_multiplier=plan.sigma,
+            noise_multiplier=run.noise_multiplier,
             schedule=schedule,
             num_units=num_units,
-            num_steps=plan.steps,
+            num_steps=view.steps,
         )
-        plan.count_noise_divisor = clip.count_noise_divisor
-    return plan
+    return view
 
 
-def _steps_within_budget(plan: PrivacyPlan, rates: list[float], target: float) -> int:
-    """Most steps whose epsilon stays <= target (the budget stop ends the run there)."""
-    sigma = plan.noise_multiplier[plan.accountant]
-    delta = float(plan.delta)  # type: ignore[arg-type]
-
-    def within(k: int) -> bool:
-        return k == 0 or epsilon_for_schedule(
-            noise_multiplier=sigma, delta=delta, sample_rate=rates[:k], steps=k,
-            accountant=plan.accountant,  # type: ignore[arg-type]
-        ) <= target  # fmt: skip
-
-    lo, hi = 0, len(rates)  # within(lo), not within(hi): epsilon grows with every step
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if within(mid) else (lo, mid)
-    return lo
-
-
-def _rate_line(plan: PrivacyPlan) -> tuple[str, str]:
+def _rate_line(plan: PlanView) -> tuple[str, str]:
     s = plan.schedule
     if s.kind == "constant":
         return f"{plan.expected_batch_size(0):g}", f"{s.rate(0):.6g} (constant)"
@@ -221,7 +201,7 @@ def _rate_line(plan: PrivacyPlan) -> tuple[str, str]:
     )
 
 
-def format_plan(plan: PrivacyPlan, source: str = "") -> str:
+def format_plan(plan: PlanView, source: str = "") -> str:
     """The aligned table ``lit-dp plan`` prints.
 
     One label column, then one value (or one per accountant, the run's own first).

@@ -34,9 +34,9 @@ from lit_dp.data import ConstantBatchSize, SyntheticDataModule
 from lit_dp.fingerprint import FINGERPRINT_KEY, short_id
 from lit_dp.models import tiny_tokenizer
 from lit_dp.module import DPCausalLM
-from lit_dp.privacy.budget import epsilon_for_schedule
+from lit_dp.privacy.calibration import epsilon_for_schedule
 from lit_dp.privacy.clipping import FixedClip
-from lit_dp.privacy.pld import PLDAccountant
+from lit_dp.privacy.pld_accountant import PLDAccountant
 from lit_dp.privacy.secure_noise import SecureNoiseGenerator
 
 
@@ -464,6 +464,12 @@ def test_fork_plan_counts_the_parents_steps(tmp_path):
 def test_a_private_report_over_steps_its_ledger_lacks_is_refused():
     acct = PrivacyAccounting()
     trainer = SimpleNamespace(global_step=8)
-    module = SimpleNamespace(private=True, privacy_description=dict, num_nonfinite_total=0)
+    module = SimpleNamespace(
+        private=True,
+        privacy_description=dict,
+        num_nonfinite_total=0,
+        noise_multiplier=1.0,
+        hparams={},
+    )
     with pytest.raises(RuntimeError, match="weights took 8 steps but the privacy ledger holds 0"):
         acct.report(trainer, module)  # type: ignore[arg-type]

@@ -331,7 +331,8 @@ def test_generate_reads_a_prompt_file_written_on_windows(tmp_path):
 
 
 def test_generate_subcommand_writes_responses(tmp_path, monkeypatch, capsys):
-    from lit_dp.models import export_model, load_model, load_tokenizer
+    from lit_dp.export import export_model
+    from lit_dp.models import load_model, load_tokenizer
 
     export = export_model(
         load_model("tiny-qwen2"), load_tokenizer("tiny-qwen2"), tmp_path / "export"

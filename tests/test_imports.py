@@ -150,3 +150,37 @@ def test_public_names_resolve():
         assert getattr(lit_dp, name).__name__ == name
     with pytest.raises(AttributeError, match="no_such_name"):
         _ = lit_dp.no_such_name
+
+
+# The layers below the CLI: what they import must not reach up into the export, the callbacks or
+# the command line (the privacy report's vocabulary lives in lit_dp.report for that reason).
+LOWER_LAYERS = [
+    *sorted((PACKAGE / "data").rglob("*.py")),
+    *sorted(PRIVACY.rglob("*.py")),
+    *(PACKAGE / name for name in ("models.py", "bitnet.py", "lora.py", "sources.py")),
+]
+UPPER = ("lit_dp.export", "lit_dp.callbacks", "lit_dp.cli", "lit_dp.cli_errors", "lit_dp.commands")
+
+
+def _reaches_up(module: str) -> bool:
+    return any(module == top or module.startswith(top + ".") for top in UPPER)
+
+
+def test_layer_check_finds_an_upward_import():
+    """The check below can fail: these names count as upward, lit_dp.report does not."""
+    assert _reaches_up("lit_dp.export") and _reaches_up("lit_dp.callbacks.accounting")
+    assert _reaches_up("lit_dp.cli") and not _reaches_up("lit_dp.report")
+
+
+@pytest.mark.parametrize("path", LOWER_LAYERS, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_data_privacy_and_model_loading_import_nothing_from_export_callbacks_or_cli(path):
+    """Transitively: every lit_dp module the file reaches, directly or through others."""
+    graph = _graph(PACKAGE)
+    seen, todo = set(), [_module_name(path)]
+    while todo:
+        name = todo.pop()
+        for module in graph.get(name, ()):
+            assert not _reaches_up(module), f"{_module_name(path)} reaches {module} via {name}"
+            if module not in seen:
+                seen.add(module)
+                todo.append(module)

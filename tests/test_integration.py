@@ -22,7 +22,8 @@ def test_smollm2_dp_finetune_export_reload_generate(tmp_path):
 
     from lit_dp import ClipDrivenLR, DPCausalLM, EMAWeights, PrivacyAccounting, SyntheticDataModule
     from lit_dp.data import ConstantBatchSize
-    from lit_dp.models import generate, load_model, load_tokenizer
+    from lit_dp.export import generate
+    from lit_dp.models import load_model, load_tokenizer
     from lit_dp.optim import DPAdamW
     from lit_dp.privacy.clipping import FixedClip
 

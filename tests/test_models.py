@@ -17,13 +17,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from lit_dp import models
+from lit_dp.export import export_model, generate
 from lit_dp.models import (
     BITLINEAR_TYPES,
     BitLinearQAT,
     apply_lora,
     build_tiny_model,
-    export_model,
-    generate,
     is_lora,
     load_model,
     load_tokenizer,

@@ -9,7 +9,7 @@ from shipped_configs import CONFIGS, TINY
 
 from lit_dp.commands import main
 from lit_dp.plan import format_plan, make_plan, read_config
-from lit_dp.privacy.pld import PLDAccountant
+from lit_dp.privacy.pld_accountant import PLDAccountant
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])

@@ -103,7 +103,7 @@ def test_nonprivate_report_says_nothing_is_covered(tmp_path, monkeypatch):
 def test_shareable_report_keeps_no_local_path_of_a_forks_parent():
     """A fork's report names its parent checkpoint; the shareable copy keeps the file name and
     the fingerprint, not the operator's directory layout."""
-    from lit_dp.export import _scrub
+    from lit_dp.report import shareable as _scrub
 
     report = {
         "fork_of": {

@@ -11,99 +11,45 @@ composed over the steps actually taken. The RDP epsilon is always reported besid
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lit_dp.callbacks.contract import DPModule, dp_module, report_source
 from lit_dp.callbacks.interrupts import interruption
 from lit_dp.callbacks.resume import ResumeGuard
-from lit_dp.export import OPERATOR_SIDE_KEY
 from lit_dp.fingerprint import FINGERPRINT_KEY, to_state
-from lit_dp.privacy.accountant import RDPAccountant
-from lit_dp.privacy.budget import (
-    calibrate_noise_multiplier,
-    describe_accountant,
-    make_accountant,
+from lit_dp.privacy.accountant import make_accountant
+from lit_dp.privacy.plan import (
+    MAX_DEFAULT_DELTA,
+    PrivacyPlan,
+    check_delta_for_units,
+    check_privacy_settings,
+    default_delta,
+    exceeds_budget,
 )
+from lit_dp.privacy.rdp_accountant import RDPAccountant
+from lit_dp.report import assemble, fixed_seeds
 
-if TYPE_CHECKING:
-    from lit_dp.data.datamodule import DPDataModule
-    from lit_dp.module import DPCausalLM
-
-_OPERATOR_SIDE_NOTE = (
-    "operator_side counts {} (exact, not privatized: at group level num_records / num_units is "
-    "how many records users hold): in the run directory's report only, never exported"
-)
-# N is an input of the accountant (q = E[B] / N) and is printed in every report.
-_N_IS_PUBLIC = (
-    "num_units, N, the number of privacy units: treated as public (the sample rate q = E[B] / N "
-    "states it); epsilon does not hide how many units the training set holds"
-)
-
-
-# What `covers` adds when a private run fixes a seed (a known seed undoes the randomness).
-SEED_CAVEAT = (
-    "; epsilon holds only as long as nobody learns the fixed {}: a known noise seed lets anyone "
-    "subtract the noise, a known sampling seed removes the subsampling the accountant assumes"
-)
-
-
-def fixed_seeds(pl_module: Any, dm: Any) -> list[str]:
-    """The config fields of the seeds a run fixed (model.noise_seed, data.sampling_seed)."""
-    hparams = getattr(pl_module, "hparams", {})
-    fixed = ["model.noise_seed"] if hparams.get("noise_seed") is not None else []
-    if getattr(dm, "sampling_seed_fixed", False):
-        fixed.append("data.sampling_seed")
-    return fixed
-
-
-# A delta above this lets a mechanism release some unit's data in the clear with a probability
-# that is no longer negligible (delta is roughly that probability, per unit).
-MAX_DEFAULT_DELTA = 1e-5
-
-
-def default_delta(num_units: int) -> float:
-    """The default delta: min(1e-5, 1 / N^1.1).
-
-    1/N^1.1 alone is strictly below 1/N but large for small N (0.0022 at N = 256, 0.065 for 12
-    users: a real chance of a full leak).
-    """
-    return min(MAX_DEFAULT_DELTA, 1.0 / num_units**1.1)
+__all__ = ["MAX_DEFAULT_DELTA", "PrivacyAccounting", "check_delta", "default_delta"]
 
 
 def check_delta(delta: float, num_units: int) -> None:
-    """Delta must lie in (0, 1/N): a larger delta allows releasing one unit in the clear.
+    """The privacy plan's delta check (delta < 1/N; above 1e-5 warned about on rank 0)."""
+    check_delta_for_units(delta, num_units, warn=rank_zero_warn)
 
-    An explicit delta above 1e-5 is allowed (a user may need it for a comparison) with a warning.
+
+def _datamodule(trainer: L.Trainer) -> Any:
+    """The trainer's DataModule (None without one), attached by Lightning at run time.
+
+    A lit_dp ``DPDataModule``, or any DataModule with its privacy members (``num_units``,
+    ``schedule``; the report reads ``data_report`` and the rest where present): ``setup``
+    refuses one without ``num_units``.
     """
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"privacy.delta={delta} must be in (0, 1)")
-    if delta >= 1.0 / num_units:
-        raise ValueError(
-            f"privacy.delta={delta:g} must be below 1/N = {1.0 / num_units:g} for N={num_units} "
-            f"privacy units; leave it unset for the default min(1e-5, 1/N^1.1) = "
-            f"{default_delta(num_units):.3g}"
-        )
-    if delta > MAX_DEFAULT_DELTA:
-        rank_zero_warn(
-            f"privacy.delta={delta:g} is above 1e-5: with probability up to about delta the "
-            f"guarantee fails for a unit (N={num_units}); leave privacy.delta unset for the "
-            f"default min(1e-5, 1/N^1.1) = {default_delta(num_units):.3g} unless you need this "
-            "value"
-        )
-
-
-def _datamodule(trainer: L.Trainer) -> DPDataModule | None:
-    """The trainer's DataModule (None without one).
-
-    Lightning attaches ``trainer.datamodule`` at run time. This callback expects a lit_dp
-    DataModule: ``setup`` refuses one without ``num_units``.
-    """
-    return cast("DPDataModule | None", getattr(trainer, "datamodule", None))
+    return getattr(trainer, "datamodule", None)
 
 
 def _refuse_minimum_length(trainer: L.Trainer, target_epsilon: float) -> None:
@@ -153,16 +99,7 @@ class PrivacyAccounting(L.Callback):
         log_epsilon_every_n_steps: int = 1,
         report_name: str = "privacy_report.json",
     ) -> None:
-        if target_epsilon is not None and not (
-            target_epsilon > 0 and math.isfinite(target_epsilon)
-        ):
-            raise ValueError(
-                f"privacy.target_epsilon={target_epsilon} must be a positive number or null"
-            )
-        if delta is not None and not 0.0 < delta < 1.0:
-            raise ValueError(
-                f"privacy.delta={delta} must be in (0, 1) or null for min(1e-5, 1/N^1.1)"
-            )
+        check_privacy_settings(target_epsilon=target_epsilon, delta=delta)
         if log_epsilon_every_n_steps < 1:
             raise ValueError("privacy.log_epsilon_every_n_steps must be >= 1")
         self.target_epsilon = target_epsilon
@@ -178,6 +115,7 @@ class PrivacyAccounting(L.Callback):
         )
         self.stop_reason: str | None = None
         self.calibrated_noise_multiplier: float | None = None
+        self.plan: PrivacyPlan | None = None  # the run's privacy plan (setup of a private run)
         self.num_units: int | None = None
         self.last_report: dict[str, Any] | None = None  # rank 0: the report last written
         self.resume = ResumeGuard()  # the run's fingerprint; the checkpoint it resumes or forks
@@ -199,7 +137,7 @@ class PrivacyAccounting(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        module = cast("DPCausalLM", pl_module)  # the hook is typed for any LightningModule
+        module = dp_module(pl_module, caller="PrivacyAccounting")
         dm = _datamodule(trainer)
         if dm is None or not hasattr(dm, "num_units"):
             raise ValueError("lit_dp needs a lit_dp DataModule (it defines the privacy units)")
@@ -226,92 +164,93 @@ class PrivacyAccounting(L.Callback):
             )
         if self.target_epsilon is not None:
             _refuse_minimum_length(trainer, self.target_epsilon)
-        self.delta = self.delta_arg if self.delta_arg is not None else default_delta(self.num_units)
-        check_delta(self.delta, self.num_units)
-        steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        sigma = module.noise_multiplier
-        if sigma == "auto":
-            calibrated = (
-                self.resume.calibrate_fork(
-                    accounting=self, schedule=dm.schedule, steps=steps, delta=self.delta
-                )
-                if self.resume.parent is not None
-                else self.calibrate(schedule=dm.schedule, steps=steps, delta=self.delta)
+        if getattr(dm, "schedule", None) is None:
+            raise RuntimeError(
+                "PrivacyAccounting.setup: the DataModule has no sample-rate schedule yet; "
+                "its setup('fit') sets it and must run before this callback's"
             )
-            self.calibrated_noise_multiplier = calibrated
-            module.set_noise_multiplier(calibrated)
+        steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        parent = self.resume.parent  # a fork: the checkpoint's steps are already in the ledger
+        taken = (
+            ((parent["accounting"] or {}).get("accountant") or {}).get("history", [])
+            if parent is not None
+            else []
+        )
+        self.plan = self.make_plan(
+            num_units=self.num_units,
+            schedule=dm.schedule,
+            steps=steps,
+            noise_multiplier="auto" if module.noise_multiplier is None else module.noise_multiplier,
+            clip=module.clip,
+            taken=taken,
+            first_step=int(parent["global_step"]) if parent is not None else 0,
+            fork_error=(
+                self.resume.fork_error(steps, self.target_epsilon) if parent is not None else None
+            ),
+        )
+        self.delta = self.plan.delta
+        module.apply_privacy_plan(self.plan)  # sigma is a float from here on
+        if self.plan.calibrated:
+            self.calibrated_noise_multiplier = self.plan.noise_multiplier
             rank_zero_info(
-                f"lit_dp: calibrated noise_multiplier={calibrated:.4f} for "
+                f"lit_dp: calibrated noise_multiplier={self.plan.noise_multiplier:.4f} for "
                 f"epsilon={self.target_epsilon} ({self.accountant_name.upper()} accountant)"
             )
-        elif self.target_epsilon is not None:
-            schedule = dm.schedule
-            if schedule is None:
-                raise RuntimeError(
-                    "PrivacyAccounting.setup: the DataModule has no sample-rate schedule yet; "
-                    "its setup('fit') sets it and must run before this callback's"
-                )
-            first = make_accountant(self.accountant_name).peek_epsilon(
-                delta=self.delta, noise_multiplier=float(sigma), sample_rate=schedule.rate(0)
-            )
-            if first > self.target_epsilon:
-                raise ValueError(
-                    f"privacy.target_epsilon={self.target_epsilon} is unreachable: one step at "
-                    f"noise_multiplier={sigma} already costs epsilon={first:.3g}; raise "
-                    "model.noise_multiplier or use noise_multiplier: auto"
-                )
-        self.resume.fork_sigma = float(module.noise_multiplier)
+        self.resume.fork_plan = self.plan
 
-    def calibrate(
-        self, *, schedule: Any, steps: int | None, delta: float, accountant: str | None = None
-    ) -> float:
-        """Sigma for ``model.noise_multiplier: auto``.
+    def make_plan(
+        self,
+        *,
+        num_units: int,
+        schedule: Any,
+        steps: int | None,
+        noise_multiplier: float | Literal["auto"],
+        clip: Any,
+        accountant: Literal["pld", "rdp"] | None = None,
+        taken: Any = (),
+        first_step: int = 0,
+        fork_error: Any = None,
+    ) -> PrivacyPlan:
+        """The privacy plan of a run with this privacy section (fit's setup, ``lit-dp plan``).
 
-        ``steps`` steps of ``schedule`` (a SampleRateSchedule) at this sigma cost ``target_epsilon``
-        under ``accountant`` (default: this run's).
-
-        Raises:
-            ValueError: naming the config fields: no target or no max_steps, or a target that
-                no sigma reaches.
+        ``accountant`` overrides the section's (``lit-dp plan`` prints both).
         """
-        if self.target_epsilon is None or steps is None:
-            raise ValueError(
-                "model.noise_multiplier=auto needs privacy.target_epsilon and trainer.max_steps "
-                "(the planned number of steps); set both or give a number"
-            )
-        try:
-            return calibrate_noise_multiplier(
-                target_epsilon=self.target_epsilon,
-                delta=delta,
-                sample_rate=schedule.rates(steps),
-                steps=steps,
-                accountant=accountant or self.accountant_name,  # type: ignore[arg-type]
-            )
-        except ValueError as err:
-            raise ValueError(
-                f"privacy.target_epsilon is unreachable in {steps} steps: {err}"
-            ) from err
+        return PrivacyPlan.create(
+            num_units=num_units,
+            schedule=schedule,
+            steps=steps,
+            noise_multiplier=noise_multiplier,
+            target_epsilon=self.target_epsilon,
+            delta=self.delta_arg,
+            accountant=accountant or self.accountant_name,
+            clip=clip,
+            taken=taken,
+            first_step=first_step,
+            warn=rank_zero_warn,
+            fork_error=fork_error,
+        )
 
     # --- per step ----------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if not pl_module.private or self.target_epsilon is None:
+        module = dp_module(pl_module, caller="PrivacyAccounting")
+        if not module.private or self.target_epsilon is None:
             return
         eps_next = self.accountant.peek_epsilon(
             delta=self._delta(),
-            noise_multiplier=float(pl_module.noise_multiplier),
+            noise_multiplier=_sigma(module),
             sample_rate=float(batch["sample_rate"]),
         )
-        if eps_next > self.target_epsilon * (1 + 1e-9):
+        if exceeds_budget(eps_next, self.target_epsilon):
             self.stop_reason = (
                 f"budget: step {trainer.global_step} would reach epsilon={eps_next:.4f} > "
                 f"target_epsilon={self.target_epsilon}"
             )
-            pl_module.request_stop(self.stop_reason)
+            module.request_stop(self.stop_reason)  # the module skips the step (HOOK_ORDER 2)
             trainer.should_stop = True
             self.write_report(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        record = getattr(pl_module, "last_record", None)
+        record = dp_module(pl_module, caller="PrivacyAccounting").last_record
         if record is None or not record.private:
             return
         # The accounted sigma (not the raised gradient multiplier of private quantile clipping).
@@ -334,9 +273,8 @@ class PrivacyAccounting(L.Callback):
         if self.stop_reason is None:
             self.stop_reason = f"completed: {trainer.global_step} steps (trainer limits reached)"
         self.write_report(trainer, pl_module)
-        hand_over = getattr(pl_module, "set_privacy_report", None)
-        if hand_over is not None:  # the module's export keeps the report's public part
-            hand_over(self.last_report)
+        # The module's export (its on_fit_end, after this one) keeps the report's public part.
+        dp_module(pl_module, caller="PrivacyAccounting").set_privacy_report(self.last_report)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Ctrl-C or SIGTERM: the report of the steps taken, marked interrupted (no export).
@@ -408,88 +346,24 @@ class PrivacyAccounting(L.Callback):
         self.calibrated_noise_multiplier = state_dict.get("calibrated_noise_multiplier")
 
     # --- report ------------------------------------------------------------------------------
-    def report(self, trainer: L.Trainer, pl_module: DPCausalLM) -> dict[str, Any]:
-        dm = _datamodule(trainer)
-        data = dict(dm.data_report()) if dm is not None and hasattr(dm, "data_report") else {}
-        mech = pl_module.privacy_description()
-        # Exact data-dependent counts: this run directory's report only (export drops them).
-        operator_side = {
-            **data.pop(OPERATOR_SIDE_KEY, {}),
-            "num_nonfinite_zeroed": int(getattr(pl_module, "num_nonfinite_total", 0)),
-        }
-        private = bool(pl_module.private)
-        if private and self.accountant.total_steps < trainer.global_step:
-            # Never a private report over weights that took steps the ledger does not hold.
-            raise RuntimeError(
-                f"privacy report refused: the weights took {trainer.global_step} steps but the "
-                f"privacy ledger holds {self.accountant.total_steps} (a checkpoint of another run "
-                "was loaded?); this run's epsilon does not cover its weights"
-            )
-        eps, eps_rdp, order = float("inf"), float("inf"), None
-        if private and self.accountant.total_steps > 0:
-            delta = self._delta()
-            eps = self.accountant.get_epsilon(delta)
-            eps_rdp, order = self.rdp.get_privacy_spent(delta=delta)
-        elif private:
-            eps = eps_rdp = 0.0
-        history = [list(h) for h in self.accountant.history]
-        rates = sorted({h[1] for h in self.accountant.history})
-        schedule = getattr(dm, "schedule", None)
-        if not private and schedule is not None:
-            rates = sorted(set(schedule.rates(trainer.global_step)))  # sampled, not accounted
-        sigma = pl_module.noise_multiplier
-        seeds = fixed_seeds(pl_module, dm)
-        covers = mech["covers"] + (
-            SEED_CAVEAT.format(" and ".join(seeds)) if private and seeds else ""
+    def report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The run's privacy report so far (``lit_dp.report.assemble``)."""
+        return assemble(
+            module=report_source(pl_module, caller="PrivacyAccounting.report"),
+            dm=_datamodule(trainer),
+            global_step=int(trainer.global_step),
+            accountant=self.accountant,
+            accountant_name=self.accountant_name,
+            rdp=self.rdp,
+            delta=self.delta,
+            target_epsilon=self.target_epsilon,
+            calibrated_noise_multiplier=self.calibrated_noise_multiplier,
+            num_units=self.num_units,
+            stop_reason=self.stop_reason,
+            fork_of=self.fork_of,
         )
-        return {
-            "private": private,
-            "epsilon": eps if math.isfinite(eps) else None,
-            "epsilon_is_infinite": not math.isfinite(eps),
-            "epsilon_rdp": eps_rdp if math.isfinite(eps_rdp) else None,
-            **(
-                {"epsilon_pld": eps if math.isfinite(eps) else None}
-                if self.accountant_name == "pld"
-                else {}
-            ),
-            "delta": self.delta,
-            "target_epsilon": self.target_epsilon,
-            "best_rdp_order": order,
-            "steps": int(self.accountant.total_steps) if private else int(trainer.global_step),
-            # One type per field: sigma a float (0.0 without privacy), the sample rate its
-            # schedule and the distinct rates of the steps taken (the ledger has every step).
-            "noise_multiplier": float(sigma) if isinstance(sigma, int | float) else 0.0,
-            "calibrated_noise_multiplier": self.calibrated_noise_multiplier,
-            "sample_rate": {
-                "schedule": dm.schedule_description()
-                if dm is not None and hasattr(dm, "schedule_description")
-                else None,
-                "distinct_rates": rates,
-            },
-            "ledger": history,
-            "num_units": self.num_units,
-            "privacy_unit": data.get("privacy_unit", "example"),
-            "accountant": self.accountant_name,
-            "accountant_description": describe_accountant(self.accountant_name, self.accountant),
-            "clipping": mech["clipping"],
-            "mechanism": mech,
-            "covers": covers,
-            "noise_seed_fixed": "model.noise_seed" in seeds,
-            "sampling_seed_fixed": "data.sampling_seed" in seeds,
-            "not_covered": [
-                *mech["not_covered"],
-                *(dm.not_covered() if dm is not None and hasattr(dm, "not_covered") else []),
-                _N_IS_PUBLIC,
-                _OPERATOR_SIDE_NOTE.format(sorted(operator_side)),
-            ],
-            "data": data,
-            OPERATOR_SIDE_KEY: operator_side,
-            "stop_reason": self.stop_reason,
-            "fork_of": self.fork_of,
-            "interrupted": (self.stop_reason or "").startswith("interrupted"),
-        }
 
-    def write_report(self, trainer: L.Trainer, pl_module: DPCausalLM) -> Path:
+    def write_report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         # trainer.log_dir is a collective under DDP: every rank asks, rank 0 writes.
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         path = log_dir / self.report_name
@@ -505,3 +379,10 @@ class PrivacyAccounting(L.Callback):
         os.replace(tmp, path)
         self.report_path = path
         return path
+
+
+def _sigma(module: DPModule) -> float:
+    """The module's sigma; a float once setup applied the plan (HOOK_ORDER 1)."""
+    if module.noise_multiplier is None:
+        raise RuntimeError("PrivacyAccounting: the privacy plan was not applied (setup('fit'))")
+    return module.noise_multiplier

@@ -15,7 +15,13 @@ from typing import Any, Literal
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_dp.privacy.clipping import DEFAULT_TARGET_CLIP_RATE, FixedClip
+from lit_dp.callbacks.contract import ClipSource, StepSource
+from lit_dp.privacy.clipping import (
+    DEFAULT_TARGET_CLIP_RATE,
+    FixedClip,
+    HistoryPercentile,
+    PrivateQuantile,
+)
 
 
 def next_lr_multiplier(
@@ -121,10 +127,10 @@ class ClipDrivenLR(L.Callback):
 
         Warns when the multiplier is on but the estimator releases no clip rate to drive it.
         """
-        clip = getattr(pl_module, "clip", None)
+        clip = pl_module.clip if isinstance(pl_module, ClipSource) else None
         target = self.target_clip_rate
-        if target is None:
-            target = getattr(clip, "target_clip_rate", None)
+        if target is None and isinstance(clip, PrivateQuantile | HistoryPercentile):
+            target = clip.target_clip_rate
         self.rule["target_clip_rate"] = (
             DEFAULT_TARGET_CLIP_RATE if target is None else float(target)
         )
@@ -164,7 +170,7 @@ class ClipDrivenLR(L.Callback):
         pl_module.log("lr_multiplier", self.gamma, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        record = getattr(pl_module, "last_record", None)
+        record = pl_module.last_record if isinstance(pl_module, StepSource) else None
         if record is None or not self.adaptive:
             return
         self.gamma = next_lr_multiplier(self.gamma, record.clip_rate, **self.rule)

@@ -9,14 +9,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from lit_dp.module import DPCausalLM
+from lit_dp.callbacks.contract import EvaluationWeights, TrainedModel
 
 
 def ema_decay(step: int, *, decay: float) -> float:
@@ -47,7 +46,7 @@ class EMAWeights(L.Callback):
     def _trainable(module: nn.Module) -> dict[str, nn.Parameter]:
         return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
-    def _ensure_init(self, pl_module: DPCausalLM) -> None:
+    def _ensure_init(self, pl_module: TrainedModel) -> None:
         params = self._trainable(pl_module.model)
         if self._pending_state is not None:
             saved = self._pending_state["shadow"]
@@ -68,23 +67,22 @@ class EMAWeights(L.Callback):
     # --- hooks -------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # The module evaluates and exports inside this swap (val/loss, the "after" loss, export).
-        install = getattr(pl_module, "use_evaluation_weights", None)
-        if install is not None:
-            install(functools.partial(self.swapped, cast("DPCausalLM", pl_module)))
+        if isinstance(pl_module, EvaluationWeights) and isinstance(pl_module, TrainedModel):
+            pl_module.use_evaluation_weights(functools.partial(self.swapped, pl_module))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        install = getattr(pl_module, "use_evaluation_weights", None)
-        if install is not None:
-            install(None)
+        if isinstance(pl_module, EvaluationWeights):
+            pl_module.use_evaluation_weights(None)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._ensure_init(cast("DPCausalLM", pl_module))  # the hook is typed for any module
+        if isinstance(pl_module, TrainedModel):
+            self._ensure_init(pl_module)
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        record = getattr(pl_module, "last_record", None)
-        if record is None:
+        if not isinstance(pl_module, TrainedModel) or pl_module.last_record is None:
             return
+        record = pl_module.last_record
         self._ensure_init(pl_module)
         d = ema_decay(record.step, decay=self.decay)
         params = self._trainable(pl_module.model)
@@ -93,7 +91,7 @@ class EMAWeights(L.Callback):
         torch._foreach_lerp_(shadow, current, 1.0 - d)  # ema += (1 - d) * (theta - ema)
 
     @contextmanager
-    def swapped(self, pl_module: DPCausalLM) -> Iterator[None]:
+    def swapped(self, pl_module: TrainedModel) -> Iterator[None]:
         """Temporarily load the EMA weights into ``pl_module.model`` (restored on exit)."""
         self._ensure_init(pl_module)
         params = self._trainable(pl_module.model)
@@ -108,8 +106,8 @@ class EMAWeights(L.Callback):
                 for n, p in params.items():
                     p.copy_(backup[n])
 
-    def _swap_in(self, pl_module: DPCausalLM) -> None:
-        if self.evaluate_with_ema:
+    def _swap_in(self, pl_module: Any) -> None:
+        if self.evaluate_with_ema and isinstance(pl_module, TrainedModel):
             self._ctx = self.swapped(pl_module)
             self._ctx.__enter__()
 

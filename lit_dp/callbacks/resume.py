@@ -17,6 +17,7 @@ non-private checkpoint.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from lit_dp.fingerprint import (
     run_fingerprint,
     short_id,
 )
-from lit_dp.privacy.budget import calibrate_continuation
+from lit_dp.privacy.plan import PrivacyPlan
 
 _SAMPLING_SEED_BITS = 62  # as DPDataModule draws it
 
@@ -42,7 +43,7 @@ class ResumeGuard:
         self.fork = False
         self.fingerprint: dict[str, Any] | None = None
         self.parent: dict[str, Any] | None = None  # read_checkpoint_run of a fork's checkpoint
-        self.fork_sigma: float | None = None
+        self.fork_plan: PrivacyPlan | None = None  # the fork's own plan, applied after loading
         self._fingerprinted: tuple[int, ...] = ()
 
     def setup(self, trainer: Any, module: Any, datamodule: Any, accounting: Any) -> None:
@@ -89,27 +90,23 @@ class ResumeGuard:
             )
         self.parent = run
 
-    def calibrate_fork(self, *, accounting: Any, schedule: Any, steps: int | None, delta: float):
-        """Sigma of a fork's ``noise_multiplier: auto``: parent steps + planned steps = target."""
+    def fork_error(
+        self, steps: int | None, target_epsilon: float | None
+    ) -> Callable[[ValueError], ValueError]:
+        """How a fork's calibration failure is reported: naming the checkpoint and its steps."""
         assert self.parent is not None
-        if accounting.target_epsilon is None or steps is None:
-            return accounting.calibrate(schedule=schedule, steps=steps, delta=delta)  # its error
         start = self.parent["global_step"]
-        prefix = (self.parent["accounting"] or {}).get("accountant", {}).get("history", [])
-        try:
-            return calibrate_continuation(
-                target_epsilon=accounting.target_epsilon,
-                delta=delta,
-                prefix=prefix,
-                sample_rate=[schedule.rate(t) for t in range(start, steps)],
-                accountant=accounting.accountant_name,
-            )
-        except ValueError as err:
-            raise ValueError(
-                f"--fork of {self.path}: privacy.target_epsilon={accounting.target_epsilon} "
-                f"cannot cover the checkpoint's {start} steps and steps {start}..{steps - 1}: "
+        path = self.path
+
+        def rewrite(err: ValueError) -> ValueError:
+            last = "?" if steps is None else steps - 1
+            return ValueError(
+                f"--fork of {path}: privacy.target_epsilon={target_epsilon} "
+                f"cannot cover the checkpoint's {start} steps and steps {start}..{last}: "
                 f"{err}. Raise privacy.target_epsilon, or plan a new run from the start"
-            ) from err
+            )
+
+        return rewrite
 
     def check_loaded(self, trainer: Any, checkpoint: dict[str, Any]) -> None:
         """A resume loaded without ``resume_from`` (Trainer.fit(ckpt_path=...)) is checked too."""
@@ -130,8 +127,8 @@ class ResumeGuard:
         """
         assert self.parent is not None
         module.reseed_noise_for_fork()
-        if module.private and self.fork_sigma is not None:
-            module.set_noise_multiplier(self.fork_sigma)
+        if module.private and self.fork_plan is not None:  # the checkpoint restored its sigma
+            module.apply_privacy_plan(self.fork_plan)
         seed = int(trainer.strategy.broadcast(secrets.randbits(_SAMPLING_SEED_BITS), src=0))
         state = datamodule.state_dict()
         datamodule.load_state_dict({**state, "sampling_seed": seed})

@@ -37,8 +37,8 @@ from lit_dp.data.encoding import (
     encode_records,
     tokenizer_fingerprint,
 )
-from lit_dp.export import OPERATOR_SIDE_KEY
 from lit_dp.privacy.sampling import PoissonBatchSampler, SampleRateSchedule
+from lit_dp.report import OPERATOR_SIDE_KEY
 
 _CACHE_VERSION = 1
 _NOT_RESUMABLE = (

@@ -1,44 +1,18 @@
 """The step ledger both accountants keep: (noise_multiplier, sample_rate, num_steps) runs in order.
 
-``RDPAccountant`` (accountant.py) and ``PLDAccountant`` (pld.py) differ only in how they compose
-the ledger into an epsilon; recording steps, merging equal runs, and validating a checkpointed
-ledger are the same and live here.
+``RDPAccountant`` (rdp_accountant.py) and ``PLDAccountant`` (pld_accountant.py) differ only in
+how they compose the ledger into an epsilon; recording steps, merging equal runs, and validating a
+checkpointed ledger are the same and live here.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Iterable
+from typing import Any
 
-from lit_dp.privacy.rdp import (
-    check_delta,
-    check_noise_multiplier,
-    check_num_steps,
-    check_sample_rate,
-)
+from lit_dp.privacy.checks import Run, check_step
 
-Run = tuple[float, float, int]  # (noise_multiplier, sample_rate, num_steps)
-
-
-def check_step(*, noise_multiplier: float, sample_rate: float, num_steps: int) -> Run:
-    """Validated (sigma, q, steps); ValueError naming the argument that is out of range."""
-    return (
-        check_noise_multiplier(noise_multiplier),
-        check_sample_rate(sample_rate),
-        check_num_steps(num_steps),
-    )
-
-
-def check_state_keys(state_dict: Mapping[str, Any], keys: tuple[str, ...], owner: str) -> None:
-    """ValueError naming any unknown or missing key of ``owner``'s state_dict."""
-    unknown = sorted(set(state_dict) - set(keys))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in the {owner} state_dict; expected {keys}")
-    missing = [k for k in keys if k not in state_dict]
-    if missing:
-        raise ValueError(f"missing key(s) {missing} in the {owner} state_dict; expected {keys}")
+__all__ = ["Run", "StepLedger"]
 
 
 class StepLedger:
@@ -69,55 +43,19 @@ class StepLedger:
     @classmethod
     def from_state(cls, entries: Iterable[Any]) -> StepLedger:
         """Inverse of ``to_state``; ValueError naming a malformed or out-of-range entry."""
-        runs: list[Run] = []
-        for entry in entries:
-            if len(entry) != 3:
-                raise ValueError(
-                    f"history entry {entry!r} must be [noise_multiplier, sample_rate, num_steps]"
-                )
-            sigma, q, steps = entry
-            runs.append(check_step(noise_multiplier=sigma, sample_rate=q, num_steps=steps))
         ledger = cls()
-        ledger.runs = runs  # kept as stored: a checkpoint restores the ledger run for run
+        ledger.runs = check_runs(entries)  # kept as stored: a checkpoint restores run for run
         return ledger
 
 
-def check_calibration(
-    *,
-    target_epsilon: float,
-    delta: float,
-    sample_rate: float | Sequence[float],
-    steps: int,
-    max_noise_multiplier: float,
-) -> tuple[float, float, list[tuple[float, int]], float]:
-    """Validate the arguments of a sigma calibration (both accountants share them).
-
-    Returns:
-        (target epsilon, delta, planned rates as (q, num_steps) runs of consecutive equal rates
-        in step order, max sigma).
-
-    Raises:
-        ValueError: naming the argument: target/delta/steps/max sigma out of range, a
-            sample_rate sequence of the wrong length, or q = 0 for every step.
-    """
-    target = float(target_epsilon)
-    if not (math.isfinite(target) and target > 0):
-        raise ValueError(f"target_epsilon={target_epsilon} must be a finite number > 0")
-    d = check_delta(delta)
-    n_steps = check_num_steps(steps, name="steps", minimum=1)
-    sigma_max = float(max_noise_multiplier)
-    if not (math.isfinite(sigma_max) and sigma_max > 0):
-        raise ValueError(f"max_noise_multiplier={max_noise_multiplier} must be finite and > 0")
-    if isinstance(sample_rate, numbers.Real):
-        rates = [check_sample_rate(float(sample_rate))] * n_steps
-    else:
-        rates = [check_sample_rate(r) for r in cast(Sequence[float], sample_rate)]
-        if len(rates) != n_steps:
+def check_runs(entries: Iterable[Any]) -> list[Run]:
+    """Validated ``[[sigma, q, steps], ...]`` entries as runs (not merged)."""
+    runs: list[Run] = []
+    for entry in entries:
+        if len(entry) != 3:
             raise ValueError(
-                f"sample_rate has {len(rates)} rates but steps={n_steps}; give one float or "
-                "one rate per step"
+                f"history entry {entry!r} must be [noise_multiplier, sample_rate, num_steps]"
             )
-    if not any(rates):
-        raise ValueError("sample_rate is 0 for every step: no privacy cost, no noise to calibrate")
-    ledger = StepLedger((0.0, q, 1) for q in rates)  # sigma is unknown yet: runs of equal q
-    return target, d, [(q, n) for _, q, n in ledger.runs], sigma_max
+        sigma, q, steps = entry
+        runs.append(check_step(noise_multiplier=sigma, sample_rate=q, num_steps=steps))
+    return runs

@@ -1,6 +1,7 @@
 """Renyi-DP (RDP) of the Poisson-subsampled Gaussian mechanism, and RDP -> (epsilon, delta).
 
-Pure math, no state: ``RDPAccountant`` (accountant.py) keeps the ledger and calls these.
+Pure math, no state: ``RDPAccountant`` (rdp_accountant.py) keeps the ledger and calls these;
+the argument checks are in checks.py.
 
 The mechanism: each privacy unit is in the batch with probability q (the sample rate); the clipped
 sum gets Gaussian noise of std sigma * C. Its RDP at order alpha > 1 (Mironov, Talwar, Zhang 2019,
@@ -28,12 +29,19 @@ Numerics (why it is written this way):
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
 from scipy.special import gammaln, gammasgn, log_ndtr, logsumexp
+
+from lit_dp.privacy.checks import (
+    check_delta,
+    check_noise_multiplier,
+    check_num_steps,
+    check_orders,
+    check_sample_rate,
+)
 
 # Opacus' default orders; the pinned epsilon 7.32911117143 (sigma=1.5, q=0.04, 2250 steps,
 # delta=1e-5) uses these.
@@ -46,54 +54,6 @@ _EULER_PASSES = 12  # averaging passes over the last partial sums of the alterna
 _START_TERMS = 64
 _MAX_TERMS = 1 << 15
 _REL_TOL = 1e-15
-
-
-# --- argument checks (shared with accountant.py) -------------------------------------------------
-def check_noise_multiplier(noise_multiplier: float) -> float:
-    """Return sigma as float; ValueError unless finite and >= 0."""
-    sigma = float(noise_multiplier)
-    if not (math.isfinite(sigma) and sigma >= 0.0):
-        raise ValueError(
-            f"noise_multiplier={noise_multiplier} must be a finite number >= 0 "
-            "(noise std in units of the clip bound; 0 = no noise)"
-        )
-    return sigma
-
-
-def check_sample_rate(sample_rate: float) -> float:
-    """Return q as float; ValueError unless 0 <= q <= 1."""
-    q = float(sample_rate)
-    if not 0.0 <= q <= 1.0:  # also rejects NaN
-        raise ValueError(
-            f"sample_rate={sample_rate} must be a probability in [0, 1] "
-            "(expected batch size / number of privacy units)"
-        )
-    return q
-
-
-def check_num_steps(num_steps: int, name: str = "num_steps", minimum: int = 0) -> int:
-    """Return the step count as int; ValueError unless an integer >= minimum."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
-        raise ValueError(f"{name}={num_steps!r} must be an int >= {minimum} (a count of steps)")
-    if num_steps < minimum:
-        raise ValueError(f"{name}={num_steps} must be an int >= {minimum} (a count of steps)")
-    return int(num_steps)
-
-
-def check_delta(delta: float) -> float:
-    """Return delta as float; ValueError unless 0 < delta < 1."""
-    d = float(delta)
-    if not 0.0 < d < 1.0:
-        raise ValueError(f"delta={delta} must be in (0, 1); use delta < 1/N for N privacy units")
-    return d
-
-
-def check_orders(orders: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Return the RDP orders as a 1-D float array; ValueError unless all finite and > 1."""
-    arr = np.asarray(orders, dtype=float).reshape(-1)
-    if arr.size == 0 or not np.all(np.isfinite(arr)) or not np.all(arr > 1.0):
-        raise ValueError(f"orders={list(orders)} must be a non-empty list of finite numbers > 1")
-    return arr
 
 
 # --- RDP of one step ---------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from lit_dp.callbacks.accounting import PrivacyAccounting, check_delta, default_
 from lit_dp.data import ConstantBatchSize, SyntheticDataModule
 from lit_dp.models import tiny_tokenizer
 from lit_dp.module import DPCausalLM
-from lit_dp.privacy.accountant import RDPAccountant
 from lit_dp.privacy.clipping import FixedClip
-from lit_dp.privacy.pld import PLDAccountant
+from lit_dp.privacy.pld_accountant import PLDAccountant
+from lit_dp.privacy.rdp_accountant import RDPAccountant
 
 STEPS = [(1.1, 0.05, 30), (0.9, 0.08, 5)]
 

@@ -10,7 +10,8 @@ import pytest
 from module_helpers import make_dm, make_module, make_trainer
 
 from lit_dp.data import ConstantBatchSize, JSONLDataModule
-from lit_dp.models import export_model, load_model, tiny_tokenizer
+from lit_dp.export import export_model
+from lit_dp.models import load_model, tiny_tokenizer
 from lit_dp.privacy.clipping import FixedClip, HistoryPercentile
 
 

@@ -13,14 +13,9 @@ import mpmath as mp
 import numpy as np
 import pytest
 
-from lit_dp.privacy.accountant import (
-    DEFAULT_ORDERS,
-    OPACUS_ORDERS,
-    RDPAccountant,
-    calibrate_rdp_noise_multiplier,
-    compute_rdp,
-    rdp_to_epsilon,
-)
+from lit_dp.privacy.calibration import calibrate_rdp_noise_multiplier
+from lit_dp.privacy.rdp import DEFAULT_ORDERS, OPACUS_ORDERS, compute_rdp, rdp_to_epsilon
+from lit_dp.privacy.rdp_accountant import RDPAccountant
 
 # Heterogeneous schedules of (noise_multiplier, sample_rate, num_steps) runs.
 SCHEDULES = [

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from lit_dp.privacy.accountant import RDPAccountant
-from lit_dp.privacy.budget import ACCOUNTANTS, describe_accountant
-from lit_dp.privacy.pld import PLDAccountant
+from lit_dp.privacy.accountant import ACCOUNTANTS, describe_accountant
+from lit_dp.privacy.pld_accountant import PLDAccountant
+from lit_dp.privacy.rdp_accountant import RDPAccountant
 from lit_dp.privacy.sampling import SampleRateSchedule
 
 

@@ -24,7 +24,8 @@ from torch import nn
 from transformers.integrations.bitnet import AutoBitLinear
 
 from lit_dp.models import build_tiny_model
-from lit_dp.privacy.engine import linear, plan, registry
+from lit_dp.privacy.engine import clip_plan as engine_plan
+from lit_dp.privacy.engine import linear, registry
 from lit_dp.privacy.engine.loss import logits_of, row_loss_sums
 from lit_dp.privacy.engine.recorder import GhostRecorder
 from lit_dp.privacy.engine.units import unit_layout
@@ -61,14 +62,14 @@ def test_kept_per_unit_gradients_replace_stored_activations(monkeypatch):
     model = build_tiny_model("llama")
     batch = make_batch(batch_size=3, seq_len=200, vocab_size=128)  # T (d_in + d_out) > d_in d_out
     kept = []
-    original = plan._weight_sq
+    original = engine_plan._weight_sq
 
     def spy(uses, units, grams):
         out = original(uses, units, grams)
         kept.extend((u.per_unit is not None, u.a.numel()) for u in uses if u.kind == "linear")
         return out
 
-    monkeypatch.setattr(plan, "_weight_sq", spy)
+    monkeypatch.setattr(engine_plan, "_weight_sq", spy)
     matches_loop(model, batch, ("fast",))
     assert kept and all(k and numel == 0 for k, numel in kept)
 

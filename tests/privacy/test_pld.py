@@ -13,8 +13,8 @@ import pytest
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from lit_dp.privacy.accountant import RDPAccountant
-from lit_dp.privacy.pld import PLDAccountant, round_up_sample_rate
+from lit_dp.privacy.pld_accountant import PLDAccountant, round_up_sample_rate
+from lit_dp.privacy.rdp_accountant import RDPAccountant
 
 # (schedule of (noise_multiplier, sample_rate, num_steps) runs, delta, pinned PLD epsilon).
 # Pinned values: this accountant (default settings) at dp-accounting 0.6; each is checked below

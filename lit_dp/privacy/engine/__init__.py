@@ -10,7 +10,7 @@ Files, in dependency order (each imports only files above it; none imports trans
                   route, chosen per layer) and clipped sums
     embedding.py  rules for an embedding weight, and the cross term of a tied embedding
     norms.py      per-row rules for LayerNorm / RMSNorm weights
-    plan.py       ClipPlan: squared_norms() then clipped_sums(factor), in that order, enforced
+    clip_plan.py  ClipPlan: squared_norms() then clipped_sums(factor), in that order, enforced
     recorder.py   GhostRecorder: hooks that record (a, g) per layer call; returns a ClipPlan
     fast.py       the "fast" engine (book-keeping ghost clipping): recorder + plan
     vmap.py       the "vmap" engine (torch.func)

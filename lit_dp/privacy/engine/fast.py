@@ -3,7 +3,7 @@
 One forward and one backward of ``sum_u loss_u`` in which autograd computes activation
 gradients only (recorder.py); then, from the recorded per-layer (a, g), the per-unit squared
 norms, the clip factors min(1, C / ||g_u||), and the clipped sums straight from the same (a, g)
-(plan.py): no second backward pass and no per-unit gradient of the whole model.
+(clip_plan.py): no second backward pass and no per-unit gradient of the whole model.
 """
 
 from __future__ import annotations

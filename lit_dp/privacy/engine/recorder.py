@@ -5,10 +5,10 @@ activation gradients only (no weight gradients). Forward hooks on every module o
 trainable parameter record each call's input a; tensor hooks on its output record the output
 gradient g. (a, g) layers (registry.AG_KINDS) keep both for the plan; norm layers and Linear
 biases turn theirs into small (B, *shape) per-row gradients in the gradient hook and free the
-input. :meth:`GhostRecorder.plan` hands everything to a :class:`~.plan.ClipPlan`.
+input. :meth:`GhostRecorder.plan` hands everything to a :class:`~.clip_plan.ClipPlan`.
 
-Recording only: the arithmetic is in linear.py, embedding.py, norms.py and plan.py; which rule a
-module gets is in registry.py.
+Recording only: the arithmetic is in linear.py, embedding.py, norms.py and clip_plan.py; which
+rule a module gets is in registry.py.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lit_dp.privacy.engine.clip_plan import FREED, ClipPlan, LayerCall
 from lit_dp.privacy.engine.linear import f32
 from lit_dp.privacy.engine.norms import computes_rmsnorm, norm_weight_rows
-from lit_dp.privacy.engine.plan import FREED, ClipPlan, LayerCall
 from lit_dp.privacy.engine.registry import (
     AG_KINDS,
     KIND_PARAMS,

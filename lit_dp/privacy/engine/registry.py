@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 # The direct parameters each kind has a rule for. The weights of AG_KINDS are (a, g) weights:
-# their per-unit gradient is built from the layer input a and output gradient g (plan.py);
+# their per-unit gradient is built from the layer input a and output gradient g (clip_plan.py);
 # the others have small per-row gradients taken in the gradient hook (recorder.py).
 _WB, _W = ("weight", "bias"), ("weight",)
 KIND_PARAMS = {"bitlinear": _WB, "linear": _WB, "embedding": _W, "rmsnorm": _W, "layernorm": _WB}

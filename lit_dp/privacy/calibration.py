@@ -1,102 +1,46 @@
-"""Accountant choice by name, epsilon of a planned schedule, and sigma calibration to a budget.
+"""Sigma calibration to a budget, and the epsilon of a planned schedule, under either accountant.
 
 ``calibrate_noise_multiplier`` answers "which noise multiplier makes these planned steps cost
-exactly the budget?" under either accountant. For PLD it evaluates candidate sigmas by loading
-the planned ledger into a ``PLDAccountant`` (one self-composition per rate-grid run), which
-agrees with the step-by-step composition of training to ~1e-9 relative; the accepted epsilon
-keeps a 1e-6 relative margin below the target, so the run never ends above it.
+exactly the budget?". One solver (``solve_noise_multiplier``: secant steps on log sigma vs log
+epsilon, then regula falsi) serves both accountants and forks; candidates are priced with the
+accountant's ``epsilon_of_ledger`` (the planned ledger composed run by run, no state changes).
+For PLD that agrees with the step-by-step composition of training to ~1e-9 relative, so the
+accepted epsilon keeps a 1e-6 relative margin below the target (RDP: 1e-10, float summation
+only) and the run never ends above it. The calibrated epsilon lands in [0.99 * goal, goal],
+goal = target * (1 - margin).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
 
-from lit_dp.privacy.accountant import RDPAccountant, calibrate_rdp_noise_multiplier
-from lit_dp.privacy.ledger import check_calibration
-from lit_dp.privacy.pld import PLDAccountant
+from lit_dp.privacy.accountant import ACCOUNTANTS, AccountantName, make_accountant
+from lit_dp.privacy.checks import check_calibration
+from lit_dp.privacy.pld_accountant import PLDAccountant
+from lit_dp.privacy.rdp_accountant import RDPAccountant
 
 __all__ = [
-    "ACCOUNTANTS",
-    "RATE_ELASTICITY",
-    "AccountantName",
     "calibrate_continuation",
     "calibrate_noise_multiplier",
-    "describe_accountant",
+    "calibrate_rdp_noise_multiplier",
     "epsilon_for_schedule",
-    "make_accountant",
+    "solve_noise_multiplier",
 ]
 
-AccountantName = Literal["pld", "rdp"]
-ACCOUNTANTS: dict[str, str] = {
-    "pld": "privacy loss distributions of the Poisson-subsampled Gaussian mechanism "
-    "(dp-accounting, pessimistic connect-the-dots discretization, add/remove of one unit), "
-    "composed per step over (sample_rate, noise_multiplier); an upper bound: the "
-    "discretization adds about 1e-3 to epsilon, and a schedule whose rate changes is composed "
-    "with its rates rounded up onto a grid 1 % apart, which adds up to about 1.2 % (relative) "
-    "more",
-    "rdp": "RDP of the Poisson-subsampled Gaussian mechanism (fractional and integer orders, "
-    "Mironov et al. 2019), composed per step over (sample_rate, noise_multiplier); converted to "
-    "(epsilon, delta) with Balle et al. 2020",
-}
-_LOWER = 0.99  # calibrated epsilon lands in [_LOWER * target, target] (promised: 0.98)
+_LOWER = 0.99  # calibrated epsilon lands in [_LOWER * goal, goal] (promised for PLD: 0.98)
 _AIM = 0.995  # ... aiming at the middle of that window
-# Calibration composes the plan per run, training per step: they agree to ~1e-9 relative.
-_REPLAY_MARGIN = 1e-6
-# Cheap settings for the first, approximate PLD solve (its sigma only seeds the exact solve).
+# Calibration composes the plan per run, training per step: PLD agrees to ~1e-9 relative, RDP
+# to float summation (~1e-13 relative).
+_REPLAY_MARGIN = {"pld": 1e-6, "rdp": 1e-10}
 # Below this sigma a PLD's loss grid grows as 1/sigma^2 (minutes per evaluation): stop there.
 _SIGMA_FLOOR = 0.02
+# Cheap settings for the first, approximate PLD solve (its sigma only seeds the exact solve).
 _COARSE = {"value_discretization_interval": 1e-2, "sample_rate_resolution": 0.05}
 
 
-# Measured largest d log(epsilon) / d log(q) of the subsampled Gaussian at sigma 0.6-3 (pld.py).
-RATE_ELASTICITY = 1.17
-
-
-def describe_accountant(name: str, accountant: PLDAccountant | RDPAccountant) -> str:
-    """``ACCOUNTANTS[name]`` plus, for PLD, what the rate rounding of this run's ledger costs.
-
-    The rounding bound is (1 + r)^1.17 - 1 for the largest relative rounding r of a ledger
-    rate (``PLDAccountant.rate_rounding``): epsilon is non-decreasing in q, and its elasticity
-    in q was at most 1.17 where it was measured (sigma 0.6-3).
-    """
-    text = ACCOUNTANTS[name]
-    if not isinstance(accountant, PLDAccountant):
-        return text
-    r = accountant.rate_rounding()
-    if r == 0.0:
-        return f"{text}; this run: every sample rate composed exactly (no rate rounding)"
-    bound = (1.0 + r) ** RATE_ELASTICITY - 1.0
-    return (
-        f"{text}; this run: sample rates rounded up by at most {100 * r:.3g} %, so epsilon is "
-        f"at most about {100 * bound:.3g} % above that of the exact rates (plus the "
-        "discretization)"
-    )
-
-
-def make_accountant(name: str) -> PLDAccountant | RDPAccountant:
-    """A fresh accountant: ``"pld"`` (default of a run) or ``"rdp"``."""
-    if name == "pld":
-        return PLDAccountant()
-    if name == "rdp":
-        return RDPAccountant()
-    raise ValueError(f"privacy.accountant={name!r} must be one of {sorted(ACCOUNTANTS)}")
-
-
-def _epsilon_of_runs(
-    accountant: PLDAccountant | RDPAccountant,
-    *,
-    noise_multiplier: float,
-    runs: list[tuple[float, int]],
-    delta: float,
-) -> float:
-    # Loading the plan as a ledger composes it run by run (PLD: one distribution per rate-grid
-    # point), the same final operations as stepping through it, at a fraction of the cost.
-    state = accountant.state_dict()
-    state["history"] = [[noise_multiplier, q, n] for q, n in runs]
-    accountant.load_state_dict(state)
-    return accountant.get_epsilon(delta)
+def _ledger(sigma: float, runs: list[tuple[float, int]]) -> list[list[float]]:
+    return [[sigma, q, n] for q, n in runs]
 
 
 def epsilon_for_schedule(
@@ -116,12 +60,10 @@ def epsilon_for_schedule(
         target_epsilon=1.0, delta=delta, sample_rate=sample_rate, steps=steps,
         max_noise_multiplier=1.0,
     )  # fmt: skip
-    return _epsilon_of_runs(
-        make_accountant(accountant), noise_multiplier=noise_multiplier, runs=runs, delta=d
-    )
+    return make_accountant(accountant).epsilon_of_ledger(_ledger(noise_multiplier, runs), delta=d)
 
 
-def _solve(
+def solve_noise_multiplier(
     epsilon: Callable[[float], float],
     *,
     target: float,
@@ -129,7 +71,9 @@ def _solve(
     sigma_max: float,
     elasticity: float = 1.5,
 ) -> tuple[float, float]:
-    """A sigma with epsilon(sigma) in [_LOWER * target, target]; epsilon decreases in sigma.
+    """A sigma with epsilon(sigma) in [0.99 * target, target]; epsilon decreases in sigma.
+
+    The one calibration solver of lit_dp (both accountants, forks).
 
     Works on x = log sigma, y = log epsilon, where the curve is nearly straight with slope
     -elasticity: from one side of the target it extrapolates along the last secant (or
@@ -224,24 +168,26 @@ def calibrate_noise_multiplier(
         target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
         max_noise_multiplier=max_noise_multiplier,
     )  # fmt: skip
+    goal = target * (1.0 - _REPLAY_MARGIN["pld"])
+    coarse_pld, exact_pld = PLDAccountant(**_COARSE), PLDAccountant()
 
     def coarse(sigma: float) -> float:
-        return _epsilon_of_runs(
-            PLDAccountant(**_COARSE), noise_multiplier=sigma, runs=runs, delta=d
-        )
+        return coarse_pld.epsilon_of_ledger(_ledger(sigma, runs), delta=d)
 
     def exact(sigma: float) -> float:
-        return _epsilon_of_runs(PLDAccountant(), noise_multiplier=sigma, runs=runs, delta=d)
+        return exact_pld.epsilon_of_ledger(_ledger(sigma, runs), delta=d)
 
     # The coarse solve costs a few percent of the exact one and lands close to the answer, so
     # the exact solve (the one whose epsilon is guaranteed) needs two or three evaluations.
     try:
-        start, elasticity = _solve(coarse, target=target, start=1.0, sigma_max=sigma_max)
+        start, elasticity = solve_noise_multiplier(
+            coarse, target=target, start=1.0, sigma_max=sigma_max
+        )
     except ValueError:
         start, elasticity = sigma_max, 1.5  # coarse is more pessimistic: the exact solve decides
-    sigma, _ = _solve(
+    sigma, _ = solve_noise_multiplier(
         exact,
-        target=target * (1.0 - _REPLAY_MARGIN),
+        target=goal,
         start=start,
         sigma_max=sigma_max,
         elasticity=elasticity,
@@ -274,19 +220,43 @@ def calibrate_continuation(
     )  # fmt: skip
     taken = [[float(s), float(q), int(n)] for s, q, n in prefix]
 
-    def epsilon(sigma: float | None) -> float:
-        acct = make_accountant(accountant)
-        state = acct.state_dict()
-        state["history"] = taken + ([] if sigma is None else [[sigma, q, n] for q, n in runs])
-        acct.load_state_dict(state)
-        return acct.get_epsilon(d) if state["history"] else 0.0
+    acct = make_accountant(accountant)
 
-    goal = target * (1.0 - _REPLAY_MARGIN)
+    def epsilon(sigma: float | None) -> float:
+        ledger = taken + ([] if sigma is None else _ledger(sigma, runs))
+        return acct.epsilon_of_ledger(ledger, delta=d) if ledger else 0.0
+
+    goal = target * (1.0 - _REPLAY_MARGIN[accountant])
     spent = epsilon(None)
     if spent >= goal:
         raise ValueError(
             f"the steps already taken cost epsilon={spent:.4f} of target_epsilon={target:g}: "
             "no step is left in the budget"
         )
-    sigma, _ = _solve(epsilon, target=goal, start=1.0, sigma_max=sigma_max)
+    sigma, _ = solve_noise_multiplier(epsilon, target=goal, start=1.0, sigma_max=sigma_max)
+    return sigma
+
+
+def calibrate_rdp_noise_multiplier(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float | Sequence[float],
+    steps: int,
+    orders: Sequence[float] | None = None,
+    max_noise_multiplier: float = 1000.0,
+) -> float:
+    """``calibrate_noise_multiplier`` under RDP at chosen ``orders`` (None = DEFAULT_ORDERS).
+
+    The same solver; the epsilon of the returned sigma lands in [0.99 * target, target].
+    """
+    target, d, runs, sigma_max = check_calibration(
+        target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
+        max_noise_multiplier=max_noise_multiplier,
+    )  # fmt: skip
+    rdp = RDPAccountant(orders=orders)  # one instance: its (sigma, q) cache serves every candidate
+    sigma, _ = solve_noise_multiplier(
+        lambda sigma: rdp.epsilon_of_ledger(_ledger(sigma, runs), delta=d),
+        target=target * (1.0 - _REPLAY_MARGIN["rdp"]), start=1.0, sigma_max=sigma_max,
+    )  # fmt: skip
     return sigma

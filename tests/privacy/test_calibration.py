@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from lit_dp.privacy.accountant import RDPAccountant
-from lit_dp.privacy.budget import (
-    calibrate_noise_multiplier,
-    epsilon_for_schedule,
-    make_accountant,
-)
-from lit_dp.privacy.pld import PLDAccountant
+from lit_dp.privacy.accountant import make_accountant
+from lit_dp.privacy.calibration import calibrate_noise_multiplier, epsilon_for_schedule
+from lit_dp.privacy.pld_accountant import PLDAccountant
+from lit_dp.privacy.rdp_accountant import RDPAccountant
 
 PLANS = [
     pytest.param(8.0, 0.125, 8, id="tiny-config"),

@@ -45,12 +45,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
-from lit_dp.privacy.ledger import StepLedger, check_state_keys, check_step
-from lit_dp.privacy.rdp import check_delta
+from lit_dp.privacy.checks import Run, check_delta, check_state_keys, check_step
+from lit_dp.privacy.ledger import StepLedger, check_runs
 
 __all__ = [
     "DEFAULT_SAMPLE_RATE_RESOLUTION",
@@ -173,19 +174,38 @@ class PLDAccountant:
             self._anchor = q
         return self._key(sigma, q, self._anchor)
 
-    def _replay(self) -> None:
-        """Compose the ledger from scratch, one self-composition per run of equal keys."""
-        runs: list[tuple[Key, int]] = []
-        for sigma, q, steps in self._ledger.runs:
-            key = self._classify(sigma, q)
-            if key is None:
+    def _compose_ledger(self, runs: Iterable[Run]) -> tuple[Any, bool, float | None]:
+        """Compose ``runs`` from scratch, one self-composition per run of equal keys; pure.
+
+        Returns:
+            (the composed distribution or None when nothing costs, whether some step was not
+            private (q > 0 at sigma = 0), the rate grid's anchor).
+        """
+        anchor: float | None = None
+        non_private = False
+        merged: list[tuple[Key, int]] = []
+        for sigma, q, steps in runs:
+            if q == 0.0:  # costs nothing
                 continue
-            if runs and runs[-1][0] == key:
-                runs[-1] = (key, runs[-1][1] + steps)
+            if sigma == 0.0:  # not private: epsilon is infinite
+                non_private = True
+                continue
+            anchor = q if anchor is None else anchor
+            key = self._key(sigma, q, anchor)
+            if merged and merged[-1][0] == key:
+                merged[-1] = (key, merged[-1][1] + steps)
             else:
-                runs.append((key, steps))
-        for key, steps in runs:
-            self._pld = self._compose(key, steps)
+                merged.append((key, steps))
+        pld = None
+        for key, steps in merged:
+            one = self._one_step(key)
+            block = one if steps == 1 else one.self_compose(steps)
+            pld = block if pld is None else pld.compose(block)
+        return pld, non_private, anchor
+
+    def _replay(self) -> None:
+        """Compose the ledger from scratch (resume)."""
+        self._pld, self._non_private, self._anchor = self._compose_ledger(self._ledger.runs)
 
     # --- ledger -----------------------------------------------------------------------------
     @property
@@ -276,6 +296,21 @@ class PLDAccountant:
         if d not in epsilons:
             epsilons[d] = float(running.get_epsilon_for_delta(d))
         return epsilons[d]
+
+    def epsilon_of_ledger(self, runs: Iterable[Sequence[float]], *, delta: float) -> float:
+        """Epsilon (nats) of another ledger ``[[sigma, q, steps], ...]`` with these settings.
+
+        This accountant's own ledger is unchanged. The value is the one a fresh accountant
+        reports after ``load_state_dict`` of that ledger (one self-composition per run of equal
+        rounded (sigma, q)): planning and calibration use it.
+        """
+        d = check_delta(delta)
+        pld, non_private, _ = self._compose_ledger(check_runs(runs))
+        if non_private:
+            return math.inf
+        if pld is None:
+            return 0.0
+        return float(pld.get_epsilon_for_delta(d))
 
     # --- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lit_dp.callbacks.accounting import PrivacyAccounting
+from lit_dp.callbacks.audit import AuditCanaries
 from lit_dp.callbacks.clip_lr import ClipDrivenLR
 from lit_dp.callbacks.ema import EMAWeights
 from lit_dp.checkpoint import LAST_CHECKPOINT, DPModelCheckpoint, find_last_checkpoint
@@ -191,6 +192,7 @@ class LitDPCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(EMAWeights, "ema")
         parser.add_lightning_class_args(ClipDrivenLR, "clip_lr")
+        parser.add_lightning_class_args(AuditCanaries, "audit")  # before privacy: adds to N
         parser.add_lightning_class_args(PrivacyAccounting, "privacy")
         parser.add_lightning_class_args(DPModelCheckpoint, "checkpoint")
         parser.link_arguments("model.model", "data.init_args.tokenizer")
@@ -281,6 +283,8 @@ def run_summary(trainer, model: DPCausalLM, log_dir: Path) -> str:
         else:
             lines.append("privacy: NONE (private: false, non-private baseline)")
         lines.append(f"stopped: {report['stop_reason']}")
+        audit = [cb.summary_line() for cb in trainer.callbacks if isinstance(cb, AuditCanaries)]
+        lines.extend(line for line in audit if line)  # the audit: line, when it is on
         lines.append(f"privacy report: {report_path}")
     hist = model.val_history
     if hist:

@@ -98,6 +98,16 @@ def _refuse_minimum_length(trainer: L.Trainer, target_epsilon: float) -> None:
         )
 
 
+def _report_sections(trainer: L.Trainer) -> dict[str, Any]:
+    """Report sections that other callbacks add (``privacy_report_section()``, e.g. ``audit``)."""
+    out: dict[str, Any] = {}
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        section = getattr(cb, "privacy_report_section", None)
+        if callable(section):
+            out.update(section())
+    return out
+
+
 class PrivacyAccounting(L.Callback):
     """Composes the privacy loss of every step and enforces ``target_epsilon``.
 
@@ -367,6 +377,7 @@ class PrivacyAccounting(L.Callback):
             "data": data,
             OPERATOR_SIDE_KEY: operator_side,
             "stop_reason": self.stop_reason,
+            **_report_sections(trainer),
         }
 
     def write_report(self, trainer: L.Trainer, pl_module: DPCausalLM) -> Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -92,6 +93,7 @@ class AuditCanaries(L.Callback):
         self.loss_after: list[float] | None = None
         self.result: dict[str, Any] | None = None
         self.reused_from: str | None = None
+        self.failure: str | None = None
         self._planted_in: Any = None
 
     @property
@@ -125,7 +127,8 @@ class AuditCanaries(L.Callback):
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP
         state = None
         if trainer.global_rank == 0:
-            state = self._load_or_draw(log_dir / CANARY_FILE, dm)
+            embeddings = cast("DPCausalLM", pl_module).model.get_input_embeddings()
+            state = self._load_or_draw(log_dir / CANARY_FILE, dm, embeddings.num_embeddings)
         if trainer.world_size > 1:  # every rank plants rank 0's canaries
             state = trainer.strategy.broadcast(state, src=0)
         assert state is not None
@@ -140,7 +143,7 @@ class AuditCanaries(L.Callback):
             "probability 1/2; the included ones count in N"
         )
 
-    def _load_or_draw(self, path: Path, dm: Any) -> dict[str, Any]:
+    def _load_or_draw(self, path: Path, dm: Any, vocab_limit: int) -> dict[str, Any]:
         """The canaries of this run directory if it has them (a resume), else fresh ones."""
         if path.is_file():
             state = json.loads(path.read_text())
@@ -159,7 +162,7 @@ class AuditCanaries(L.Callback):
         rows = random_token_canaries(
             num_canaries=self.num_canaries,
             canary_length=self.canary_length,
-            token_ids=ordinary_token_ids(tokenizer),
+            token_ids=ordinary_token_ids(tokenizer, vocab_limit=vocab_limit),
         )
         state = {"kind": self.kind, "rows": rows, "included": fair_coins(self.num_canaries)}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +200,9 @@ class AuditCanaries(L.Callback):
         with module.evaluation_weights():  # the exported weights (EMA when it is on)
             self.loss_after = self._losses(trainer, module)
         scores = [b - a for b, a in zip(self.loss_before, self.loss_after, strict=True)]
+        if not all(math.isfinite(x) for x in scores):  # report it; never fail a finished run
+            self.failure = "not computed: a canary's loss is not finite"
+            return
         delta = self._delta(trainer)
         res = audit_lower_bound(scores, self.included, confidence=self.confidence, delta=delta)
         self.result = res.to_dict()
@@ -243,7 +249,7 @@ class AuditCanaries(L.Callback):
             ),
         }
         if not res:
-            section["status"] = "not computed (training did not reach its end)"
+            section["status"] = self.failure or "not computed (training did not reach its end)"
         section[OPERATOR_SIDE_KEY] = {
             "included": self.included,
             "scores": (
@@ -264,7 +270,8 @@ class AuditCanaries(L.Callback):
         if not self.enabled:
             return None
         if self.result is None:
-            return f"audit: {self.num_canaries} canaries, no bound (training did not finish)"
+            why = self.failure or "training did not finish"
+            return f"audit: {self.num_canaries} canaries, no bound ({why})"
         return (
             f"audit: epsilon lower bound = {self.result['epsilon_lower_bound']:.3f} at "
             f"{self.confidence:.0%} confidence ({self.num_canaries} {self.kind} canaries, "

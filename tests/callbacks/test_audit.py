@@ -196,3 +196,14 @@ def test_model_card_lines_state_the_bound_from_the_shareable_report():
     lines = audit_card_lines({"epsilon": 7.95, "audit": section})
     assert "epsilon lower bound 0.432 at 90% confidence" in lines[0]
     assert "accounted epsilon: 7.95" in lines[0] and "10 random_tokens canaries" in lines[0]
+
+
+def test_a_non_finite_canary_loss_is_reported_not_raised(tmp_path, monkeypatch):
+    import lit_dp.callbacks.audit as audit_module
+
+    losses = iter([[1.0] * 8, [float("nan")] + [0.5] * 7])  # before, after
+    monkeypatch.setattr(audit_module, "row_losses", lambda *a, **k: next(losses))
+    audit, _ = _audit_run(tmp_path, lr=1e-2, steps=1, m=8)
+    section = audit.privacy_report_section()["audit"]
+    assert section["epsilon_lower_bound"] is None and "not finite" in section["status"]
+    assert "no bound (not computed: a canary's loss is not finite)" in audit.summary_line()

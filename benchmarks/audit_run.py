@@ -173,11 +173,12 @@ def run(out: Path, recipe: dict[str, Any], organism: str, max_runs: int | None) 
         raise SystemExit(f"{out} holds runs of another setup; pass --out for a new file")
     done = {_key(r["epsilon_target"], r["seed"]) for r in data["runs"]}
     todo = [(e, s) for s in SEEDS for e in EPSILONS if _key(e, s) not in done]
+    source = provenance(*CODE_PATHS)  # the code this process loaded, not a later checkout
     for count, (epsilon, seed) in enumerate(todo):
         if max_runs is not None and count >= max_runs:
             break
         rec = train_one(epsilon, seed, recipe, organism)
-        rec["provenance"] = provenance(*CODE_PATHS)
+        rec["provenance"] = source
         data = load_results(out) or data
         data["runs"].append(rec)
         write_atomic(out, data)

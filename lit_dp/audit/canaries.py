@@ -1,9 +1,15 @@
 """Audit canaries for language models: random-token rows, fair-coin inclusion, per-canary losses.
 
-A canary is one token row whose every token is drawn uniformly from the tokenizer's ordinary
-(non-special) tokens, with the loss on every token: a sequence no pretraining corpus or private
-record contains, so the only way the trained model comes to predict it better is by training on
-it (Panda et al. 2025 use such random-token canaries for LLM audits). Each canary is included
+Two kinds (Panda et al. 2025 compare both for LLM audits):
+- ``random_tokens``: every token drawn uniformly from the tokenizer's ordinary (non-special)
+  tokens, loss on every token: a sequence no pretraining corpus or private record contains, so
+  the trained model comes to predict it better mainly by training on it.
+- ``new_tokens``: a random ordinary-token prefix followed by a secret of ``new`` tokens, ids of
+  embedding rows the tokenizer never produces (Qwen2.5 has 271 such rows), loss on the secret
+  only. Nothing but the canaries ever trains those rows up, which makes membership far easier
+  to see while each canary has new tokens of its own (m x secret length <= unused rows); a model
+  without unused rows cannot have them.
+Each canary is included
 in the training set independently with probability 1/2; both the tokens and the bits come from
 OS entropy (``secrets``), never from a seed a user could set or a log could hold.
 
@@ -21,7 +27,7 @@ import torch
 
 from lit_dp.data.encoding import Row, collate_rows
 
-CANARY_KINDS = ("random_tokens",)
+CANARY_KINDS = ("random_tokens", "new_tokens")
 
 
 def ordinary_token_ids(tokenizer: Any, *, vocab_limit: int | None = None) -> list[int]:
@@ -48,6 +54,52 @@ def random_token_canaries(
     for _ in range(num_canaries):
         ids = [token_ids[rng.randrange(len(token_ids))] for _ in range(canary_length)]
         rows.append((ids, list(ids)))
+    return rows
+
+
+def unused_token_ids(tokenizer: Any, *, num_embeddings: int) -> list[int]:
+    """Ids of embedding rows beyond the tokenizer's vocabulary (never produced by it)."""
+    return list(range(len(tokenizer), num_embeddings))
+
+
+def secret_length(canary_length: int) -> int:
+    """New tokens at the end of a ``new_tokens`` canary: an eighth of it, at least one."""
+    return max(1, canary_length // 8)
+
+
+def new_token_canaries(
+    *, num_canaries: int, canary_length: int, token_ids: list[int], new_ids: list[int]
+) -> list[Row]:
+    """Rows of a random ``token_ids`` prefix and a secret drawn from ``new_ids``.
+
+    The secret is the last ``secret_length(canary_length)`` tokens; the loss is taken on it only
+    (the prefix's labels are -100), so the score is how much better the model predicts the new
+    tokens after that prefix.
+    """
+    if not new_ids:
+        raise ValueError(
+            "audit.kind=new_tokens needs embedding rows that the tokenizer never produces, and "
+            "this model has none (its embedding matrix is exactly the tokenizer's size); use "
+            "audit.kind: random_tokens"
+        )
+    if len(token_ids) < 2:
+        raise ValueError("audit: the tokenizer has fewer than 2 ordinary tokens to draw from")
+    rng = secrets.SystemRandom()
+    secret = secret_length(canary_length)
+    # New tokens are dealt from a shuffled pool, reshuffled when it runs out: no canary shares a
+    # new token with another while m x secret <= len(new_ids). A shared one would be trained by
+    # an included canary and lower an excluded canary's loss too.
+    pool: list[int] = []
+    rows: list[Row] = []
+    for _ in range(num_canaries):
+        prefix = [token_ids[rng.randrange(len(token_ids))] for _ in range(canary_length - secret)]
+        tail = []
+        for _ in range(secret):
+            if not pool:
+                pool = list(new_ids)
+                rng.shuffle(pool)
+            tail.append(pool.pop())
+        rows.append((prefix + tail, [-100] * len(prefix) + tail))
     return rows
 
 

@@ -31,9 +31,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_dp.audit.canaries import (
     CANARY_KINDS,
     fair_coins,
+    new_token_canaries,
     ordinary_token_ids,
     random_token_canaries,
     row_losses,
+    unused_token_ids,
 )
 from lit_dp.audit.estimator import audit_lower_bound
 from lit_dp.export import OPERATOR_SIDE_KEY
@@ -56,8 +58,10 @@ class AuditCanaries(L.Callback):
     Args:
         num_canaries: m, the number of canaries (0 = no audit, the default). About m/2 are
             trained on and join N. Panda et al. (2025) audit LLMs with 1000.
-        kind: the canary kind: "random_tokens" (rows of tokens drawn uniformly from the
-            tokenizer's ordinary tokens, loss on every token).
+        kind: the canary kind (``lit_dp.audit.canaries``): "random_tokens" (tokens drawn
+            uniformly from the tokenizer's ordinary tokens, loss on every token) or "new_tokens"
+            (a random prefix, then a secret of ids from embedding rows the tokenizer never
+            produces, loss on the secret: stronger, for models with such rows, e.g. Qwen2.5).
         confidence: the bound's confidence 1 - beta, in (0, 1): it exceeds the run's true
             epsilon with probability at most beta.
         canary_length: tokens per canary; must fit data.max_length.
@@ -67,7 +71,7 @@ class AuditCanaries(L.Callback):
     def __init__(
         self,
         num_canaries: int = 0,
-        kind: Literal["random_tokens"] = "random_tokens",
+        kind: Literal["random_tokens", "new_tokens"] = "random_tokens",
         confidence: float = 0.95,
         canary_length: int = 32,
         eval_batch_size: int = 64,
@@ -159,11 +163,18 @@ class AuditCanaries(L.Callback):
                 )
             return {**state, "reused_from": str(path)}
         tokenizer = dm._get_tokenizer()
-        rows = random_token_canaries(
-            num_canaries=self.num_canaries,
-            canary_length=self.canary_length,
-            token_ids=ordinary_token_ids(tokenizer, vocab_limit=vocab_limit),
-        )
+        ordinary = ordinary_token_ids(tokenizer, vocab_limit=vocab_limit)
+        if self.kind == "new_tokens":
+            rows = new_token_canaries(
+                num_canaries=self.num_canaries,
+                canary_length=self.canary_length,
+                token_ids=ordinary,
+                new_ids=unused_token_ids(tokenizer, num_embeddings=vocab_limit),
+            )
+        else:
+            rows = random_token_canaries(
+                num_canaries=self.num_canaries, canary_length=self.canary_length, token_ids=ordinary
+            )
         state = {"kind": self.kind, "rows": rows, "included": fair_coins(self.num_canaries)}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -66,11 +66,15 @@ def test_fit_with_canaries_prints_an_audit_line_and_reports_it(tmp_path, monkeyp
     assert logged[-1].value == pytest.approx(audit["epsilon_lower_bound"], abs=1e-6)
 
 
-def _audit_run(root, *, lr, steps=6, m=48, private=False, callbacks=(), ckpt_path=None):
+def _audit_run(
+    root, *, lr, steps=6, m=48, private=False, callbacks=(), ckpt_path=None, kind="random_tokens"
+):
     dm = make_dm(num_train=8)
     dm.batch_schedule = ConstantSampleRate(1.0)  # every unit every step: the most exposure
     module = make_module(private=private, noise_multiplier=0.0, lr=lr, max_physical_batch_size=64)
-    audit = AuditCanaries(num_canaries=m, canary_length=12)
+    if kind == "new_tokens":  # 41 embedding rows the byte tokenizer (259 ids) never produces
+        module.model.resize_token_embeddings(300)
+    audit = AuditCanaries(num_canaries=m, canary_length=12, kind=kind)
     accounting = PrivacyAccounting(target_epsilon=None)
     trainer = quiet_trainer(root, steps, [audit, accounting, *callbacks], limit_val_batches=0)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
@@ -146,7 +150,7 @@ def test_added_units_are_sampled_and_refused_after_the_loader(tmp_path):
     ("kwargs", "match"),
     [
         ({"num_canaries": -1}, "audit.num_canaries"),
-        ({"kind": "new_tokens"}, "audit.kind"),
+        ({"kind": "gradient"}, "audit.kind"),
         ({"confidence": 1.0}, "audit.confidence"),
         ({"canary_length": 1}, "audit.canary_length"),
     ],
@@ -207,3 +211,33 @@ def test_a_non_finite_canary_loss_is_reported_not_raised(tmp_path, monkeypatch):
     section = audit.privacy_report_section()["audit"]
     assert section["epsilon_lower_bound"] is None and "not finite" in section["status"]
     assert "no bound (not computed: a canary's loss is not finite)" in audit.summary_line()
+
+
+def test_new_token_canaries_end_in_unused_embedding_rows():
+    from lit_dp.audit.canaries import new_token_canaries, ordinary_token_ids, unused_token_ids
+
+    tok = tiny_tokenizer()
+    new_ids = unused_token_ids(tok, num_embeddings=300)
+    assert new_ids == list(range(259, 300))
+    rows = new_token_canaries(
+        num_canaries=50, canary_length=16, token_ids=ordinary_token_ids(tok), new_ids=new_ids
+    )
+    for ids, labels in rows:  # 14 ordinary prefix tokens without loss, a 2-token new secret
+        assert len(ids) == 16 and set(ids[:14]) <= set(ordinary_token_ids(tok))
+        assert set(ids[14:]) <= set(new_ids) and labels == [-100] * 14 + ids[14:]
+    # dealt from a shuffled pool: 41 new tokens serve 20 canaries x 2 without sharing
+    firsts = [t for ids, _ in rows[:20] for t in ids[14:]]
+    assert len(set(firsts)) == 40
+    with pytest.raises(ValueError, match=r"audit\.kind=new_tokens needs embedding rows"):
+        new_token_canaries(num_canaries=1, canary_length=8, token_ids=[3, 4], new_ids=[])
+
+
+def test_new_token_canaries_have_power_and_need_unused_rows(tmp_path):
+    # 40 canaries with one new token each, none shared (41 unused rows)
+    audit, _ = _audit_run(tmp_path / "a", lr=3e-2, m=40, kind="new_tokens")
+    section = audit.privacy_report_section()["audit"]
+    assert section["kind"] == "new_tokens" and section["epsilon_lower_bound"] > 0.5
+    dm = make_dm(num_train=8)
+    trainer = quiet_trainer(tmp_path / "b", 1, [AuditCanaries(num_canaries=4, kind="new_tokens")])
+    with pytest.raises(ValueError, match="this model has none"):  # tiny-qwen2: 259 rows, 259 ids
+        trainer.fit(make_module(), datamodule=dm)

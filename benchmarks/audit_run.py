@@ -196,8 +196,9 @@ def report(out: Path) -> str:
     """The markdown table for benchmarks/README.md: per target, the seeds' bounds."""
     runs = load_results(out).get("runs", [])
     lines = [
-        "| accounted epsilon (delta) | seeds | lower bound per seed | mean AUROC | val loss |",
-        "|---|---|---|---|---|",
+        "| accounted epsilon (delta) | seeds | lower bound per seed | right / guessed per seed "
+        "| mean AUROC | val loss |",
+        "|---|---|---|---|---|---|",
     ]
     for epsilon in EPSILONS:
         rs = sorted((r for r in runs if r["epsilon_target"] == epsilon), key=lambda r: r["seed"])
@@ -209,9 +210,12 @@ def report(out: Path) -> str:
             else f"{statistics.fmean(r['epsilon_spent'] for r in rs):.2f} ({rs[0]['delta']:.0e})"
         )
         bounds = ", ".join(f"{r['epsilon_lower_bound']:.2f}" for r in rs)
+        guesses = ", ".join(
+            f"{r['guesses']['num_correct']}/{r['guesses']['num_guesses']}" for r in rs
+        )
         auroc = statistics.fmean(r["auroc"] for r in rs)
         val = statistics.fmean(r["val_loss_ema"] for r in rs)
-        lines.append(f"| {spent} | {len(rs)} | {bounds} | {auroc:.3f} | {val:.3f} |")
+        lines.append(f"| {spent} | {len(rs)} | {bounds} | {guesses} | {auroc:.3f} | {val:.3f} |")
     return "\n".join(lines)
 
 

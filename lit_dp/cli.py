@@ -1,7 +1,8 @@
 """``lit-dp fit|validate|test --config configs/X.yaml``: the only place components are wired.
 
-The three DP callbacks and the checkpoint callback are always present (config sections
-``ema:``, ``clip_lr:``, ``privacy:``, ``checkpoint:``); the tokenizer follows the model source;
+The three DP callbacks, the audit callback and the checkpoint callback are always present
+(config sections ``ema:``, ``clip_lr:``, ``audit:`` (off unless audit.num_canaries > 0),
+``privacy:``, ``checkpoint:``); the tokenizer follows the model source;
 Lightning's DistributedSampler is off (batches are Poisson-sampled); ``ddp``, and any run on
 several devices or nodes, runs lit_dp's DDP strategy, which exchanges clipped sums only;
 strategies without a DP implementation, and fp16 mixed precision (its GradScaler would rescale
@@ -31,6 +32,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_dp.callbacks.accounting import PrivacyAccounting
+from lit_dp.callbacks.audit import AuditCanaries
 from lit_dp.callbacks.clip_lr import ClipDrivenLR
 from lit_dp.callbacks.console import ValidationLines, is_terminal, progress_bar
 from lit_dp.callbacks.ema import EMAWeights
@@ -40,7 +42,7 @@ from lit_dp.cli_errors import CommandLineError, explain_parse_error
 from lit_dp.data.datamodule import DPDataModule
 from lit_dp.distributed import DPDDPStrategy
 from lit_dp.module import DPCausalLM
-from lit_dp.report import summary_lines
+from lit_dp.report import section_summary_lines, summary_lines
 from lit_dp.threads import set_torch_threads
 
 if "dp_ddp" not in StrategyRegistry:
@@ -226,6 +228,7 @@ class LitDPCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(EMAWeights, "ema")
         parser.add_lightning_class_args(ClipDrivenLR, "clip_lr")
+        parser.add_lightning_class_args(AuditCanaries, "audit")  # before privacy: adds to N
         parser.add_lightning_class_args(PrivacyAccounting, "privacy")
         parser.add_lightning_class_args(DPModelCheckpoint, "checkpoint")
         parser.link_arguments("model.model", "data.init_args.tokenizer")
@@ -367,7 +370,7 @@ def run_summary(
         report = acct.last_report
     if report is not None:
         report_path = getattr(acct, "report_path", log_dir / "privacy_report.json")
-        lines += summary_lines(report, report_path)
+        lines += summary_lines(report, report_path, section_summary_lines(trainer.callbacks))
     hist = model.val_history
     if hist:
         before, after = hist[0], hist[-1]

@@ -340,3 +340,9 @@ def main(argv: list[str]) -> None:
     config = read_config(argv)
     sources = [str(path) for path in (config.get("config") or []) if path is not None]
     print(format_plan(make_plan(config), ", ".join(sources)))
+    canaries = int((config.get("audit") or {}).get("num_canaries") or 0)
+    if canaries:  # drawn at fit: N grows by the included ones, which no plan can know yet
+        print(
+            f"  audit: {canaries} canaries, each joins N with probability 1/2 at fit (about "
+            f"{canaries // 2} units more): fit's N, q and calibrated sigma differ from this plan"
+        )

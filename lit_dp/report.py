@@ -3,13 +3,15 @@
 One module owns the report a run writes to ``<log_dir>/privacy_report.json``:
 
 - ``assemble``: the report from the accountant's ledger, the module's description of its
-  mechanism, the DataModule's data report and the run's stop reason (``PrivacyAccounting``
-  calls it at the budget stop, an interrupt and the end of fit);
+  mechanism, the DataModule's data report, the run's stop reason and the sections other
+  callbacks add (``ReportSection``: the audit's ``audit``) (``PrivacyAccounting`` calls it at
+  the budget stop, an interrupt and the end of fit);
 - ``shareable``: the copy that may travel with a released model (``lit_dp.export`` writes it):
   what epsilon covers and public configuration only. Seeds and generator states are dropped
   (whether a seed was fixed is kept), local file paths, the operator-side counts
   (``OPERATOR_SIDE_KEY``) and a clip bound set from raw norms;
-- ``summary_lines``: the report's lines of the run summary ``lit-dp fit`` prints.
+- ``summary_lines``: the report's lines of the run summary ``lit-dp fit`` prints (with the
+  sections' own lines, e.g. ``audit:``).
 
 It imports nothing from the CLI, the callbacks or the export code, so the data layer can name
 ``OPERATOR_SIDE_KEY`` without them.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -28,9 +31,12 @@ from lit_dp.privacy.rdp_accountant import RDPAccountant
 __all__ = [
     "OPERATOR_SIDE_KEY",
     "SEED_CAVEAT",
+    "ReportSection",
     "ReportSource",
     "assemble",
     "fixed_seeds",
+    "report_sections",
+    "section_summary_lines",
     "shareable",
     "summary_lines",
 ]
@@ -80,6 +86,38 @@ class ReportSource(Protocol):
         ...
 
 
+@runtime_checkable
+class ReportSection(Protocol):
+    """A callback that adds a section to the privacy report (``AuditCanaries``: ``audit``).
+
+    Its section's ``OPERATOR_SIDE_KEY`` entry stays in the run directory's report (``shareable``
+    drops it wherever it is).
+    """
+
+    def privacy_report_section(self) -> dict[str, Any]:
+        """``{name: section}`` to add to the report ({} when the callback is off)."""
+        ...
+
+    def summary_line(self) -> str | None:
+        """The section's line of the run summary (None when the callback is off)."""
+        ...
+
+
+def report_sections(callbacks: Iterable[Any]) -> dict[str, Any]:
+    """The report sections of the ``ReportSection`` callbacks among ``callbacks``, in order."""
+    out: dict[str, Any] = {}
+    for callback in callbacks:
+        if isinstance(callback, ReportSection):
+            out.update(callback.privacy_report_section())
+    return out
+
+
+def section_summary_lines(callbacks: Iterable[Any]) -> list[str]:
+    """The run summary's lines of the ``ReportSection`` callbacks that are on."""
+    lines = (cb.summary_line() for cb in callbacks if isinstance(cb, ReportSection))
+    return [line for line in lines if line]
+
+
 def _require(delta: float | None) -> float:
     if delta is None:
         raise RuntimeError(
@@ -104,6 +142,7 @@ def assemble(
     num_units: int | None,
     stop_reason: str | None,
     fork_of: dict[str, Any] | None,
+    sections: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's privacy report (plain JSON types; see the module docstring).
 
@@ -120,9 +159,11 @@ def assemble(
         num_units: N.
         stop_reason: why the run stopped (None while it runs).
         fork_of: the checkpoint this run forked, if any.
+        sections: the sections other callbacks add (``report_sections``), e.g. ``audit``.
 
     Raises:
         RuntimeError: a private report over weights that took steps the ledger does not hold.
+        ValueError: a section named like one of the report's own fields.
     """
     data = dict(dm.data_report()) if dm is not None and hasattr(dm, "data_report") else {}
     mech = module.privacy_description()
@@ -154,7 +195,7 @@ def assemble(
     sigma = module.noise_multiplier
     seeds = fixed_seeds(module, dm)
     covers = mech["covers"] + (SEED_CAVEAT.format(" and ".join(seeds)) if private and seeds else "")
-    return {
+    report = {
         "private": private,
         "epsilon": eps if math.isfinite(eps) else None,
         "epsilon_is_infinite": not math.isfinite(eps),
@@ -198,6 +239,10 @@ def assemble(
         "fork_of": fork_of,
         "interrupted": (stop_reason or "").startswith("interrupted"),
     }
+    clash = sorted(set(sections or {}) & set(report))
+    if clash:  # a section must never overwrite epsilon, delta or the ledger
+        raise ValueError(f"report sections {clash} are named like the report's own fields")
+    return {**report, **(sections or {})}
 
 
 # --- scrubbing ---------------------------------------------------------------------------------
@@ -257,8 +302,13 @@ def shareable(report: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- printing ----------------------------------------------------------------------------------
-def summary_lines(report: dict[str, Any], report_path: Path | str) -> list[str]:
-    """The report's lines of the run summary: epsilon, what it covers, fixed seeds, the stop."""
+def summary_lines(
+    report: dict[str, Any], report_path: Path | str, section_lines: Sequence[str] = ()
+) -> list[str]:
+    """The report's lines of the run summary: epsilon, what it covers, fixed seeds, the stop.
+
+    ``section_lines`` (``section_summary_lines``: the ``audit:`` line) follow the stop.
+    """
     lines: list[str] = []
     if report["private"]:
         eps = report["epsilon"]
@@ -290,5 +340,6 @@ def summary_lines(report: dict[str, Any], report_path: Path | str) -> list[str]:
     else:
         lines.append("privacy: NONE (private: false, non-private baseline)")
     lines.append(f"stopped: {report['stop_reason']}")
+    lines.extend(section_lines)
     lines.append(f"privacy report: {report_path}")
     return lines

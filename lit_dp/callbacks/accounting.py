@@ -32,7 +32,7 @@ from lit_dp.privacy.plan import (
     exceeds_budget,
 )
 from lit_dp.privacy.rdp_accountant import RDPAccountant
-from lit_dp.report import assemble, fixed_seeds
+from lit_dp.report import assemble, fixed_seeds, report_sections
 
 __all__ = ["MAX_DEFAULT_DELTA", "PrivacyAccounting", "check_delta", "default_delta"]
 
@@ -361,6 +361,7 @@ class PrivacyAccounting(L.Callback):
             num_units=self.num_units,
             stop_reason=self.stop_reason,
             fork_of=self.fork_of,
+            sections=report_sections(trainer.callbacks),  # type: ignore[attr-defined]
         )
 
     def write_report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:

@@ -125,6 +125,7 @@ class DPDataModule(L.LightningDataModule):
         self.encoded: dict[str, list[Row]] = {}
         self.num_truncated = 0
         self.num_units = 0
+        self.num_added_units = 0  # audit canaries appended by add_training_units
         self.schedule: SampleRateSchedule | None = None
         self._units: list[list[int]] = []
         self._next_step = 0  # restored by load_state_dict before the sampler exists
@@ -235,6 +236,25 @@ class DPDataModule(L.LightningDataModule):
         self._check_labels()
         self.splits = splits
         self._units = self._make_units(splits["train"])
+        self.num_units = len(self._units)
+        self.schedule = self._make_schedule(self.num_units)
+
+    def add_training_units(self, rows: list[Row]) -> None:
+        """Append ``rows`` to the training set, one privacy unit each (the audit's canaries).
+
+        N and the sample-rate schedule are recomputed, so the added units are Poisson-sampled
+        and accounted like every other unit. Call it after ``setup`` and before anything reads N
+        (the accounting callback's setup) or builds the training loader.
+        """
+        if self.schedule is None or self._sampler is not None:
+            raise RuntimeError(
+                "add_training_units must run after setup('fit') and before the accountant "
+                "reads N and the training loader is built"
+            )
+        start = len(self.encoded["train"])
+        self.encoded["train"] = [*self.encoded["train"], *rows]
+        self._units = [*self._units, *([start + k] for k in range(len(rows)))]
+        self.num_added_units += len(rows)
         self.num_units = len(self._units)
         self.schedule = self._make_schedule(self.num_units)
 
@@ -373,7 +393,7 @@ class DPDataModule(L.LightningDataModule):
             "loss_on": self.loss_on,
             "batch_schedule": self.batch_schedule.describe(),
             OPERATOR_SIDE_KEY: {
-                "num_records": len(train),
+                "num_records": len(train) - self.num_added_units,  # audit canaries: not records
                 "num_validation": len(self.encoded.get("validation", [])),
                 "num_test": len(self.encoded.get("test", [])),
                 "truncated": self.num_truncated,  # records cut to max_length, all splits

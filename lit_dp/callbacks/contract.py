@@ -35,15 +35,20 @@ __all__ = [
 ]
 
 HOOK_ORDER = """\
-For one hook name, Lightning calls the DataModule's hook (setup only), then every callback's, then
-the LightningModule's. lit_dp relies on it three times:
-1. setup("fit"): the DataModule sets N and the rate schedule; PrivacyAccounting.setup builds the
-   privacy plan from them and applies it (apply_privacy_plan: sigma becomes a float); then
-   DPCausalLM.setup refuses a private run whose sigma is still unset.
+For one hook name, Lightning calls the DataModule's hook (setup only), then every callback's in the
+order of trainer.callbacks, then the LightningModule's; on_train_end comes before on_fit_end.
+lit_dp relies on it three times:
+1. setup("fit"): the DataModule sets N and the rate schedule; AuditCanaries.setup (listed before
+   PrivacyAccounting: lit-dp's audit: section comes before privacy:) adds its included canaries,
+   so N and the schedule grow; PrivacyAccounting.setup builds the privacy plan from them and
+   applies it (apply_privacy_plan: sigma becomes a float); then DPCausalLM.setup refuses a private
+   run whose sigma is still unset.
 2. on_train_batch_start: PrivacyAccounting peeks at the next step's epsilon and, past the budget,
    calls request_stop; then DPCausalLM.on_train_batch_start returns -1, so no step is taken.
-3. on_fit_end: PrivacyAccounting writes the report and hands it over (set_privacy_report); then
-   the module's on_fit_end exports the model with the report's shareable part.
+3. on_train_end, then on_fit_end: AuditCanaries.on_train_end scores the canaries on the trained
+   weights; PrivacyAccounting.on_fit_end writes the report (with the audit section) and hands it
+   over (set_privacy_report); then the module's on_fit_end exports the model with the report's
+   shareable part.
 """
 
 

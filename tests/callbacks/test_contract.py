@@ -101,3 +101,36 @@ def test_the_module_satisfies_every_protocol():
 def test_a_module_without_the_privacy_members_is_refused_naming_them(tmp_path):
     with pytest.raises(TypeError, match=r"PrivacyAccounting needs a lit_dp.DPCausalLM.*lacks"):
         PrivacyAccounting().setup(None, _Module([]), "fit")  # type: ignore[arg-type]
+
+
+def test_callbacks_run_in_list_order_and_train_end_precedes_fit_end(tmp_path):
+    """HOOK_ORDER: the audit's setup (listed first) grows N before the accountant's setup plans,
+    and its on_train_end scores the canaries before on_fit_end writes the report."""
+
+    class _Named(_Callback):
+        def __init__(self, calls, name):
+            super().__init__(calls)
+            self.name = name
+
+        def setup(self, trainer, pl_module, stage):
+            self.calls.append(f"{self.name}.setup")
+
+        def on_train_end(self, trainer, pl_module):
+            self.calls.append(f"{self.name}.on_train_end")
+
+        def on_fit_end(self, trainer, pl_module):
+            self.calls.append(f"{self.name}.on_fit_end")
+
+    calls: list[str] = []
+    trainer = quiet_trainer(tmp_path, 1, [_Named(calls, "first"), _Named(calls, "second")])
+    trainer.fit(_Module(calls), datamodule=_Data(calls))
+    mine = [c for c in calls if c.startswith(("first", "second"))]
+    assert mine == [
+        "first.setup",
+        "second.setup",
+        "first.on_train_end",
+        "second.on_train_end",
+        "first.on_fit_end",
+        "second.on_fit_end",
+    ]
+    assert "trainer.callbacks" in HOOK_ORDER and "AuditCanaries" in HOOK_ORDER

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from lit_dp.audit.card import audit_card_lines
+
 # A hub id "org/name": the only base model named in the front matter (a local path is not).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -115,6 +117,12 @@ def _privacy(report: dict[str, Any]) -> list[str]:
     ]
 
 
+def _audit(report: dict[str, Any]) -> list[str]:
+    """The card's audit section when the run was audited (``audit:``), else nothing."""
+    lines = audit_card_lines(report)
+    return ["## Empirical privacy audit", "", *lines, ""] if lines else []
+
+
 def model_card(
     report: dict[str, Any], *, base_model: str | None = None, bitnet_qat: bool = False
 ) -> str:
@@ -156,6 +164,7 @@ def model_card(
         "",
         *_privacy(report),
         "",
+        *_audit(report),
         "## Data",
         "",
         f"- dataset: {data.get('dataset')} ({data.get('num_units')} privacy units, "

@@ -1,6 +1,6 @@
 """The audit's lines for a model card, from the shareable report's ``audit`` section.
 
-A model card written next to an export (``export/README.md``) can call
+The export's model card (``lit_dp.model_card``, ``export/README.md``) calls
 ``audit_card_lines(report)`` with the exported ``privacy_report.json``; it needs nothing from
 the operator side.
 """

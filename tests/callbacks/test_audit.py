@@ -286,3 +286,37 @@ def test_new_token_canaries_have_power_and_need_unused_rows(tmp_path):
     trainer = quiet_trainer(tmp_path / "b", 1, [AuditCanaries(num_canaries=4, kind="new_tokens")])
     with pytest.raises(ValueError, match="this model has none"):  # tiny-qwen2: 259 rows, 259 ids
         trainer.fit(make_module(), datamodule=dm)
+
+
+def test_the_privacy_plan_counts_the_canaries_and_the_model_card_states_the_audit(
+    tmp_path, monkeypatch, capfd
+):
+    """N with the included canaries reaches the run's PrivacyPlan (built after the audit's
+    setup); the summary's audit: line comes before the report path; the export's model card
+    has the audit section, and a report without one gives a card without it."""
+    from lit_dp.model_card import model_card
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]
+    args += ["--audit.num_canaries", "16", "--audit.canary_length", "12"]
+    cli = LitDPCLI(args=["fit", "--config", TINY, *args, "--trainer.enable_progress_bar", "false"])
+    out, _ = capfd.readouterr()
+    acct = next(cb for cb in cli.trainer.callbacks if isinstance(cb, PrivacyAccounting))
+    log_dir = Path(cli.trainer.log_dir)
+    report = json.loads((log_dir / "privacy_report.json").read_text())
+    n = 256 + report["audit"]["operator_side"]["num_included"]
+    assert acct.plan is not None and acct.plan.num_units == n == cli.datamodule.num_units
+    assert acct.plan.schedule.rate(0) == pytest.approx(32 / n, rel=1e-12)
+    assert acct.plan.delta == report["delta"] == report["audit"]["delta"]
+    summary = out.splitlines()
+    audit_at = next(i for i, x in enumerate(summary) if x.startswith("audit: "))
+    assert summary[audit_at - 1].startswith("stopped: ")
+    assert summary[audit_at + 1].startswith("privacy report: ")
+    card = (log_dir / "export" / "README.md").read_text()
+    bound = report["audit"]["epsilon_lower_bound"]
+    assert "## Empirical privacy audit" in card
+    assert f"epsilon lower bound {bound:.3f} at 95% confidence" in card
+    assert "16 random_tokens canaries" in card
+    exported = json.loads((log_dir / "export" / "privacy_report.json").read_text())
+    exported.pop("audit")
+    assert "audit" not in model_card(exported).lower()

@@ -74,7 +74,23 @@ def _auroc(scores: list[float], bits: list[bool]) -> float:
 
 
 def train_one(epsilon: float | None, seed: int, recipe: dict[str, Any], organism: str) -> dict:
-    """One audited run; returns its record (the bound, the accounted epsilon, the losses)."""
+    """One audited run; returns its record (the bound, the accounted epsilon, the losses).
+
+    Lightning's info lines and warnings are silenced for the run only: the process (a test
+    calling ``main``) gets its logging level and warning filters back.
+    """
+    log = logging.getLogger("lightning.pytorch")
+    level = log.level
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        log.setLevel(logging.ERROR)
+        try:
+            return _train_one(epsilon, seed, recipe, organism)
+        finally:
+            log.setLevel(level)
+
+
+def _train_one(epsilon: float | None, seed: int, recipe: dict[str, Any], organism: str) -> dict:
     import lightning as L
     import torch
 
@@ -83,8 +99,6 @@ def train_one(epsilon: float | None, seed: int, recipe: dict[str, Any], organism
     from lit_dp.data import ConstantBatchSize
     from lit_dp.privacy.clipping import FixedClip
 
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     L.seed_everything(seed, verbose=False)
     private = epsilon is not None
     dm = SyntheticDataModule(

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lit_dp.export import OPERATOR_SIDE_KEY
 from lit_dp.privacy.accountant import RDPAccountant
 from lit_dp.privacy.budget import ACCOUNTANTS, calibrate_noise_multiplier, make_accountant
+from lit_dp.privacy.noise_mechanism import IndependentGaussian, NoiseMechanism
 
 if TYPE_CHECKING:
     from lit_dp.data.datamodule import DPDataModule
@@ -74,6 +75,20 @@ def _datamodule(trainer: L.Trainer) -> DPDataModule | None:
     DataModule: ``setup`` refuses one without ``num_units``.
     """
     return cast("DPDataModule | None", getattr(trainer, "datamodule", None))
+
+
+def _mechanism(pl_module: L.LightningModule) -> NoiseMechanism:
+    """The module's noise mechanism: what a step adds to the ledger (independent by default)."""
+    mech = getattr(pl_module, "noise_mechanism", None)
+    return mech if isinstance(mech, NoiseMechanism) else IndependentGaussian()
+
+
+def _rate_of(trainer: L.Trainer) -> Any:
+    """q_t of any step from the DataModule's schedule (banded MF charges a round at its start)."""
+    schedule = getattr(_datamodule(trainer), "schedule", None)
+    if schedule is None:
+        raise RuntimeError("PrivacyAccounting: the DataModule has no sample-rate schedule")
+    return schedule.rate
 
 
 def _refuse_minimum_length(trainer: L.Trainer, target_epsilon: float) -> None:
@@ -171,7 +186,9 @@ class PrivacyAccounting(L.Callback):
         steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         sigma = module.noise_multiplier
         if sigma == "auto":
-            calibrated = self.calibrate(schedule=dm.schedule, steps=steps, delta=self.delta)
+            calibrated = self.calibrate(
+                schedule=dm.schedule, steps=steps, delta=self.delta, mechanism=_mechanism(module)
+            )
             self.calibrated_noise_multiplier = calibrated
             module.set_noise_multiplier(calibrated)
             rank_zero_info(
@@ -185,8 +202,11 @@ class PrivacyAccounting(L.Callback):
                     "PrivacyAccounting.setup: the DataModule has no sample-rate schedule yet; "
                     "its setup('fit') sets it and must run before this callback's"
                 )
+            rate = _mechanism(module).accounted_rate(
+                step=0, sample_rate=schedule.rate(0), rate_of=schedule.rate
+            )
             first = make_accountant(self.accountant_name).peek_epsilon(
-                delta=self.delta, noise_multiplier=float(sigma), sample_rate=schedule.rate(0)
+                delta=self.delta, noise_multiplier=float(sigma), sample_rate=float(rate or 0.0)
             )
             if first > self.target_epsilon:
                 raise ValueError(
@@ -196,12 +216,19 @@ class PrivacyAccounting(L.Callback):
                 )
 
     def calibrate(
-        self, *, schedule: Any, steps: int | None, delta: float, accountant: str | None = None
+        self,
+        *,
+        schedule: Any,
+        steps: int | None,
+        delta: float,
+        accountant: str | None = None,
+        mechanism: NoiseMechanism | None = None,
     ) -> float:
         """Sigma for ``model.noise_multiplier: auto``.
 
         ``steps`` steps of ``schedule`` (a SampleRateSchedule) at this sigma cost ``target_epsilon``
-        under ``accountant`` (default: this run's).
+        under ``accountant`` (default: this run's), composed as ``mechanism`` accounts them
+        (default independent noise: one step per step; banded MF: one round per b steps).
 
         Raises:
             ValueError: naming the config fields: no target or no max_steps, or a target that
@@ -212,12 +239,14 @@ class PrivacyAccounting(L.Callback):
                 "model.noise_multiplier=auto needs privacy.target_epsilon and trainer.max_steps "
                 "(the planned number of steps); set both or give a number"
             )
+        mech = IndependentGaussian() if mechanism is None else mechanism
+        rates = mech.round_sample_rates(schedule.rate, steps)
         try:
             return calibrate_noise_multiplier(
                 target_epsilon=self.target_epsilon,
                 delta=delta,
-                sample_rate=schedule.rates(steps),
-                steps=steps,
+                sample_rate=rates,
+                steps=len(rates),
                 accountant=accountant or self.accountant_name,  # type: ignore[arg-type]
             )
         except ValueError as err:
@@ -229,10 +258,17 @@ class PrivacyAccounting(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if not pl_module.private or self.target_epsilon is None:
             return
+        rate = _mechanism(pl_module).accounted_rate(
+            step=trainer.global_step,
+            sample_rate=float(batch["sample_rate"]),
+            rate_of=lambda t: _rate_of(trainer)(t),
+        )
+        if rate is None:  # within a banded-MF round: charged at its start
+            return
         eps_next = self.accountant.peek_epsilon(
             delta=self._delta(),
             noise_multiplier=float(pl_module.noise_multiplier),
-            sample_rate=float(batch["sample_rate"]),
+            sample_rate=rate,
         )
         if eps_next > self.target_epsilon * (1 + 1e-9):
             self.stop_reason = (
@@ -247,12 +283,16 @@ class PrivacyAccounting(L.Callback):
         record = getattr(pl_module, "last_record", None)
         if record is None or not record.private:
             return
-        # The accounted sigma (not the raised gradient multiplier of private quantile clipping).
-        self.accountant.step(
-            noise_multiplier=record.noise_multiplier, sample_rate=record.sample_rate
+        rate = _mechanism(pl_module).accounted_rate(
+            step=record.step,
+            sample_rate=record.sample_rate,
+            rate_of=lambda t: _rate_of(trainer)(t),
         )
-        if self.rdp is not self.accountant:
-            self.rdp.step(noise_multiplier=record.noise_multiplier, sample_rate=record.sample_rate)
+        # The accounted sigma (not the raised gradient multiplier of private quantile clipping).
+        if rate is not None:  # None: within a banded-MF round, charged at its start
+            self.accountant.step(noise_multiplier=record.noise_multiplier, sample_rate=rate)
+            if self.rdp is not self.accountant:
+                self.rdp.step(noise_multiplier=record.noise_multiplier, sample_rate=rate)
         if (record.step + 1) % self.log_every == 0:
             pl_module.log(
                 "privacy/epsilon", self.epsilon(), on_step=True, on_epoch=False, rank_zero_only=True
@@ -318,6 +358,7 @@ class PrivacyAccounting(L.Callback):
             "num_nonfinite_zeroed": int(getattr(pl_module, "num_nonfinite_total", 0)),
         }
         private = bool(pl_module.private)
+        bands = _mechanism(pl_module).bands  # > 1: the ledger counts rounds of bands steps
         eps, eps_rdp, order = float("inf"), float("inf"), None
         if private and self.accountant.total_steps > 0:
             delta = self._delta()
@@ -341,7 +382,10 @@ class PrivacyAccounting(L.Callback):
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "best_rdp_order": order,
-            "steps": int(self.accountant.total_steps) if private else int(trainer.global_step),
+            "steps": int(self.accountant.total_steps)
+            if private and bands == 1
+            else int(trainer.global_step),
+            **({"rounds": int(self.accountant.total_steps)} if bands > 1 else {}),
             "noise_multiplier": sigmas[0] if len(sigmas) == 1 else sigmas,
             "calibrated_noise_multiplier": self.calibrated_noise_multiplier,
             "sample_rate": rates[0]

@@ -20,8 +20,10 @@ from lightning.pytorch.cli import instantiate_class
 
 from lit_dp.callbacks.accounting import PrivacyAccounting, check_delta, default_delta
 from lit_dp.cli import LitDPCLI
+from lit_dp.privacy.bandmf import suggest_bands
 from lit_dp.privacy.budget import ACCOUNTANTS, epsilon_for_schedule
 from lit_dp.privacy.clipping import PrivateQuantile, default_clip_estimator
+from lit_dp.privacy.noise_mechanism import IndependentGaussian, NoiseMechanism
 from lit_dp.privacy.sampling import SampleRateSchedule
 
 
@@ -57,6 +59,8 @@ class PrivacyPlan:
     max_grad_norm: float = 1.0
     sigma: float | None = None  # the run's accounted noise multiplier (its accountant's)
     count_noise_divisor: float | None = None  # private quantile clipping only
+    mechanism: NoiseMechanism = field(default_factory=IndependentGaussian)
+    suggested_bands: int | None = None  # b ~ epsilon sqrt(n) / k (McKenna 2025)
 
     def expected_batch_size(self, step: int) -> float:
         return self.schedule.rate(step) * self.num_units
@@ -83,9 +87,14 @@ class PrivacyPlan:
         return self.sigma / math.sqrt(1.0 - share)
 
     def noise_std(self, step: int = 0) -> float | None:
-        """Per-step noise std on the averaged gradient, z_grad * C_0 / E[B_t]."""
+        """Per-step fresh noise std on the averaged gradient, z_grad * C_0 * ||c|| / E[B_t].
+
+        ||c|| is the noise mechanism's sensitivity (1 for independent noise).
+        """
         z = self.grad_noise_multiplier(step)
-        return None if z is None else z * self.max_grad_norm / self.expected_batch_size(step)
+        if z is None:
+            return None
+        return z * self.max_grad_norm * self.mechanism.sensitivity / self.expected_batch_size(step)
 
 
 def read_config(args: list[str]) -> Any:
@@ -125,6 +134,8 @@ def make_plan(config: Any) -> PrivacyPlan:
         else instantiate_class((), model.clipping.as_dict())
     )
     max_steps = trainer_cfg.max_steps
+    mech_cfg = model.get("noise_mechanism")
+    mechanism = IndependentGaussian() if mech_cfg is None else _instantiate(mech_cfg.as_dict())
     plan = PrivacyPlan(
         private=bool(model.private),
         num_units=num_units,
@@ -135,6 +146,7 @@ def make_plan(config: Any) -> PrivacyPlan:
         target_epsilon=accounting.target_epsilon,
         accountant=accounting.accountant_name,
         max_grad_norm=float(clip.max_grad_norm),
+        mechanism=mechanism if model.private else IndependentGaussian(),
     )
     if not plan.private:
         return plan
@@ -147,17 +159,19 @@ def make_plan(config: Any) -> PrivacyPlan:
     if plan.calibrated and (target is None or steps is None):
         accounting.calibrate(schedule=schedule, steps=steps, delta=delta)  # raises fit's error
     if steps is not None:
-        rates = schedule.rates(steps)
+        # What the ledger will hold: one entry per step, or per round of b steps (banded MF).
+        rates = plan.mechanism.round_sample_rates(schedule.rate, steps)
         for name in ACCOUNTANTS:
             if plan.calibrated:
                 sigma = accounting.calibrate(
-                    schedule=schedule, steps=steps, delta=delta, accountant=name
-                )
+                    schedule=schedule, steps=steps, delta=delta, accountant=name,
+                    mechanism=plan.mechanism,
+                )  # fmt: skip
             else:
                 sigma = float(model.noise_multiplier)
             plan.noise_multiplier[name] = sigma
             plan.epsilon[name] = epsilon_for_schedule(
-                noise_multiplier=sigma, delta=delta, sample_rate=rates, steps=steps,
+                noise_multiplier=sigma, delta=delta, sample_rate=rates, steps=len(rates),
                 accountant=name,  # type: ignore[arg-type]
             )  # fmt: skip
         if target is not None and plan.epsilon[plan.accountant] > target:
@@ -165,8 +179,9 @@ def make_plan(config: Any) -> PrivacyPlan:
         if plan.accountant == "pld":  # the report's epsilon_rdp: RDP of this run's own sigma
             plan.epsilon_rdp_of_run = epsilon_for_schedule(
                 noise_multiplier=plan.noise_multiplier["pld"], delta=delta, sample_rate=rates,
-                steps=steps, accountant="rdp",
+                steps=len(rates), accountant="rdp",
             )  # fmt: skip
+        plan.suggested_bands = _suggested_bands(plan, target or plan.epsilon[plan.accountant])
     plan.sigma = plan.noise_multiplier.get(plan.accountant)
     if plan.sigma is None and not plan.calibrated:
         plan.sigma = float(model.noise_multiplier)
@@ -179,8 +194,22 @@ def make_plan(config: Any) -> PrivacyPlan:
     return plan
 
 
+def _suggested_bands(plan: PrivacyPlan, epsilon: float) -> int:
+    """The rule b ~ epsilon sqrt(n) / k (k = sum_t q_t epochs) within b q_t <= 1 and b <= n."""
+    steps = int(plan.steps or 0)
+    rates = plan.schedule.rates(steps)
+    most = min(steps, int(1.0 / max(rates)) + 1) if rates else 1
+    while most > 1 and most * max(rates) > 1.0:
+        most -= 1
+    return suggest_bands(epsilon=epsilon, steps=steps, epochs=sum(rates), max_bands=most)
+
+
 def _steps_within_budget(plan: PrivacyPlan, rates: list[float], target: float) -> int:
-    """Most steps whose epsilon stays <= target (the budget stop ends the run there)."""
+    """Most steps whose epsilon stays <= target (the budget stop ends the run there).
+
+    ``rates`` are the ledger's entries: one per step, or one per round of b steps (banded MF,
+    whose budget stop comes at the start of the round that would pass the target).
+    """
     sigma = plan.noise_multiplier[plan.accountant]
     delta = float(plan.delta)  # type: ignore[arg-type]
 
@@ -194,7 +223,7 @@ def _steps_within_budget(plan: PrivacyPlan, rates: list[float], target: float) -
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if within(mid) else (lo, mid)
-    return lo
+    return lo * plan.mechanism.bands
 
 
 def _rate_line(plan: PrivacyPlan) -> tuple[str, str]:
@@ -230,6 +259,27 @@ def format_plan(plan: PrivacyPlan, source: str = "") -> str:
     rows.append(("delta", [f"{plan.delta:.4g}{origin if plan.delta_is_default else ''}"]))
     target = "none (no budget stop)" if plan.target_epsilon is None else f"{plan.target_epsilon:g}"
     rows.append(("target epsilon", [target]))
+    mech, b = plan.mechanism, plan.mechanism.bands
+    if b > 1:
+        coeffs = ", ".join(f"{c:.4g}" for c in mech.coefficients)
+        rows += [
+            ("noise mechanism", [f"banded MF, b = {b} bands: correlated noise, cyclic sampling "
+                                 f"of {b} groups at rate b q = {b * plan.schedule.rate(0):.6g}"]),
+            ("coefficients c", [f"{coeffs} ({mech.describe().get('coefficients_source')})"]),
+            ("sensitivity ||c||", [f"{mech.sensitivity:.6g} (noise std sigma x C x ||c||)"]),
+        ]  # fmt: skip
+        if plan.steps:
+            rows.append(("accounted rounds", [f"{math.ceil(plan.steps / b)} of {b} steps"]))
+    else:
+        rows.append(("noise mechanism", ["independent Gaussian (DP-SGD), b = 1"]))
+    if plan.suggested_bands is not None:
+        rows.append(
+            (
+                "suggested bands",
+                [f"b = {plan.suggested_bands} (b ~ epsilon sqrt(n) / epochs, McKenna 2025; "
+                 "model.noise_mechanism: lit_dp.privacy.noise_mechanism.BandedMF)"],
+            )
+        )  # fmt: skip
     if plan.noise_multiplier:
         names = [plan.accountant, *(n for n in ACCOUNTANTS if n != plan.accountant)]
         how = "calibrated to the target" if plan.calibrated else "model.noise_multiplier"
@@ -275,8 +325,9 @@ def format_plan(plan: PrivacyPlan, source: str = "") -> str:
         rows += [
             ("gradient noise multiplier", [f"{z:.6g}{raised}"]),
             ("noise std, averaged gradient",
-             [f"{plan.noise_std(0):.4g} per coordinate = {z:.4g} x C_0 {plan.max_grad_norm:g} / "
-              f"E[B] {plan.expected_batch_size(0):g} (step 0)"]),
+             [f"{plan.noise_std(0):.4g} per coordinate = {z:.4g} x C_0 {plan.max_grad_norm:g}"
+              + (f" x ||c|| {mech.sensitivity:.4g}" if b > 1 else "")
+              + f" / E[B] {plan.expected_batch_size(0):g} (step 0)"]),
         ]  # fmt: skip
         if plan.schedule.kind == "linear":
             end = plan.schedule.ramp_steps

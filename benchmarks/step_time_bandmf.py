@@ -20,6 +20,8 @@ weight trainable).
 Usage:
     python benchmarks/step_time_bandmf.py --json benchmarks/results/step_time_bandmf.json --memory
     python benchmarks/step_time_bandmf.py --models qwen2-5m --bands 4,16 --repeats 3
+    python benchmarks/step_time_bandmf.py --json benchmarks/results/step_time_bandmf.json \
+        --memory-only      # redo the peak-RSS children only, into an existing results file
 """
 
 from __future__ import annotations
@@ -88,11 +90,7 @@ def _setup(model: torch.nn.Module, batch: dict[str, torch.Tensor], bands: int) -
     def noise() -> None:
         mech.add_noise_(zeros, noise_multiplier=SIGMA, max_grad_norm=CLIP, generator=gen)
 
-    state = mech.state_dict()
-    buffers = sum(
-        w.numel() * w.element_size() for h in state.get("history", []) for w in h.values()
-    )
-    return {"step": step, "noise": noise, "buffer_bytes": buffers}
+    return {"step": step, "noise": noise, "buffer_bytes": mech.buffer_bytes()}
 
 
 def _timed(fn: Any) -> float:
@@ -145,6 +143,15 @@ def single(name: str, bands: int) -> dict[str, Any]:
     return {"model": name, "bands": bands, "peak_rss_mb": _peak_rss_mb()}
 
 
+def _child_rss(name: str, bands: int, threads: int) -> float | None:
+    """``single`` in a fresh process (its peak RSS; None if it died)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--single", f"{name}:{bands}",
+           "--threads", str(threads)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    line = next((x for x in out.splitlines() if x.startswith("ROW ")), None)
+    return None if line is None else json.loads(line[4:])["peak_rss_mb"]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -156,6 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory", action="store_true", help="peak RSS per (model, b), subprocesses")
     ap.add_argument("--memory-models", help="limit --memory to these models (default: all run)")
+    ap.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the peak-RSS children; merge them into the rows of the existing --json file",
+    )
     ap.add_argument("--json", help="write results to this path")
     ap.add_argument("--single", help=argparse.SUPPRESS)  # MODEL:B, the --memory child
     args = ap.parse_args(argv)
@@ -166,19 +178,23 @@ def main(argv: list[str] | None = None) -> None:
         print("ROW " + json.dumps(single(name, int(b))))
         return
     bands = [int(b) for b in args.bands.split(",")]
+    if args.memory_only:
+        with open(args.json) as f:
+            results = json.load(f)
+        for row in results["rows"]:
+            row["peak_rss_mb"] = _child_rss(row["model"], row["bands"], args.threads)
+            print(json.dumps(row), flush=True)
+        results["meta"]["memory"] = provenance("lit_dp", "benchmarks/step_time_bandmf.py")
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        return
     rows: list[dict[str, Any]] = []
     for name in args.models.split(","):
         rows += run_model(name, bands, warmup=args.warmup, repeats=args.repeats)
         if args.memory and name in (args.memory_models or args.models).split(","):
             for row in rows:
-                if row["model"] != name:
-                    continue
-                child = f"{name}:{row['bands']}"
-                cmd = [sys.executable, os.path.abspath(__file__), "--single", child,
-                       "--threads", str(args.threads)]  # fmt: skip
-                out = subprocess.run(cmd, capture_output=True, text=True).stdout
-                line = next((x for x in out.splitlines() if x.startswith("ROW ")), None)
-                row["peak_rss_mb"] = None if line is None else json.loads(line[4:])["peak_rss_mb"]
+                if row["model"] == name:
+                    row["peak_rss_mb"] = _child_rss(name, row["bands"], args.threads)
         for row in rows:
             if row["model"] == name:
                 print(json.dumps(row), flush=True)

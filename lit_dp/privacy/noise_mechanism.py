@@ -92,6 +92,10 @@ class NoiseMechanism(ABC):
         """The rates the ledger will hold after ``steps`` planned steps, one per ledger step."""
         return [float(rate_of(t)) for t in range(steps)]
 
+    def buffer_bytes(self) -> int:
+        """Bytes of noise state held now (0 for independent noise)."""
+        return 0
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -220,6 +224,10 @@ class BandedMF(NoiseMechanism):
         return marginal
 
     # --- state ------------------------------------------------------------------------------
+    def buffer_bytes(self) -> int:
+        """Bytes of the noise buffers held now: (b - 1) x the trainable parameters in fp32."""
+        return sum(w.numel() * w.element_size() for h in self._history for w in h.values())
+
     def state_dict(self) -> dict[str, Any]:
         """Bands, coefficients, draws made and the b - 1 noise buffers (CPU copies; private)."""
         return {

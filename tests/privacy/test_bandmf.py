@@ -132,6 +132,7 @@ def test_noise_state_resumes_the_same_stream():
     run(first, gen, 3)
     state, gen_state = first.state_dict(), gen.get_state()
     assert len(state["history"]) == 3 and state["step"] == 3
+    assert first.buffer_bytes() == 3 * (10 + 4) * 4  # b - 1 fp32 copies of the parameters
     resumed, gen2 = BandedMF(bands=4), torch.Generator()
     resumed.load_state_dict(state)
     gen2.set_state(gen_state)

@@ -343,7 +343,8 @@ class DPCausalLM(CausalLMEvaluation):
         not_covered = [
             "train/loss and train/batch_size logs (raw, operator-side)",
             "validation/test metrics (computed on held-out data without noise)",
-            "checkpoints (hold noise and sampler generator states; keep them private)",
+            "checkpoints (hold the noise and sampler generator states and any correlated-noise "
+            "buffers; keep them private)",
         ]
         if self.diagnostics:
             not_covered.append(

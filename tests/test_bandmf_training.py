@@ -108,6 +108,19 @@ def test_banded_crash_resume_equals_uninterrupted(tmp_path):
         _fit(tmp_path / "d", 7, mechanism=BandedMF(bands=2), ckpt_path=str(ckpt))
 
 
+def test_a_fork_of_a_banded_run_is_refused(tmp_path):
+    """A fork draws new sampling groups: a unit could take part twice within b steps."""
+    _fit(tmp_path / "a", 4, mechanism=BandedMF(bands=2), every=2)
+    ckpt = next((tmp_path / "a" / "ckpt").glob("*step=2*.ckpt"))
+    dm = make_dm(num_train=48, expected=8.0, seed=7)
+    trainer = make_trainer(tmp_path / "b", max_steps=4)
+    acct = next(c for c in trainer.callbacks if isinstance(c, PrivacyAccounting))
+    acct.resume_from(str(ckpt), fork=True)
+    with pytest.raises(ValueError, match=r"refused for model\.noise_mechanism bands=2"):
+        trainer.fit(make_module(noise_mechanism=BandedMF(bands=2)), datamodule=dm)
+    assert trainer.global_step == 0
+
+
 def test_calibration_uses_the_rounds(tmp_path):
     dm = make_dm(num_train=48, expected=8.0, seed=7)
     module = make_module(noise_mechanism=BandedMF(bands=2), noise_multiplier="auto")

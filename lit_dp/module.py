@@ -18,6 +18,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lit_dp import distributed, models
 from lit_dp.evaluation import CausalLMEvaluation
 from lit_dp.optim import DPAdamW
+from lit_dp.privacy.bandmf import group_sample_rate
 from lit_dp.privacy.clipping import (
     ClipBoundEstimator,
     FixedClip,
@@ -38,6 +39,7 @@ from lit_dp.privacy.noise import (
     load_generator_state,
     make_generator,
 )
+from lit_dp.privacy.noise_mechanism import IndependentGaussian, NoiseMechanism
 from lit_dp.privacy.per_sample import ENGINES, per_example_losses
 from lit_dp.privacy.plan import PrivacyPlan
 from lit_dp.privacy.secure_noise import SecureNoiseGenerator
@@ -66,6 +68,9 @@ class DPCausalLM(CausalLMEvaluation):
             (default), ``PrivateQuantile`` (adaptive, Andrew et al. 2021, covered by epsilon),
             or ``HistoryPercentile`` (the paper's rule; uses raw norms: NOT covered by epsilon).
             None builds a fresh ``default_clip_estimator()``, ``FixedClip(1.0)``.
+        noise_mechanism: the noise (``lit_dp.privacy.noise_mechanism``): null =
+            ``IndependentGaussian`` (DP-SGD's fresh noise every step), or ``BandedMF``
+            (correlated noise over ``bands`` steps with cyclic sampling, DP-BandMF).
         optimizer: a callable taking the trainable parameters and returning the optimizer, e.g.
             ``DPAdamW`` (default: ``lit_dp.optim.DPAdamW`` with its defaults) or
             ``torch.optim.SGD`` (the DP-SGD baseline); both receive the same clipped, noised,
@@ -98,6 +103,7 @@ class DPCausalLM(CausalLMEvaluation):
         private: bool = True,
         noise_multiplier: float | Literal["auto"] = "auto",
         clipping: ClipBoundEstimator | None = None,
+        noise_mechanism: NoiseMechanism | None = None,
         optimizer: OptimizerCallable | None = None,
         engine: Literal["fast", "vmap", "loop"] = "fast",
         max_physical_batch_size: int = 16,
@@ -110,7 +116,7 @@ class DPCausalLM(CausalLMEvaluation):
         super().__init__()  # the evaluation state (metrics, history, evaluation weights)
         self._validate(locals())
         # The components are described in the privacy report, not pickled into hparams.
-        self.save_hyperparameters(ignore=["clipping", "optimizer"])
+        self.save_hyperparameters(ignore=["clipping", "noise_mechanism", "optimizer"])
         self.private = private
         # sigma: a float once a privacy plan is applied (setup); None until then for "auto".
         self.noise_multiplier: float | None = (
@@ -130,6 +136,9 @@ class DPCausalLM(CausalLMEvaluation):
         if not private:  # the non-private step never clips: nothing adaptive to describe or save
             clip = FixedClip(max_grad_norm=clip.max_grad_norm)
         self.clip: ClipBoundEstimator = clip
+        self.noise_mechanism: NoiseMechanism = (
+            noise_mechanism if private and noise_mechanism is not None else IndependentGaussian()
+        )
         self._optimizer_factory: OptimizerCallable = DPAdamW if optimizer is None else optimizer
         self.automatic_optimization = False
         self.last_record: DPStepRecord | None = None
@@ -155,6 +164,12 @@ class DPCausalLM(CausalLMEvaluation):
             raise TypeError(
                 f"model.clipping={args['clipping']!r} must be a clip-bound estimator, e.g. "
                 "lit_dp.privacy.clipping.PrivateQuantile(...) or FixedClip(max_grad_norm=1.0)"
+            )
+        mech = args["noise_mechanism"]
+        if mech is not None and not isinstance(mech, NoiseMechanism):
+            raise TypeError(
+                f"model.noise_mechanism={mech!r} must be a noise mechanism, e.g. "
+                "lit_dp.privacy.noise_mechanism.BandedMF(bands=4), or null (independent noise)"
             )
         if args["optimizer"] is not None and not callable(args["optimizer"]):
             raise TypeError(
@@ -229,6 +244,18 @@ class DPCausalLM(CausalLMEvaluation):
                 "section) to calibrate it; give a number or run through the lit-dp CLI"
             )
         self.model.config.use_cache = False  # a Hugging Face model (lit_dp.models.load_model)
+        if stage == "fit" and self.noise_mechanism.bands > 1:
+            # Banded MF's accounting needs its participation rule: cyclic Poisson sampling.
+            if dm is None or not hasattr(dm, "set_participation"):
+                raise ValueError(
+                    "model.noise_mechanism with bands > 1 needs a lit_dp DataModule (it samples "
+                    "the units cyclically in bands groups)"
+                )
+            dm.set_participation(bands=self.noise_mechanism.bands)
+            schedule = getattr(dm, "schedule", None)
+            if schedule is not None:  # b q_t <= 1 at the schedule's extremes (ValueError)
+                for t in {0, schedule.ramp_steps}:
+                    group_sample_rate(schedule.rate(t), self.noise_mechanism.bands)
         if stage == "fit" and self.private and dm is not None and getattr(dm, "schedule", None):
             # Fail before the first step if the mechanism cannot be built at some step of the
             # plan (e.g. private quantile clipping with too small an expected batch for its
@@ -300,6 +327,7 @@ class DPCausalLM(CausalLMEvaluation):
             generator=self._generator(),
             engine=self.engine,
             max_rows=self.max_physical_batch_size,
+            noise=self.noise_mechanism,
         )
         # 7. The optimizer step (lr set by ClipDrivenLR): post-processing of the private gradient.
         for n, p in self.model.named_parameters():
@@ -384,7 +412,8 @@ class DPCausalLM(CausalLMEvaluation):
         not_covered = [
             "train/loss and train/batch_size logs (raw, operator-side)",
             "validation/test metrics (computed on held-out data without noise)",
-            "checkpoints (hold noise and sampler generator states; keep them private)",
+            "checkpoints (hold the noise and sampler generator states and any correlated-noise "
+            "buffers; keep them private)",
         ]
         if self.diagnostics:
             not_covered.append(
@@ -423,6 +452,7 @@ class DPCausalLM(CausalLMEvaluation):
             "clip": self.clip.state_dict(),
             "noise_multiplier": self.noise_multiplier,
             "noise_generator": generator_state(self._generator()) if self.private else None,
+            "noise_mechanism": self.noise_mechanism.state_dict(),  # noise buffers: private
             "num_nonfinite_total": self.num_nonfinite_total,
             "val_history": self.val_history,
         }
@@ -443,6 +473,7 @@ class DPCausalLM(CausalLMEvaluation):
         self.noise_multiplier = state["noise_multiplier"]
         self._pending_generator_state = state["noise_generator"]
         self._noise_generator = None
+        self.noise_mechanism.load_state_dict(state.get("noise_mechanism", {}))
         self.num_nonfinite_total = state["num_nonfinite_total"]
         self.val_history = state["val_history"]
 

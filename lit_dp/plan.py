@@ -12,6 +12,7 @@ delta, epsilon and budget-stop step are the ones the run will write into
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,11 +22,13 @@ from lightning.pytorch.cli import instantiate_class
 from lit_dp.callbacks.accounting import PrivacyAccounting
 from lit_dp.cli import LitDPCLI
 from lit_dp.privacy.accountant import ACCOUNTANTS
+from lit_dp.privacy.bandmf import suggest_bands
 from lit_dp.privacy.clipping import (
     PrivateQuantile,
     check_smallest_batch,
     default_clip_estimator,
 )
+from lit_dp.privacy.noise_mechanism import IndependentGaussian, NoiseMechanism
 from lit_dp.privacy.plan import PrivacyPlan as RunPlan
 from lit_dp.privacy.sampling import SampleRateSchedule
 
@@ -65,6 +68,8 @@ class PlanView:
     max_grad_norm: float = 1.0
     clipping: str = "FixedClip"  # the clip-bound estimator's class
     clip_covered_by_dp: bool = True  # False: C_t from raw norms, epsilon covers nothing
+    mechanism: NoiseMechanism = field(default_factory=IndependentGaussian)  # model.noise_mechanism
+    suggested_bands: int | None = None  # b ~ epsilon sqrt(n) / k (McKenna 2025)
 
     @property
     def delta(self) -> float | None:
@@ -99,7 +104,10 @@ class PlanView:
         return None if self.privacy is None else self.privacy.grad_noise_multiplier(step)
 
     def noise_std(self, step: int = 0) -> float | None:
-        """Per-step noise std on the averaged gradient, z_grad * C_0 / E[B_t]."""
+        """Per-step fresh noise std on the averaged gradient, z_grad * C_0 * ||c|| / E[B_t].
+
+        ||c|| is the noise mechanism's sensitivity (1 for independent noise).
+        """
         return None if self.privacy is None else self.privacy.noise_std(step)
 
 
@@ -140,6 +148,8 @@ def make_plan(config: Any) -> PlanView:
         else instantiate_class((), model.clipping.as_dict())
     )
     max_steps = trainer_cfg.max_steps
+    mech_cfg = model.get("noise_mechanism")
+    mechanism = IndependentGaussian() if mech_cfg is None else _instantiate(mech_cfg.as_dict())
     view = PlanView(
         private=bool(model.private),
         num_units=num_units,
@@ -152,6 +162,7 @@ def make_plan(config: Any) -> PlanView:
         max_grad_norm=float(clip.max_grad_norm),
         clipping=type(clip).__name__,
         clip_covered_by_dp=bool(clip.covered_by_dp),
+        mechanism=mechanism if model.private else IndependentGaussian(),
     )
     if not view.private:
         return view
@@ -165,6 +176,7 @@ def make_plan(config: Any) -> PlanView:
             steps=view.steps,
             noise_multiplier=noise_multiplier,
             clip=clip,
+            mechanism=view.mechanism,
             accountant=name,  # type: ignore[arg-type]
         )
         for name in sorted(ACCOUNTANTS, key=lambda n: n != view.accountant)  # the run's first
@@ -177,6 +189,8 @@ def make_plan(config: Any) -> PlanView:
         view.budget_steps = run.budget_stop_step()
         if view.accountant == "pld":  # the report's epsilon_rdp: RDP of this run's own sigma
             view.epsilon_rdp_of_run = run.epsilon_after(view.steps, accountant="rdp")
+        target = view.target_epsilon
+        view.suggested_bands = _suggested_bands(view, target or view.epsilon[view.accountant])
     if isinstance(clip, PrivateQuantile):
         # The check fit makes before its first step (ValueError: batch too small for the count
         # at the smallest expected batch of the planned steps).
@@ -188,6 +202,16 @@ def make_plan(config: Any) -> PlanView:
             num_steps=view.steps,
         )
     return view
+
+
+def _suggested_bands(view: PlanView, epsilon: float) -> int:
+    """The rule b ~ epsilon sqrt(n) / k (k = sum_t q_t epochs) within b q_t <= 1 and b <= n."""
+    steps = int(view.steps or 0)
+    rates = view.schedule.rates(steps)
+    most = min(steps, int(1.0 / max(rates)) + 1) if rates else 1
+    while most > 1 and most * max(rates) > 1.0:
+        most -= 1
+    return suggest_bands(epsilon=epsilon, steps=steps, epochs=sum(rates), max_bands=most)
 
 
 def _rate_line(plan: PlanView) -> tuple[str, str]:
@@ -235,6 +259,27 @@ def format_plan(plan: PlanView, source: str = "") -> str:
     rows.append(("delta", [f"{plan.delta:.4g}{origin if plan.delta_is_default else ''}"]))
     target = "none (no budget stop)" if plan.target_epsilon is None else f"{plan.target_epsilon:g}"
     rows.append(("target epsilon", [target]))
+    mech, b = plan.mechanism, plan.mechanism.bands
+    if b > 1:
+        coeffs = ", ".join(f"{c:.4g}" for c in mech.coefficients)
+        rows += [
+            ("noise mechanism", [f"banded MF, b = {b} bands: correlated noise, cyclic sampling "
+                                 f"of {b} groups at rate b q = {b * plan.schedule.rate(0):.6g}"]),
+            ("coefficients c", [f"{coeffs} ({mech.describe().get('coefficients_source')})"]),
+            ("sensitivity ||c||", [f"{mech.sensitivity:.6g} (noise std sigma x C x ||c||)"]),
+        ]  # fmt: skip
+        if plan.steps:
+            rows.append(("accounted rounds", [f"{math.ceil(plan.steps / b)} of {b} steps"]))
+    else:
+        rows.append(("noise mechanism", ["independent Gaussian (DP-SGD), b = 1"]))
+    if plan.suggested_bands is not None:
+        rows.append(
+            (
+                "suggested bands",
+                [f"b = {plan.suggested_bands} (b ~ epsilon sqrt(n) / epochs, McKenna 2025; "
+                 "model.noise_mechanism: lit_dp.privacy.noise_mechanism.BandedMF)"],
+            )
+        )  # fmt: skip
     if plan.noise_multiplier:
         names = [plan.accountant, *(n for n in ACCOUNTANTS if n != plan.accountant)]
         how = "calibrated to the target" if plan.calibrated else "model.noise_multiplier"
@@ -280,8 +325,9 @@ def format_plan(plan: PlanView, source: str = "") -> str:
         rows += [
             ("gradient noise multiplier", [f"{z:.6g}{raised}"]),
             ("noise std, averaged gradient",
-             [f"{plan.noise_std(0):.4g} per coordinate = {z:.4g} x C_0 {plan.max_grad_norm:g} / "
-              f"E[B] {plan.expected_batch_size(0):g} (step 0)"]),
+             [f"{plan.noise_std(0):.4g} per coordinate = {z:.4g} x C_0 {plan.max_grad_norm:g}"
+              + (f" x ||c|| {mech.sensitivity:.4g}" if b > 1 else "")
+              + f" / E[B] {plan.expected_batch_size(0):g} (step 0)"]),
         ]  # fmt: skip
         if plan.schedule.kind == "linear":
             end = plan.schedule.ramp_steps

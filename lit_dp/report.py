@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from lit_dp.privacy.accountant import Accountant, describe_accountant
+from lit_dp.privacy.noise_mechanism import IndependentGaussian, NoiseMechanism
 from lit_dp.privacy.rdp_accountant import RDPAccountant
 
 __all__ = [
@@ -143,6 +144,7 @@ def assemble(
     stop_reason: str | None,
     fork_of: dict[str, Any] | None,
     sections: dict[str, Any] | None = None,
+    noise_mechanism: NoiseMechanism | None = None,
 ) -> dict[str, Any]:
     """The run's privacy report (plain JSON types; see the module docstring).
 
@@ -160,6 +162,10 @@ def assemble(
         stop_reason: why the run stopped (None while it runs).
         fork_of: the checkpoint this run forked, if any.
         sections: the sections other callbacks add (``report_sections``), e.g. ``audit``.
+        noise_mechanism: the module's noise mechanism (None: independent Gaussian). The report
+            names it (bands, coefficients, sensitivity, participation, accounting); with
+            banded MF (b > 1) the ledger holds one entry per round of b steps, so ``steps`` is
+            the optimizer steps taken and ``rounds`` the ledger's.
 
     Raises:
         RuntimeError: a private report over weights that took steps the ledger does not hold.
@@ -173,11 +179,15 @@ def assemble(
         "num_nonfinite_zeroed": int(module.num_nonfinite_total),
     }
     private = bool(module.private)
-    if private and accountant.total_steps < global_step:
+    noise = IndependentGaussian() if noise_mechanism is None else noise_mechanism
+    bands = noise.bands  # > 1: the ledger counts rounds of b steps, charged at their start
+    if private and accountant.total_steps < math.ceil(global_step / bands):
         # Never a private report over weights that took steps the ledger does not hold.
         raise RuntimeError(
             f"privacy report refused: the weights took {global_step} steps but the "
-            f"privacy ledger holds {accountant.total_steps} (a checkpoint of another run "
+            f"privacy ledger holds {accountant.total_steps}"
+            + (f" rounds of {bands} steps" if bands > 1 else "")
+            + " (a checkpoint of another run "
             "was loaded?); this run's epsilon does not cover its weights"
         )
     eps, eps_rdp, order = float("inf"), float("inf"), None
@@ -206,7 +216,8 @@ def assemble(
         "delta": delta,
         "target_epsilon": target_epsilon,
         "best_rdp_order": order,
-        "steps": int(accountant.total_steps) if private else int(global_step),
+        "steps": int(accountant.total_steps) if private and bands == 1 else int(global_step),
+        **({"rounds": int(accountant.total_steps)} if bands > 1 else {}),
         # One type per field: sigma a float (0.0 without privacy), the sample rate its
         # schedule and the distinct rates of the steps taken (the ledger has every step).
         "noise_multiplier": float(sigma) if isinstance(sigma, int | float) else 0.0,
@@ -223,7 +234,7 @@ def assemble(
         "accountant": accountant_name,
         "accountant_description": describe_accountant(accountant_name, accountant),
         "clipping": mech["clipping"],
-        "mechanism": mech,
+        "mechanism": {**mech, "noise_mechanism": noise.describe()},
         "covers": covers,
         "noise_seed_fixed": "model.noise_seed" in seeds,
         "sampling_seed_fixed": "data.sampling_seed" in seeds,

@@ -18,6 +18,7 @@ from lit_dp.callbacks.accounting import PrivacyAccounting
 from lit_dp.callbacks.resume import ResumeGuard
 from lit_dp.plan import _instantiate, make_plan, read_config
 from lit_dp.privacy.clipping import default_clip_estimator
+from lit_dp.privacy.noise_mechanism import IndependentGaussian
 
 PRIVATE = [c for c in CONFIGS if "private: false" not in c.read_text()]
 
@@ -26,9 +27,10 @@ class _Module:
     """The DPModule members setup reads and calls, without a model (the configs' models are
     not all on this machine)."""
 
-    def __init__(self, noise_multiplier: Any, clip: Any) -> None:
+    def __init__(self, noise_multiplier: Any, clip: Any, noise_mechanism: Any) -> None:
         self.private = True
         self.clip = clip
+        self.noise_mechanism = noise_mechanism
         self.noise_multiplier = None if noise_multiplier == "auto" else float(noise_multiplier)
         self.last_record = None
         self.num_nonfinite_total = 0
@@ -60,7 +62,12 @@ def test_plan_and_fit_setup_build_the_same_plan(config, monkeypatch):
     clip = (
         default_clip_estimator() if clipping is None else instantiate_class((), clipping.as_dict())
     )
-    module = _Module(cfg.model.noise_multiplier, clip)
+    mechanism = cfg.model.get("noise_mechanism")  # banded MF in bandmf.yaml
+    module = _Module(
+        cfg.model.noise_multiplier,
+        clip,
+        IndependentGaussian() if mechanism is None else _instantiate(mechanism.as_dict()),
+    )
     trainer = type("T", (), {"datamodule": dm, "max_steps": cfg.trainer.max_steps,
                              "min_steps": None, "min_epochs": None})()  # fmt: skip
     accounting = PrivacyAccounting(**cfg.privacy.as_dict())
@@ -68,6 +75,9 @@ def test_plan_and_fit_setup_build_the_same_plan(config, monkeypatch):
     fit_plan = accounting.plan
     assert module.applied == [fit_plan] and module.noise_multiplier == fit_plan.noise_multiplier
     assert view.privacy == fit_plan  # sigma, delta, N, schedule, steps, accountant, clip fields
+    # The noise mechanism's accounting event (banded MF's rounds) is in both; None = DP-SGD.
+    assert fit_plan.mechanism == module.noise_mechanism.event()
+    assert (fit_plan.mechanism is not None) == (config.name == "bandmf.yaml")
     steps = fit_plan.steps
     assert steps is not None
     assert view.sigma == fit_plan.noise_multiplier and view.delta == accounting.delta

@@ -18,11 +18,12 @@ from typing import Any, Literal
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lit_dp.callbacks.contract import DPModule, dp_module, report_source
+from lit_dp.callbacks.contract import DPModule, dp_module, noise_mechanism, report_source
 from lit_dp.callbacks.interrupts import interruption
 from lit_dp.callbacks.resume import ResumeGuard
 from lit_dp.fingerprint import FINGERPRINT_KEY, to_state
 from lit_dp.privacy.accountant import make_accountant
+from lit_dp.privacy.noise_mechanism import NoiseMechanism
 from lit_dp.privacy.plan import (
     MAX_DEFAULT_DELTA,
     PrivacyPlan,
@@ -50,6 +51,14 @@ def _datamodule(trainer: L.Trainer) -> Any:
     refuses one without ``num_units``.
     """
     return getattr(trainer, "datamodule", None)
+
+
+def _rate_of(trainer: L.Trainer) -> Any:
+    """q_t of any step from the DataModule's schedule (banded MF charges a round at its start)."""
+    schedule = getattr(_datamodule(trainer), "schedule", None)
+    if schedule is None:
+        raise RuntimeError("PrivacyAccounting: the DataModule has no sample-rate schedule")
+    return schedule.rate
 
 
 def _refuse_minimum_length(trainer: L.Trainer, target_epsilon: float) -> None:
@@ -182,6 +191,7 @@ class PrivacyAccounting(L.Callback):
             steps=steps,
             noise_multiplier="auto" if module.noise_multiplier is None else module.noise_multiplier,
             clip=module.clip,
+            mechanism=noise_mechanism(module),
             taken=taken,
             first_step=int(parent["global_step"]) if parent is not None else 0,
             fork_error=(
@@ -210,10 +220,14 @@ class PrivacyAccounting(L.Callback):
         taken: Any = (),
         first_step: int = 0,
         fork_error: Any = None,
+        mechanism: NoiseMechanism | None = None,
     ) -> PrivacyPlan:
         """The privacy plan of a run with this privacy section (fit's setup, ``lit-dp plan``).
 
-        ``accountant`` overrides the section's (``lit-dp plan`` prints both).
+        ``accountant`` overrides the section's (``lit-dp plan`` prints both). ``mechanism`` is
+        the module's noise mechanism: its accounting event (banded MF: one (sigma, b q) round
+        per b steps) is what calibration, the per-step epsilon and the budget stop compose;
+        independent noise (None, or b = 1) is one step per step.
         """
         return PrivacyPlan.create(
             num_units=num_units,
@@ -228,6 +242,7 @@ class PrivacyAccounting(L.Callback):
             first_step=first_step,
             warn=rank_zero_warn,
             fork_error=fork_error,
+            mechanism=None if mechanism is None else mechanism.event(),
         )
 
     # --- per step ----------------------------------------------------------------------------
@@ -235,10 +250,17 @@ class PrivacyAccounting(L.Callback):
         module = dp_module(pl_module, caller="PrivacyAccounting")
         if not module.private or self.target_epsilon is None:
             return
+        rate = noise_mechanism(pl_module).accounted_rate(
+            step=trainer.global_step,
+            sample_rate=float(batch["sample_rate"]),
+            rate_of=lambda t: _rate_of(trainer)(t),
+        )
+        if rate is None:  # within a banded-MF round: charged at its start
+            return
         eps_next = self.accountant.peek_epsilon(
             delta=self._delta(),
             noise_multiplier=_sigma(module),
-            sample_rate=float(batch["sample_rate"]),
+            sample_rate=rate,
         )
         if exceeds_budget(eps_next, self.target_epsilon):
             self.stop_reason = (
@@ -253,12 +275,16 @@ class PrivacyAccounting(L.Callback):
         record = dp_module(pl_module, caller="PrivacyAccounting").last_record
         if record is None or not record.private:
             return
-        # The accounted sigma (not the raised gradient multiplier of private quantile clipping).
-        self.accountant.step(
-            noise_multiplier=record.noise_multiplier, sample_rate=record.sample_rate
+        rate = noise_mechanism(pl_module).accounted_rate(
+            step=record.step,
+            sample_rate=record.sample_rate,
+            rate_of=lambda t: _rate_of(trainer)(t),
         )
-        if self.rdp is not self.accountant:
-            self.rdp.step(noise_multiplier=record.noise_multiplier, sample_rate=record.sample_rate)
+        # The accounted sigma (not the raised gradient multiplier of private quantile clipping).
+        if rate is not None:  # None: within a banded-MF round, charged at its start
+            self.accountant.step(noise_multiplier=record.noise_multiplier, sample_rate=rate)
+            if self.rdp is not self.accountant:
+                self.rdp.step(noise_multiplier=record.noise_multiplier, sample_rate=rate)
         if (record.step + 1) % self.log_every == 0:
             pl_module.log(
                 "privacy/epsilon",
@@ -362,6 +388,7 @@ class PrivacyAccounting(L.Callback):
             stop_reason=self.stop_reason,
             fork_of=self.fork_of,
             sections=report_sections(getattr(trainer, "callbacks", ())),  # e.g. the audit
+            noise_mechanism=noise_mechanism(pl_module),
         )
 
     def write_report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:

@@ -5,7 +5,8 @@ typed protocol that ``DPCausalLM`` satisfies. PrivacyAccounting needs all of ``D
 refuses a module without it, naming the members it lacks (``dp_module``); the optional glue
 (EMA, clip-driven LR) reads only the small protocols it needs (``TrainedModel``, ``StepSource``,
 ``ClipSource``, ``EvaluationWeights``) and leaves a module without them alone; the report reads
-``ReportSource`` (``lit_dp.report``).
+``ReportSource`` (``lit_dp.report``). A module without a noise mechanism (``NoiseSource``) adds
+independent Gaussian noise (``noise_mechanism``).
 
 HOOK_ORDER states the one ordering of Lightning's hooks that lit_dp relies on;
 tests/callbacks/test_contract.py checks that Lightning still calls them in this order.
@@ -18,6 +19,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
 from lit_dp.privacy.clipping import ClipBoundEstimator
+from lit_dp.privacy.noise_mechanism import IndependentGaussian, NoiseMechanism
 from lit_dp.privacy.plan import PrivacyPlan
 from lit_dp.report import ReportSource
 from lit_dp.step_record import DPStepRecord
@@ -27,10 +29,12 @@ __all__ = [
     "ClipSource",
     "DPModule",
     "EvaluationWeights",
+    "NoiseSource",
     "ReportSource",
     "StepSource",
     "TrainedModel",
     "dp_module",
+    "noise_mechanism",
     "report_source",
 ]
 
@@ -72,6 +76,23 @@ class ClipSource(Protocol):
     """A module with a clip-bound estimator (clip-driven LR steers toward its target)."""
 
     clip: ClipBoundEstimator
+
+
+@runtime_checkable
+class NoiseSource(Protocol):
+    """A module with its own noise mechanism (banded MF's correlated noise, or independent)."""
+
+    noise_mechanism: NoiseMechanism
+
+
+def noise_mechanism(pl_module: Any) -> NoiseMechanism:
+    """The module's noise mechanism: what its steps add to the ledger and the report names.
+
+    A module without one (``NoiseSource``) adds independent Gaussian noise, DP-SGD's.
+    """
+    if isinstance(pl_module, NoiseSource) and isinstance(pl_module.noise_mechanism, NoiseMechanism):
+        return pl_module.noise_mechanism
+    return IndependentGaussian()
 
 
 @runtime_checkable

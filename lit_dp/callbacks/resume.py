@@ -23,6 +23,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_dp.callbacks.contract import noise_mechanism
 from lit_dp.fingerprint import (
     FINGERPRINT_KEY,
     read_checkpoint_run,
@@ -68,6 +69,16 @@ class ResumeGuard:
                 checkpoint_step=run["global_step"],
             )
             return
+        bands = noise_mechanism(module).bands
+        if bands > 1:
+            # A fork draws a fresh sampling seed, hence new cyclic groups: a unit could take part
+            # again less than b steps after its last step, which banded MF's accounting excludes.
+            raise ValueError(
+                f"--fork of {self.path}: refused for model.noise_mechanism bands={bands}: a fork "
+                "draws new sampling groups, so a unit could take part twice within "
+                f"{bands} steps, which the banded-MF accounting does not allow; resume the "
+                "checkpoint as the same run (without --fork) or start a new run"
+            )
         saved = (run["fingerprint"] or {}).get("values", {}).get("privacy", {})
         history = ((run["accounting"] or {}).get("accountant") or {}).get("history", [])
         accounted = sum(int(n) for _, _, n in history)

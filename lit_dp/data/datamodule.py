@@ -37,6 +37,7 @@ from lit_dp.data.encoding import (
     encode_records,
     tokenizer_fingerprint,
 )
+from lit_dp.privacy.cyclic_sampling import CyclicPoissonBatchSampler
 from lit_dp.privacy.sampling import PoissonBatchSampler, SampleRateSchedule
 from lit_dp.report import OPERATOR_SIDE_KEY
 
@@ -131,6 +132,7 @@ class DPDataModule(L.LightningDataModule):
         self._next_step = 0  # restored by load_state_dict before the sampler exists
         self._sampler: PoissonBatchSampler | None = None
         self._seed_synced = False
+        self.bands = 1  # cyclic participation groups, set by the noise mechanism (banded MF)
 
     # --- subclasses provide records --------------------------------------------------------
     def load_records(self) -> dict[str, list[dict[str, Any]]]:
@@ -306,6 +308,15 @@ class DPDataModule(L.LightningDataModule):
         self.sampling_seed = int(trainer.strategy.broadcast(self.sampling_seed, src=0))
         self._seed_synced = True
 
+    def set_participation(self, *, bands: int) -> None:
+        """Sample cyclically in ``bands`` groups (banded MF); 1 = Poisson sampling of all units.
+
+        Called by the model's setup, before ``train_dataloader``.
+        """
+        if isinstance(bands, bool) or not isinstance(bands, int) or bands < 1:
+            raise ValueError(f"bands={bands!r} must be an integer >= 1")
+        self.bands = bands
+
     # --- loaders ---------------------------------------------------------------------------
     def _pad_id(self) -> int:
         tok = self._get_tokenizer()
@@ -330,7 +341,8 @@ class DPDataModule(L.LightningDataModule):
                         "sampler; set use_distributed_sampler=False (the lit-dp CLI does)"
                     )
                 rank, world = trainer.global_rank, trainer.world_size
-        self._sampler = PoissonBatchSampler(
+        cyclic = {"bands": self.bands} if self.bands > 1 else {}
+        self._sampler = (CyclicPoissonBatchSampler if cyclic else PoissonBatchSampler)(
             self.num_units,
             self.schedule,
             seed=self.sampling_seed,
@@ -338,6 +350,7 @@ class DPDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             step_source=step_source,
+            **cyclic,
         )
         self._sampler.next_step = self._next_step
         # Lightning warns on a mid-epoch resume that this loader is "not resumable" because it

@@ -9,7 +9,9 @@ Given a Poisson batch, it returns the gradient that the optimizer may see:
 3. under DDP the clipped sums, and nothing raw, are summed across ranks;
 4. one Gaussian draw of std ``grad_sigma * C_t`` per coordinate is added, where ``grad_sigma``
    is the accounted sigma, raised by the clip-bound estimator when it spends part of the budget
-   on its own release (private quantile); every rank draws the same noise;
+   on its own release (private quantile); every rank draws the same noise. A noise mechanism
+   (``lit_dp.privacy.noise_mechanism``) may instead add correlated noise (banded MF) from the
+   same draw, scaled by its sensitivity;
 5. the noisy sum is divided by the expected batch size q_t * N, never the realized one;
 6. the clip-bound estimator updates C for the next step from the unit norms (privatized counts
    for the private quantile), drawing its noise from the same generator after the gradient's.
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 from lit_dp.privacy.clipping import ClipBoundEstimator
 from lit_dp.privacy.collectives import all_gather_norms, all_reduce_sum_
 from lit_dp.privacy.noise import NoiseGenerator, add_noise_
+from lit_dp.privacy.noise_mechanism import NoiseMechanism
 from lit_dp.privacy.per_sample import per_example_clip
 
 __all__ = ["PrivateStep", "privatize", "split_micro_batches"]
@@ -94,6 +97,7 @@ class PrivateStep:
     max_grad_norm: float  # C_t, the bound this step clipped to (before the estimator's update)
     grad_noise_multiplier: float  # std of the noise on the sum, in units of C_t
     noise_std: float  # std of the noise on the averaged gradient: grad_sigma * C_t / (q_t N)
+    # (times the marginal std of a correlated noise mechanism's row, see noise_mechanism.py)
     clip_rate: float | None  # the estimator's privatized clip rate (None if it has none)
     norms: Tensor  # every rank's raw per-unit norms, rank order (operator-side)
     losses: Tensor  # this rank's per-unit losses (operator-side)
@@ -111,6 +115,7 @@ def privatize(
     generator: NoiseGenerator,
     engine: str = "fast",
     max_rows: int = 16,
+    noise: NoiseMechanism | None = None,
 ) -> PrivateStep:
     """The privatized average gradient of ``model`` on one Poisson ``batch`` (steps 1-6 above).
 
@@ -126,6 +131,8 @@ def privatize(
             ``torch.Generator`` (fast mode) or a ``SecureNoiseGenerator`` (secure mode).
         engine: per-unit clipping engine, ``"fast"``, ``"vmap"`` or ``"loop"``.
         max_rows: rows per physical micro-batch (memory, not math).
+        noise: the noise mechanism (stateful: called once per step); None = independent
+            Gaussian noise, ``lit_dp.privacy.noise.add_noise_``.
 
     Model gradients (``.grad``) are not touched: the caller hands ``grads`` to its optimizer.
     """
@@ -153,7 +160,14 @@ def privatize(
     all_norms = all_gather_norms(norms_t)
 
     # 4. One Gaussian draw of std grad_sigma * C per coordinate (identical on every rank).
-    add_noise_(sums, noise_multiplier=grad_sigma, max_grad_norm=c, generator=generator)
+    # ``spread``: the added noise's marginal std in units of grad_sigma * C (1 when independent).
+    if noise is None:
+        add_noise_(sums, noise_multiplier=grad_sigma, max_grad_norm=c, generator=generator)
+        spread = 1.0
+    else:
+        spread = noise.add_noise_(
+            sums, noise_multiplier=grad_sigma, max_grad_norm=c, generator=generator
+        )
 
     # 5. Divide by the expected batch size q * N, never the realized one.
     grads = {n: s.div_(expected) for n, s in sums.items()}
@@ -164,7 +178,7 @@ def privatize(
         grads=grads,
         max_grad_norm=c,
         grad_noise_multiplier=grad_sigma,
-        noise_std=grad_sigma * c / expected,
+        noise_std=grad_sigma * c * spread / expected,
         clip_rate=clip_rate,
         norms=all_norms,
         losses=losses_t,

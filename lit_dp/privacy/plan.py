@@ -104,7 +104,10 @@ def exceeds_budget(epsilon: float, target_epsilon: float | None) -> bool:
 class NoiseEvent(Protocol):
     """What the plan needs of a noise mechanism with its own accounting event."""
 
-    bands: int
+    @property
+    def bands(self) -> int:
+        """b: the ledger holds one entry per round of b steps."""
+        ...
 
     @property
     def sensitivity(self) -> float:

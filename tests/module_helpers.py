@@ -114,3 +114,18 @@ def make_trainer(tmp_path, max_steps, callbacks=(), target_epsilon=None, account
 
 def trainable(module):
     return {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+
+
+class Crash(Exception):
+    """The process "dies" here (a crash-and-resume test's stand-in for a kill)."""
+
+
+class CrashAt(L.Callback):
+    """Raise Crash before optimizer step ``step``: the run's checkpoints up to it are on disk."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise Crash(f"crash before step {self.step}")

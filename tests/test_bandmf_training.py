@@ -7,30 +7,16 @@ from __future__ import annotations
 import json
 import math
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from module_helpers import make_dm, make_module, make_trainer, trainable
+from module_helpers import Crash, CrashAt, make_dm, make_module, make_trainer, trainable
 
 from lit_dp.callbacks.accounting import PrivacyAccounting
 from lit_dp.privacy.bandmf import bsr_coefficients
 from lit_dp.privacy.calibration import calibrate_noise_multiplier
 from lit_dp.privacy.cyclic_sampling import CyclicPoissonBatchSampler
 from lit_dp.privacy.noise_mechanism import BandedMF
-
-
-class _Crash(Exception):
-    """The process "dies" here."""
-
-
-class _CrashAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            raise _Crash(f"crash before step {self.step}")
 
 
 def _fit(
@@ -44,7 +30,7 @@ def _fit(
         if every
         else []
     )
-    cbs += [_CrashAt(crash_at)] if crash_at is not None else []
+    cbs += [CrashAt(crash_at)] if crash_at is not None else []
     trainer = make_trainer(root, max_steps=max_steps, callbacks=cbs)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     acct = next(c for c in trainer.callbacks if isinstance(c, PrivacyAccounting))
@@ -89,7 +75,7 @@ def test_group_rate_above_one_is_refused_before_training(tmp_path):
 def test_banded_crash_resume_equals_uninterrupted(tmp_path):
     # The checkpoint at step 4 is in the middle of the second round of 3 steps.
     full, acct_full, _ = _fit(tmp_path / "a", 7, mechanism=BandedMF(bands=3))
-    with pytest.raises(_Crash):  # the same 7-step run crashes after its step-4 checkpoint
+    with pytest.raises(Crash):  # the same 7-step run crashes after its step-4 checkpoint
         _fit(tmp_path / "b", 7, mechanism=BandedMF(bands=3), every=4, crash_at=4)
     ckpt = next((tmp_path / "b" / "ckpt").glob("*step=4*.ckpt"))
     saved = torch.load(ckpt, weights_only=False)["lit_dp"]["noise_mechanism"]

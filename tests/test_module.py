@@ -7,11 +7,10 @@ from __future__ import annotations
 import functools
 import json
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from module_helpers import make_dm, make_module, make_trainer, trainable
+from module_helpers import Crash, CrashAt, make_dm, make_module, make_trainer, trainable
 
 from lit_dp.callbacks.accounting import PrivacyAccounting
 from lit_dp.callbacks.clip_lr import ClipDrivenLR
@@ -100,19 +99,6 @@ def test_auto_noise_under_each_accountant(tmp_path):
     assert pld["calibrated_noise_multiplier"] == sigmas["pld"]
 
 
-class _Crash(Exception):
-    """The process "dies" here."""
-
-
-class _CrashAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            raise _Crash(f"crash before step {self.step}")
-
-
 def _run(tmp_path, max_steps, ckpt_path=None, every=None, crash_at=None):
     torch.manual_seed(0)
     dm = make_dm(num_train=48, expected=16.0, seed=7)
@@ -122,7 +108,7 @@ def _run(tmp_path, max_steps, ckpt_path=None, every=None, crash_at=None):
         if every
         else []
     )
-    cbs += [_CrashAt(crash_at)] if crash_at is not None else []
+    cbs += [CrashAt(crash_at)] if crash_at is not None else []
     trainer = make_trainer(tmp_path, max_steps=max_steps, callbacks=cbs)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     acct = next(c for c in trainer.callbacks if isinstance(c, PrivacyAccounting))
@@ -133,7 +119,7 @@ def _run(tmp_path, max_steps, ckpt_path=None, every=None, crash_at=None):
 
 def test_crash_resume_equals_uninterrupted(tmp_path):
     full, acct_full, ema_full, lr_full = _run(tmp_path / "a", 6)
-    with pytest.raises(_Crash):  # the same run (max_steps 6) crashes after its step-3 checkpoint
+    with pytest.raises(Crash):  # the same run (max_steps 6) crashes after its step-3 checkpoint
         _run(tmp_path / "b", 6, every=3, crash_at=3)
     ckpt = next((tmp_path / "b" / "ckpt").glob("*step=3*.ckpt"))
     resumed, acct_res, ema_res, lr_res = _run(tmp_path / "c", 6, ckpt_path=str(ckpt))

@@ -9,30 +9,16 @@ import os
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
-from module_helpers import make_dm, make_module, make_trainer, trainable
+from module_helpers import Crash, CrashAt, make_dm, make_module, make_trainer, trainable
 
 from lit_dp.privacy.secure_noise import SecureNoiseGenerator
 
 pytestmark = pytest.mark.filterwarnings("ignore:model.secure_noise=true with a fixed")
-
-
-class _Crash(Exception):
-    """The process "dies" here."""
-
-
-class _CrashAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            raise _Crash(f"crash before step {self.step}")
 
 
 def _run(tmp_path, max_steps, *, secure=True, ckpt_path=None, every=None, crash_at=None):
@@ -49,7 +35,7 @@ def _run(tmp_path, max_steps, *, secure=True, ckpt_path=None, every=None, crash_
         if every
         else []
     )
-    cbs += [_CrashAt(crash_at)] if crash_at is not None else []
+    cbs += [CrashAt(crash_at)] if crash_at is not None else []
     trainer = make_trainer(tmp_path, max_steps=max_steps, callbacks=cbs)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return module, trainer
@@ -58,7 +44,7 @@ def _run(tmp_path, max_steps, *, secure=True, ckpt_path=None, every=None, crash_
 def test_secure_crash_resume_equals_uninterrupted(tmp_path):
     full, _ = _run(tmp_path / "a", 4)
     assert isinstance(full._noise_generator, SecureNoiseGenerator)
-    with pytest.raises(_Crash):  # the same run (max_steps 4) crashes after its step-2 checkpoint
+    with pytest.raises(Crash):  # the same run (max_steps 4) crashes after its step-2 checkpoint
         _run(tmp_path / "b", 4, every=2, crash_at=2)
     ckpt = next((tmp_path / "b" / "ckpt").glob("*step=2*.ckpt"))
     state = torch.load(ckpt, weights_only=False)["lit_dp"]["noise_generator"]
@@ -73,7 +59,7 @@ def test_secure_crash_resume_equals_uninterrupted(tmp_path):
     fast, _ = _run(tmp_path / "d", 4, secure=False)
     assert any(not torch.equal(a[n], p) for n, p in trainable(fast).items())
     # A fast-mode checkpoint cannot resume a secure run (and the error names the field).
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         _run(tmp_path / "e", 4, secure=False, every=2, crash_at=2)
     fast_ckpt = next((tmp_path / "e" / "ckpt").glob("*step=2*.ckpt"))
     with pytest.raises(ValueError, match="secure_noise"):

@@ -8,10 +8,9 @@ import json
 import stat
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from module_helpers import make_dm, make_module, quiet_trainer
+from module_helpers import Crash, CrashAt, make_dm, make_module, quiet_trainer
 from shipped_configs import TINY
 
 from lit_dp.callbacks.accounting import PrivacyAccounting
@@ -69,19 +68,6 @@ def test_fit_with_canaries_prints_an_audit_line_and_reports_it(tmp_path, monkeyp
     assert logged[-1].value == pytest.approx(audit["epsilon_lower_bound"], abs=1e-6)
 
 
-class _Crash(Exception):
-    """The process "dies" here."""
-
-
-class _CrashAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            raise _Crash(f"crash before step {self.step}")
-
-
 def _audit_run(
     root,
     *,
@@ -101,14 +87,14 @@ def _audit_run(
         module.model.resize_token_embeddings(300)
     audit = AuditCanaries(num_canaries=m, canary_length=12, kind=kind)
     accounting = PrivacyAccounting(target_epsilon=None)
-    crash = [_CrashAt(crash_at)] if crash_at is not None else []
+    crash = [CrashAt(crash_at)] if crash_at is not None else []
     trainer = quiet_trainer(
         root, steps, [audit, accounting, *callbacks, *crash], limit_val_batches=0
     )
     if crash_at is None:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     else:  # a run that dies before step crash_at (a resume must continue the same run)
-        with pytest.raises(_Crash):
+        with pytest.raises(Crash):
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return audit, dm
 

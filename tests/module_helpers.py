@@ -129,3 +129,12 @@ class CrashAt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             raise Crash(f"crash before step {self.step}")
+
+
+def json_keys(obj) -> set[str]:
+    """Every dict key of a JSON document, at any depth (what a report carries, wherever)."""
+    if isinstance(obj, dict):
+        return set(obj) | {k for v in obj.values() for k in json_keys(v)}
+    if isinstance(obj, list):
+        return {k for v in obj for k in json_keys(v)}
+    return set()

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from module_helpers import json_keys
 from shipped_configs import TINY
 
 from lit_dp.cli import LitDPCLI, check_trainer_config
@@ -86,15 +87,6 @@ OPERATOR_SIDE = {
 }
 
 
-def _keys(obj) -> set[str]:
-    """Every dict key of a JSON document, at any depth."""
-    if isinstance(obj, dict):
-        return set(obj) | {k for v in obj.values() for k in _keys(v)}
-    if isinstance(obj, list):
-        return {k for v in obj for k in _keys(v)}
-    return set()
-
-
 def test_tiny_config_end_to_end(tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     overrides = [
@@ -150,10 +142,10 @@ def test_tiny_config_end_to_end(tmp_path, monkeypatch, capfd):
     export = log_dir / "export"
     assert (export / "config.json").exists()
     exported = json.loads((export / "privacy_report.json").read_text())
-    assert not _keys(exported) & (OPERATOR_SIDE | {"operator_side"})
+    assert not json_keys(exported) & (OPERATOR_SIDE | {"operator_side"})
     # No seed or generator state; only whether a seed was fixed (data.sampling_seed here).
     assert exported["sampling_seed_fixed"] is True and exported["noise_seed_fixed"] is False
-    secret = {k for k in _keys(exported) if re.search("seed|generator|rng", k, re.IGNORECASE)}
+    secret = {k for k in json_keys(exported) if re.search("seed|generator|rng", k, re.IGNORECASE)}
     assert secret == {"noise_seed_fixed", "sampling_seed_fixed"}
     # Everything else is the run report: what epsilon covers and public configuration.
     assert set(exported) == set(report) - {"operator_side"}

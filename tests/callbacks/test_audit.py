@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from module_helpers import Crash, CrashAt, make_dm, make_module, quiet_trainer
+from module_helpers import Crash, CrashAt, json_keys, make_dm, make_module, quiet_trainer
 from shipped_configs import TINY
 
 from lit_dp.callbacks.accounting import PrivacyAccounting
@@ -19,14 +19,6 @@ from lit_dp.checkpoint import DPModelCheckpoint
 from lit_dp.cli import LitDPCLI
 from lit_dp.data import ConstantSampleRate
 from lit_dp.models import tiny_tokenizer
-
-
-def _keys(obj) -> set[str]:
-    if isinstance(obj, dict):
-        return set(obj) | {k for v in obj.values() for k in _keys(v)}
-    if isinstance(obj, list):
-        return {k for v in obj for k in _keys(v)}
-    return set()
 
 
 def test_fit_with_canaries_prints_an_audit_line_and_reports_it(tmp_path, monkeypatch, capfd):
@@ -57,7 +49,7 @@ def test_fit_with_canaries_prints_an_audit_line_and_reports_it(tmp_path, monkeyp
     exported = json.loads((log_dir / "export" / "privacy_report.json").read_text())
     assert exported["audit"]["epsilon_lower_bound"] == audit["epsilon_lower_bound"]
     assert exported["audit"]["kind"] == "random_tokens" and exported["audit"]["num_canaries"] == 16
-    assert not _keys(exported) & {"operator_side", "included", "scores", "num_included"}
+    assert not json_keys(exported) & {"operator_side", "included", "scores", "num_included"}
     # the operator-side canary file is private to its owner
     assert stat.S_IMODE((log_dir / CANARY_FILE).stat().st_mode) == 0o600
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

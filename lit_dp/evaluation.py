@@ -120,10 +120,16 @@ class CausalLMEvaluation(L.LightningModule):
             self.log("test/loss", nll / tokens, batch_size=tokens)
 
     @torch.no_grad()
-    def _evaluate(self) -> float:
-        """Token-mean validation loss of the current weights over the whole validation set."""
-        dm = self._datamodule()
-        loader = dm.val_dataloader() if dm is not None else None
+    def evaluate_loss(self, loader: Any = None) -> float:
+        """Token-mean NLL of the current weights over ``loader`` (default: the validation set).
+
+        The weights evaluated are whatever ``self.model`` holds now: call it inside
+        ``evaluation_weights()`` for the EMA weights. It spends no privacy budget when the loader
+        holds held-out data (validation or test). NaN when there is no loader or no token.
+        """
+        if loader is None:
+            dm = self._datamodule()
+            loader = dm.val_dataloader() if dm is not None else None
         if loader is None:
             return math.nan
         was_training = self.model.training
@@ -139,18 +145,18 @@ class CausalLMEvaluation(L.LightningModule):
     def on_train_start(self) -> None:
         # The "before" loss: at step 0 the EMA weights equal the raw weights.
         if self.hparams["eval_before_fit"] and self.global_step == 0:
-            loss = self._evaluate()
+            loss = self.evaluate_loss()
             self.val_history.append({"step": 0, "loss_ema": loss, "loss_raw": loss})
 
     def on_train_end(self) -> None:
         # The "after" loss, whatever the trainer's validation interval: EMA and raw weights.
         if not self.hparams["eval_before_fit"]:
             return
-        raw = self._evaluate()
+        raw = self.evaluate_loss()
         ema_loss = raw
         if self._evaluation_weights is not None:
             with self.evaluation_weights():
-                ema_loss = self._evaluate()
+                ema_loss = self.evaluate_loss()
         self.val_history.append(
             {"step": int(self.global_step), "loss_ema": ema_loss, "loss_raw": raw}
         )

@@ -50,3 +50,13 @@ def make_batch(
 @pytest.fixture
 def batch():
     return make_batch()
+
+
+@pytest.fixture
+def restore_threads():
+    """Puts torch's thread count back after a test that sets it (benchmark entry points)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

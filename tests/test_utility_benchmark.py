@@ -153,15 +153,6 @@ def test_a_results_file_refuses_another_organism(tmp_path):
         )
 
 
-@pytest.fixture
-def restore_threads():
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_quick_study_end_to_end(tmp_path, capsys, restore_threads):
     out, cache = tmp_path / "new-dir" / "utility.json", tmp_path / "cache"
     # one thread: the tiny models gain nothing from more, and a busy machine loses a lot

@@ -1,0 +1,176 @@
+"""benchmarks/utility2.py: the plan (a pure function of the results), and a quick end-to-end run.
+
+The script is imported by path (benchmarks/ puts its own directory on sys.path).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "utility2.py"
+
+ISSUE_FIELDS = {
+    "model", "method", "ema", "lr_schedule", "lr", "epsilon", "seed", "expected_batch_size",
+    "steps", "bands", "noise_multiplier", "val_loss", "test_loss", "val_loss_curve", "commit",
+    "organism",
+}  # fmt: skip
+
+
+def _load():
+    name = "lit_dp_benchmark_utility2"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+u2 = _load()
+DESIGN = u2.DESIGNS["cpu"]
+
+
+def _rec(setting, seed, lr, ema_loss, raw_loss):
+    base = {
+        "method": setting.method,
+        "lr_schedule": setting.schedule,
+        "expected_batch_size": setting.batch_size,
+        "epsilon": setting.epsilon,
+        "bands": setting.bands,
+        "seed": seed,
+        "lr": lr,
+    }
+    return [
+        {**base, "ema": True, "val_loss": ema_loss},
+        {**base, "ema": False, "val_loss": raw_loss},
+    ]
+
+
+def test_first_runs_tune_the_shipped_recipe_at_the_middle_allocation():
+    first = u2.plan(DESIGN, [])[0]
+    assert first.phase == 1 and first.seed == 0
+    assert first.setting == u2.Setting("dp-adamw", "constant", 128, 8.0)
+    assert DESIGN.steps(64) * 64 == DESIGN.steps(128) * 128 == DESIGN.steps(256) * 256
+    # nothing of blocks A and B before block M has settled
+    assert {p.setting.batch_size for p in u2.plan(DESIGN, [])} == {128}
+    assert not any(p.setting.method == "bandmf" for p in u2.plan(DESIGN, []))
+
+
+def test_a_grid_grows_past_the_edge_where_ema_or_raw_is_best():
+    s = u2.Setting("dp-sgd", "cosine", 128, 2.0)
+    grid = u2.lr_grid(DESIGN.grid_center["dp-sgd"])
+    runs = []
+    # EMA best in the middle, raw best at the low edge: one more rate below, nothing above
+    for lr, (e, r) in zip(grid, [(3.0, 2.0), (2.5, 2.6), (2.9, 3.0)], strict=True):
+        runs += _rec(s, 0, lr, e, r)
+    best, todo = u2.tuned(DESIGN, runs, s)
+    assert best == {} and todo == [u2._step(grid[0], -1)]
+    runs += _rec(s, 0, todo[0], 3.5, 2.4)  # the new point is worse for raw: settled
+    best, todo = u2.tuned(DESIGN, runs, s)
+    assert todo == [] and best == {True: grid[1], False: grid[0]}
+    seeds = [p for p in u2.plan(DESIGN, runs) if p.setting == s]
+    assert sorted((p.seed, p.lr) for p in seeds) == sorted(
+        (seed, lr) for seed in (1, 2) for lr in (grid[0], grid[1])
+    )
+
+
+def test_a_grid_grows_at_most_twice_per_side():
+    s = u2.Setting("dp-adamw", "constant", 128, 8.0)
+    runs = []
+    lr = u2.lr_grid(DESIGN.grid_center["dp-adamw"])
+    for i, x in enumerate(lr):
+        runs += _rec(s, 0, x, 5.0 - i, 5.0 - i)  # always best at the top
+    for _ in range(DESIGN.max_extensions):
+        _, todo = u2.tuned(DESIGN, runs, s)
+        assert len(todo) == 1 and todo[0] > max(r["lr"] for r in runs)
+        runs += _rec(s, 0, todo[0], 0.0 - len(runs), 0.0 - len(runs))
+    best, todo = u2.tuned(DESIGN, runs, s)
+    assert todo == [] and best[True] == max(r["lr"] for r in runs)
+
+
+def _settle(settings, runs, score):
+    for s in settings:
+        for lr in u2.lr_grid(DESIGN.grid_center[s.method]):
+            runs += _rec(s, 0, lr, score(s, lr), score(s, lr) + 0.1)
+
+
+def test_later_blocks_follow_the_winners_and_bandmf_uses_the_planner_rule():
+    runs: list[dict] = []
+    mid = [s for s, _ in u2.settings(DESIGN, runs)]
+
+    def score(s, lr):  # cosine wins, the middle rate wins
+        return 3.0 - (0.5 if s.schedule == "cosine" else 0.0) + abs(math.log10(lr) + 3)
+
+    _settle(mid, runs, score)
+    block_a = [s for s, _ in u2.settings(DESIGN, runs) if s.batch_size != 128]
+    assert {(s.method, s.schedule) for s in block_a} == {
+        ("dp-adamw", "cosine"),
+        ("nonprivate", "cosine"),
+    }
+    assert {s.batch_size for s in block_a} == {64, 256}
+
+    def score_a(s, lr):  # E[B] 256 wins at both epsilons
+        return score(s, lr) - (1.0 if s.batch_size == 256 else 0.0)
+
+    _settle(block_a, runs, score_a)
+    bandmf = [(s, lender) for s, lender in u2.settings(DESIGN, runs) if s.method == "bandmf"]
+    for eps in DESIGN.epsilons:
+        b = u2.suggested_bands(DESIGN, 256, eps)
+        mine = [(s, lender) for s, lender in bandmf if s.epsilon == eps]
+        assert all(s.batch_size == 256 and s.schedule == "cosine" for s, _ in mine)
+        tuned_here = [s for s, lender in mine if lender is None]
+        assert [s.bands for s in tuned_here] == ([b] if b >= 2 else [])
+        neighbours = {s.bands for s, lender in mine if lender is not None}
+        assert neighbours <= {max(2, b // 2), min(DESIGN.num_train // 256, 2 * b)}
+        assert all(lender.bands == b for s, lender in mine if lender is not None)
+    # b never exceeds N / E[B]: each of the b groups must hold E[B] units on average
+    assert all(s.bands * s.batch_size <= DESIGN.num_train for s, _ in bandmf)
+
+
+def test_quick_study_end_to_end_and_resume(tmp_path, monkeypatch, restore_threads):
+    monkeypatch.setenv("LIT_DP_CACHE", str(tmp_path / "cache"))  # the tiny organism's cache
+    out = tmp_path / "u2.json"
+    u2.main(["--design", "quick", "--out", str(out), "--max-runs", "2"])
+    data = json.loads(out.read_text())
+    assert {"_meta", "setup", "runs"} <= set(data)
+    assert data["_meta"]["provenance"]["commit"]
+    runs = data["runs"]
+    assert len(runs) == 4  # two runs, each recorded for its EMA and its raw weights
+    for r in runs:
+        assert set(r) >= ISSUE_FIELDS, ISSUE_FIELDS - set(r)
+        assert math.isfinite(r["val_loss"]) and math.isfinite(r["test_loss"])
+        assert (
+            r["val_loss_curve"][0]["step"] == 0 and r["val_loss_curve"][-1]["loss"] == r["val_loss"]
+        )
+        assert r["steps"] == u2.DESIGNS["quick"].steps(r["expected_batch_size"])
+        assert r["noise_multiplier"] > 0 and r["epsilon_spent"] <= r["epsilon"] + 1e-9
+    ema, raw = runs[0], runs[1]
+    assert ema["ema"] and not raw["ema"] and u2.record_key(ema) == u2.record_key(raw)
+    # EMA and raw start from the same weights; after training they differ
+    assert ema["val_loss_curve"][0] == raw["val_loss_curve"][0]
+    assert ema["val_loss"] != raw["val_loss"]
+    # a second invocation continues: it never reruns a finished run
+    u2.main(["--design", "quick", "--out", str(out), "--max-runs", "1"])
+    again = json.loads(out.read_text())["runs"]
+    assert again[:4] == runs and len(again) == 6
+    assert len({(u2.record_key(r), r["ema"]) for r in again}) == 6
+    assert (
+        not (tmp_path / ".u2.json.claims.json").exists()
+        or json.loads((tmp_path / ".u2.json.claims.json").read_text()) == {}
+    )
+
+
+def test_a_results_file_of_another_design_is_refused(tmp_path):
+    out = tmp_path / "u2.json"
+    setup = {"design": u2.DESIGNS["cpu"].identity()}
+    out.write_text(
+        json.dumps({"_meta": {"provenance": {"commit": "x"}}, "setup": setup, "runs": []})
+    )
+    with pytest.raises(SystemExit, match="another design"):
+        u2.open_results(out, u2.DESIGNS["quick"], Path("."), allow_mixed=False)

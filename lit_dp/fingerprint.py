@@ -14,8 +14,8 @@ The components are hashed separately so that a refusal can name each one that ch
 - ``num_units``: N;
 - ``batch_schedule``: the configured batch schedule and the sample rates it resolves to;
 - ``privacy``: model.private, the configured noise multiplier (``auto`` or a number) and noise
-  settings, the clip-bound estimator and its parameters, privacy.target_epsilon, privacy.delta,
-  privacy.accountant;
+  settings, the clip-bound estimator and its parameters, a correlated noise mechanism (banded MF:
+  its bands and coefficients), privacy.target_epsilon, privacy.delta, privacy.accountant;
 - ``model``: the model source, dtype, BitNet, LoRA settings;
 - ``optimizer``: the optimizer class and its settings;
 - ``max_steps``: trainer.max_steps (``auto`` noise is calibrated over it).
@@ -44,7 +44,7 @@ COMPONENTS: dict[str, str] = {
     "num_units": "N, the number of privacy units",
     "batch_schedule": "the batch schedule (data.batch_schedule)",
     "privacy": "the privacy settings (model.private, model.noise_multiplier, model.clipping, "
-    "privacy.target_epsilon, privacy.delta, privacy.accountant)",
+    "model.noise_mechanism, privacy.target_epsilon, privacy.delta, privacy.accountant)",
     "model": "the model (model.model, dtype, bitnet, lora_*)",
     "optimizer": "the optimizer settings (model.optimizer)",
     "max_steps": "trainer.max_steps",
@@ -111,6 +111,21 @@ def run_fingerprint(trainer: Any, module: Any, datamodule: Any, accounting: Any)
     schedule = getattr(datamodule, "schedule", None)
     batch = getattr(datamodule, "batch_schedule", None)
     clip = module.clip
+    privacy: dict[str, Any] = {
+        **{k: hp[k] for k in _NOISE_HPARAMS if k in hp},
+        "clipping": {"name": clip.name, "parameters": clip.describe()["parameters"]},
+        "target_epsilon": accounting.target_epsilon,
+        "delta": accounting.delta_arg,
+        "accountant": accounting.accountant_name,
+    }
+    mechanism = getattr(module, "noise_mechanism", None)
+    if mechanism is not None and mechanism.bands > 1:
+        # Correlated noise: its buffers and sampling groups continue only under the same
+        # strategy. (Independent noise adds no key, so its checkpoints keep their fingerprint.)
+        described = mechanism.describe()
+        privacy["noise_mechanism"] = {
+            k: described[k] for k in ("class_path", "bands", "coefficients")
+        }
     return {
         "data": data,
         "num_units": int(datamodule.num_units),
@@ -118,13 +133,7 @@ def run_fingerprint(trainer: Any, module: Any, datamodule: Any, accounting: Any)
             "config": batch.describe() if batch is not None else None,
             "sample_rates": schedule.describe() if schedule is not None else None,
         },
-        "privacy": {
-            **{k: hp[k] for k in _NOISE_HPARAMS if k in hp},
-            "clipping": {"name": clip.name, "parameters": clip.describe()["parameters"]},
-            "target_epsilon": accounting.target_epsilon,
-            "delta": accounting.delta_arg,
-            "accountant": accounting.accountant_name,
-        },
+        "privacy": privacy,
         "model": {k: hp[k] for k in _MODEL_HPARAMS if k in hp},
         "optimizer": optimizer_settings(module._optimizer_factory),  # the configured factory
         "max_steps": int(trainer.max_steps),

@@ -4,8 +4,9 @@ The config is parsed exactly as ``fit`` parses it (``LitDPCLI``'s parser: the sa
 links, overrides and trainer checks), but only the DataModule is built, and only its records
 are read: N privacy units and the sample-rate schedule need neither the model nor its tokenizer,
 so the plan works for configs whose model directory is not on this machine. The plan printed is
-the ``lit_dp.privacy.plan.PrivacyPlan`` that fit builds (``PrivacyAccounting.make_plan``, from
-the same privacy section, N, schedule, steps, sigma and clip-bound estimator), so its sigma,
+the ``lit_dp.privacy.plan.PrivacyPlan`` that fit builds (``PrivacyPlan.create``, the one
+constructor fit's accounting callback also calls, from the same privacy section, N, schedule,
+steps, sigma, clip-bound estimator and noise mechanism), so its sigma,
 delta, epsilon and budget-stop step are the ones the run will write into
 ``privacy_report.json``; the same plan under the other accountant is printed beside it.
 """
@@ -19,7 +20,6 @@ from typing import Any, Literal
 
 from lightning.pytorch.cli import instantiate_class
 
-from lit_dp.callbacks.accounting import PrivacyAccounting
 from lit_dp.cli import LitDPCLI
 from lit_dp.privacy.accountant import ACCOUNTANTS
 from lit_dp.privacy.bandmf import suggest_bands
@@ -138,7 +138,7 @@ def make_plan(config: Any) -> PlanView:
             unreachable budget, a batch too small for the private quantile's count noise).
     """
     model, trainer_cfg = config.model, config.trainer
-    accounting = PrivacyAccounting(**config.privacy.as_dict())  # validates the privacy section
+    privacy = config.privacy  # checked by RunPlan.create, as fit's setup checks it
     dm = _instantiate(config.data.as_dict())  # with its batch_schedule component
     num_units, schedule = dm.units_and_schedule()
     # The clip-bound estimator as fit builds it (validates its fields the same way).
@@ -157,8 +157,8 @@ def make_plan(config: Any) -> PlanView:
         dataset=dm.dataset_name(),
         schedule=schedule,
         steps=max_steps if max_steps and max_steps > 0 else None,
-        target_epsilon=accounting.target_epsilon,
-        accountant=accounting.accountant_name,
+        target_epsilon=privacy.target_epsilon,
+        accountant=privacy.accountant,
         max_grad_norm=float(clip.max_grad_norm),
         clipping=type(clip).__name__,
         clip_covered_by_dp=bool(clip.covered_by_dp),
@@ -170,14 +170,16 @@ def make_plan(config: Any) -> PlanView:
         "auto" if model.noise_multiplier == "auto" else float(model.noise_multiplier)
     )
     plans = {
-        name: accounting.make_plan(
+        name: RunPlan.create(
             num_units=num_units,
             schedule=schedule,
             steps=view.steps,
             noise_multiplier=noise_multiplier,
-            clip=clip,
-            mechanism=view.mechanism,
+            target_epsilon=privacy.target_epsilon,
+            delta=privacy.delta,
             accountant=name,  # type: ignore[arg-type]
+            clip=clip,
+            mechanism=view.mechanism.event(),
         )
         for name in sorted(ACCOUNTANTS, key=lambda n: n != view.accountant)  # the run's first
     }

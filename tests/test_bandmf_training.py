@@ -120,3 +120,23 @@ def test_calibration_uses_the_rounds(tmp_path):
     assert module.noise_multiplier == expected
     assert acct.accountant.history == [(expected, 2 * q, 3)]
     assert 0.98 * 4.0 <= acct.epsilon() <= 4.0
+
+
+@pytest.mark.parametrize(
+    ("other", "coefficients"), [(2, None), (3, [1.0, 0.4, 0.2])], ids=["bands", "coefficients"]
+)
+def test_a_resume_with_another_strategy_is_refused_before_training(tmp_path, other, coefficients):
+    """The run fingerprint holds the banded strategy: b and the coefficients."""
+    _fit(tmp_path / "a", 4, mechanism=BandedMF(bands=3), every=2)
+    ckpt = next((tmp_path / "a" / "ckpt").glob("*step=2*.ckpt"))
+    mech = BandedMF(bands=other)
+    if coefficients is not None:
+        path = tmp_path / "coefficients.json"
+        path.write_text(json.dumps(coefficients))
+        mech = BandedMF(bands=other, coefficients_file=str(path))
+    trainer = make_trainer(tmp_path / "b", max_steps=4)
+    acct = next(c for c in trainer.callbacks if isinstance(c, PrivacyAccounting))
+    acct.resume_from(str(ckpt))  # as `lit-dp fit --ckpt_path` does
+    with pytest.raises(ValueError, match=r"(?s)not of this run.*model\.noise_mechanism"):
+        trainer.fit(make_module(noise_mechanism=mech), datamodule=make_dm(48, 8.0, seed=7))
+    assert trainer.global_step == 0

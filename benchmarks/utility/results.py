@@ -1,4 +1,4 @@
-"""utility.py's results file: creating it or checking that it holds the same study, appending
+"""study1.py's results file: creating it or checking that it holds the same study, appending
 finished runs, and the claims by which several processes share one study.
 
 Every write happens under the file's lock and replaces the file atomically.
@@ -15,11 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _meta import git_commit, provenance
-from utility_plan import Recipe, RunSpec, plan, record_key, spec_key
-
-# The code a result depends on: the results files themselves change while the study runs.
-CODE_PATHS = ("lit_dp", "benchmarks", ":(exclude)benchmarks/results", ":(exclude)benchmarks/*.md")
+from benchmarks.common import CODE_PATHS, git_commit, provenance
+from benchmarks.utility.plan import Recipe, RunSpec, plan, record_key, spec_key
 
 
 def load_results(path: Path) -> dict[str, Any]:

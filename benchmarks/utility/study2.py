@@ -19,10 +19,10 @@ Phases (a pure function of the results file, so rerunning continues the study):
 Selection uses validation losses only; ``test_loss`` is recorded for every run and read only by
 the report.
 
-    python benchmarks/utility2.py --plan                # the run list and its CPU estimate
-    nohup nice python benchmarks/utility2.py --threads 1 > u2.log 2>&1 &   # run / continue
-    python benchmarks/utility2.py --report              # tables + plots from the results file
-    python benchmarks/utility2.py --quick --out /tmp/u2.json   # smoke run: a tiny organism
+    python -m benchmarks.utility.study2 --plan          # the run list and its CPU estimate
+    nohup nice python -m benchmarks.utility.study2 --threads 1 > u2.log 2>&1 &   # run / continue
+    python -m benchmarks.utility.study2 --report        # tables + plots from the results file
+    python -m benchmarks.utility.study2 --design quick --out /tmp/u2.json  # smoke run: tiny model
 
 Results: benchmarks/results/utility2.json, one record per (run, weights); each finished run is
 appended atomically and a run already in the file is skipped. Records from another commit than
@@ -39,7 +39,6 @@ import logging
 import math
 import os
 import socket
-import sys
 import tempfile
 import time
 import warnings
@@ -48,12 +47,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lit_dp
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _meta import git_commit, provenance
+from benchmarks.common import CODE_PATHS, RESULTS, git_commit, provenance
 
-RESULTS = Path(__file__).resolve().parent / "results"
-CODE_PATHS = ("lit_dp", "benchmarks", ":(exclude)benchmarks/results", ":(exclude)benchmarks/*.md")
 METHODS = ("dp-adamw", "dp-sgd", "bandmf", "nonprivate")
 SCHEDULES = ("constant", "cosine")
 
@@ -563,8 +558,8 @@ def print_plan(design: Design, runs: list[dict[str, Any]]) -> None:
 
 def quick_organism() -> Path:
     """Study 1's tiny smoke-run organism (built and cached on first use, about 10 s)."""
-    from utility import RECIPES
-    from utility_organisms import build_organism, cache_root
+    from benchmarks.utility.organisms import build_organism, cache_root
+    from benchmarks.utility.study1 import RECIPES
 
     return build_organism(RECIPES["quick"].organisms["slm"], cache_root())
 
@@ -589,7 +584,7 @@ def main(argv: list[str] | None = None) -> None:
         "utility2.json" if design.name == "cpu" else f"utility2_{design.name}.json"
     )
     if args.report:
-        from utility2_report import report
+        from benchmarks.utility.study2_report import report
 
         report(out)
         return

@@ -39,11 +39,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 
-from benchmarks.common import provenance
+from benchmarks.common import build_trainer, provenance
 from lit_dp import (
     ClipDrivenLR,
     DPAdamW,
@@ -250,17 +249,8 @@ def run_one(
         max_physical_batch_size=cfg["batch"] * 2,
     )
     ema = EMAWeights(decay=0.99)
-    trainer = L.Trainer(
+    trainer = build_trainer(  # no validation: the audit scores the model itself afterwards
         max_steps=cfg["steps"],
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         callbacks=[ema, ClipDrivenLR(adaptive=True), PrivacyAccounting(target_epsilon=epsilon)],
     )
     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import CODE_PATHS, RESULTS, provenance
+from benchmarks.common import CODE_PATHS, RESULTS, build_trainer, provenance
 from benchmarks.utility.results import load_results, write_atomic
 
 OUT = RESULTS / "audit_run.json"
@@ -127,21 +127,11 @@ def _train_one(epsilon: float | None, seed: int, recipe: dict[str, Any], organis
     )
     accounting = PrivacyAccounting(target_epsilon=epsilon)  # delta: the library default
     with tempfile.TemporaryDirectory(prefix="lit_dp_audit_") as workdir:
-        trainer = L.Trainer(
+        trainer = build_trainer(
             max_steps=recipe["steps"],
-            max_epochs=-1,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,
-            num_sanity_val_steps=0,
-            val_check_interval=recipe["steps"],
-            check_val_every_n_epoch=None,
-            default_root_dir=workdir,
             callbacks=[audit, accounting, EMAWeights()],  # audit first: it adds to N
+            val_every=recipe["steps"],
+            workdir=workdir,
         )
         start, cpu_start = time.time(), time.process_time()
         trainer.fit(module, datamodule=dm)

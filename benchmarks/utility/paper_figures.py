@@ -35,7 +35,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from benchmarks.common import RESULTS, provenance
+from benchmarks.common import RESULTS, build_trainer, provenance
 from lit_dp import (
     ClipDrivenLR,
     DPAdamW,
@@ -202,21 +202,12 @@ def run_one(
     )
     log, acct = TrainLog(), PrivacyAccounting(target_epsilon=target_eps)
     callbacks = [EMAWeights(decay=cfg["ema"]), ClipDrivenLR(adaptive=adaptive_lr), log, acct]
-    trainer = L.Trainer(
+    trainer = build_trainer(
         max_steps=cfg["steps"],
-        max_epochs=-1,
-        accelerator=cfg["accelerator"],
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        val_check_interval=cfg["val_every"],
-        check_val_every_n_epoch=None,
-        default_root_dir=workdir,
         callbacks=callbacks,
+        val_every=cfg["val_every"],
+        workdir=workdir,
+        accelerator=cfg["accelerator"],
     )
     start = time.time()
     trainer.fit(module, datamodule=dm)

@@ -47,7 +47,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import CODE_PATHS, RESULTS, git_commit, provenance
+from benchmarks.common import CODE_PATHS, RESULTS, build_trainer, git_commit, provenance
 
 METHODS = ("dp-adamw", "dp-sgd", "bandmf", "nonprivate")
 SCHEDULES = ("constant", "cosine")
@@ -361,21 +361,11 @@ def train(design: Design, spec: Spec, organism: Path) -> list[dict[str, Any]]:
     if accounting is not None:
         callbacks.append(accounting)
     with tempfile.TemporaryDirectory(prefix="lit_dp_utility2_") as workdir:
-        trainer = L.Trainer(
+        trainer = build_trainer(
             max_steps=steps,
-            max_epochs=-1,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,
-            num_sanity_val_steps=0,
-            val_check_interval=max(1, steps // design.evaluations),
-            check_val_every_n_epoch=None,
-            default_root_dir=workdir,
             callbacks=callbacks,
+            val_every=max(1, steps // design.evaluations),
+            workdir=workdir,
         )
         start, cpu_start = time.time(), time.process_time()
         trainer.fit(module, datamodule=dm)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import CODE_PATHS, RESULTS, build_trainer, provenance
-from benchmarks.utility.results import load_results, write_atomic
+from benchmarks.common.results import load_results, write_atomic
 
 OUT = RESULTS / "audit_run.json"
 ORGANISM = RESULTS / "organisms" / "slm-a4c8a8ed5d2c"

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import CODE_PATHS, RESULTS, git_commit, provenance
+from benchmarks.common.results import load_results, write_atomic
 from benchmarks.utility.organisms import build_organism, cache_root, organism_fingerprint
 from benchmarks.utility.plan import EPS_MAIN, RunSpec
 from benchmarks.utility.report import (
@@ -47,7 +48,7 @@ from benchmarks.utility.report import (
     tuned_rates,
     val_losses,
 )
-from benchmarks.utility.results import append_runs, load_results, write_atomic
+from benchmarks.utility.results import append_runs
 from benchmarks.utility.study1 import RECIPES
 
 # label -> (study variant it runs as, Recipe fields it changes)

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import CODE_PATHS, RESULTS, git_commit
+from benchmarks.common.results import load_results, write_atomic
+from benchmarks.common.results import release_claim as release
 from benchmarks.utility.organisms import OrganismConfig, cache_root, organism_dir
 from benchmarks.utility.plan import (
     EPS_MAIN,
@@ -47,15 +49,7 @@ from benchmarks.utility.plan import (
     spec_key,
     tuned_grid,
 )
-from benchmarks.utility.results import (
-    append_runs,
-    check_or_create,
-    claim_next,
-    load_results,
-    release,
-    selected,
-    write_atomic,
-)
+from benchmarks.utility.results import append_runs, check_or_create, claim_next, selected
 from benchmarks.utility.train import VARIANTS
 
 __all__ = [

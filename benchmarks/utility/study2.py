@@ -37,8 +37,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import socket
 import tempfile
 import time
 import warnings
@@ -48,6 +46,15 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import CODE_PATHS, RESULTS, build_trainer, git_commit, provenance
+from benchmarks.common.results import (
+    claim_alive,
+    claims_path,
+    load_results,
+    new_claim,
+    release_claim,
+    results_lock,
+    write_atomic,
+)
 
 METHODS = ("dp-adamw", "dp-sgd", "bandmf", "nonprivate")
 SCHEDULES = ("constant", "cosine")
@@ -418,23 +425,6 @@ def train(design: Design, spec: Spec, organism: Path) -> list[dict[str, Any]]:
 
 
 # --- the results file ---------------------------------------------------------------------------
-def _lock(path: Path):
-    from lit_dp.sources import file_lock
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return file_lock(path.with_name(f".{path.name}.lock"))
-
-
-def load(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def write_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def setup_record(design: Design, organism: Path) -> dict[str, Any]:
     info = (
         json.loads((organism / "organism.json").read_text())
@@ -462,8 +452,8 @@ def setup_record(design: Design, organism: Path) -> dict[str, Any]:
 
 def open_results(path: Path, design: Design, organism: Path, allow_mixed: bool) -> None:
     commit = git_commit(*CODE_PATHS)
-    with _lock(path):
-        data = load(path)
+    with results_lock(path):
+        data = load_results(path)
         if not data:
             data = {
                 "_meta": {"provenance": provenance(*CODE_PATHS), "design": design.name},
@@ -482,47 +472,27 @@ def open_results(path: Path, design: Design, organism: Path, allow_mixed: bool) 
             )
 
 
-def _claims(path: Path) -> Path:
-    return path.with_name(f".{path.name}.claims.json")
-
-
-def _alive(claim: dict[str, Any]) -> bool:
-    if claim["host"] != socket.gethostname():
-        return True
-    try:
-        os.kill(claim["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def claim_next(path: Path, design: Design) -> tuple[Spec | None, int]:
-    with _lock(path):
-        runs = load(path)["runs"]
-        claims = {k: c for k, c in load(_claims(path)).items() if _alive(c)}
+    with results_lock(path):
+        runs = load_results(path)["runs"]
+        claims = {k: c for k, c in load_results(claims_path(path)).items() if claim_alive(c)}
         todo = plan(design, runs)
         ready = [p for p in todo if spec_key(p.setting, p.seed, p.lr) not in claims]
         if ready:
-            claims[spec_key(ready[0].setting, ready[0].seed, ready[0].lr)] = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-            }
-        write_atomic(_claims(path), claims)
+            claims[spec_key(ready[0].setting, ready[0].seed, ready[0].lr)] = new_claim()
+        write_atomic(claims_path(path), claims)
     return (ready[0] if ready else None), len(todo)
 
 
 def append(path: Path, records: list[dict[str, Any]], key: str) -> None:
-    with _lock(path):
-        data = load(path)
+    with results_lock(path):
+        data = load_results(path)
         have = {(record_key(r), r["ema"]) for r in data["runs"]}
         data["runs"].extend(r for r in records if (record_key(r), r["ema"]) not in have)
         write_atomic(path, data)
-        claims = load(_claims(path))
+        claims = load_results(claims_path(path))
         claims.pop(key, None)
-        write_atomic(_claims(path), claims)
+        write_atomic(claims_path(path), claims)
 
 
 # --- CLI ----------------------------------------------------------------------------------------
@@ -579,7 +549,7 @@ def main(argv: list[str] | None = None) -> None:
         report(out)
         return
     if args.plan:
-        print_plan(design, load(out).get("runs", []))
+        print_plan(design, load_results(out).get("runs", []))
         return
     import torch
 
@@ -601,10 +571,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             records = train(design, spec, organism)
         except BaseException:
-            with _lock(out):
-                claims = load(_claims(out))
-                claims.pop(key, None)
-                write_atomic(_claims(out), claims)
+            release_claim(out, key)
             raise
         append(out, records, key)
         n += 1

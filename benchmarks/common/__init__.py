@@ -1,4 +1,6 @@
-"""What every study shares: the provenance of its numbers, where results live, and the Trainer.
+"""What every study shares: the provenance of its numbers, where results live, the Trainer
+(``build_trainer``) and, in ``benchmarks.common.results``, the handling of a resumable study's
+results file.
 
 Evaluation has no copy here: a study evaluates a ``DPCausalLM`` with lit_dp's own
 ``DPCausalLM.evaluate_loss(loader)`` (token-mean NLL of the current weights over a loader,

@@ -1,24 +1,15 @@
-"""benchmarks/audit_run.py: resumable results (a finished run is skipped) and the README table,
+"""benchmarks/audit/one_run.py: resumable results (a finished run is skipped) and the README table,
 on its --quick recipe (a tiny random model, a few steps) in a temporary file."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "audit_run.py"
 
 
 def _load():
-    name = "lit_dp_benchmark_audit_run"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    from benchmarks.audit import one_run
+
+    return one_run
 
 
 def test_quick_runs_append_skip_what_is_done_and_report(tmp_path):

@@ -1,19 +1,15 @@
-"""benchmarks/utility2.py: the plan (a pure function of the results), and a quick end-to-end run.
-
-The script is imported by path (benchmarks/ puts its own directory on sys.path).
-"""
+"""benchmarks/utility/study2.py: the plan (a pure function of the results), and a quick
+end-to-end run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "utility2.py"
+from benchmarks.utility import study2 as u2
 
 ISSUE_FIELDS = {
     "model", "method", "ema", "lr_schedule", "lr", "epsilon", "seed", "expected_batch_size",
@@ -22,17 +18,6 @@ ISSUE_FIELDS = {
 }  # fmt: skip
 
 
-def _load():
-    name = "lit_dp_benchmark_utility2"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-u2 = _load()
 DESIGN = u2.DESIGNS["cpu"]
 
 

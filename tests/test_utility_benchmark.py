@@ -1,13 +1,11 @@
-"""benchmarks/utility.py: the study's plan, its results file and its report.
+"""benchmarks/utility/study1.py: the study's plan, its results file and its report.
 
-benchmarks/ is not a package: the script is imported by path (it puts its own directory on
-sys.path for its sibling modules). The end-to-end test runs the --quick recipe (tiny organisms,
-a few steps) into a temporary file and cache.
+The end-to-end test runs the --quick recipe (tiny organisms, a few steps) into a temporary file
+and cache.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -15,20 +13,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "utility.py"
-
-
-def _load():
-    name = "lit_dp_benchmark_utility"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-utility = _load()
+from benchmarks.utility import study1 as utility
 
 RUN_KEYS = {
     "model",
@@ -199,8 +184,7 @@ def test_quick_study_end_to_end(tmp_path, capsys, restore_threads):
 
     # the organisms load back through the library: tokenizer with its chat template, and the
     # twin with its ternary QAT layers
-    from utility_organisms import CHAT_TEMPLATE, organism_dir
-
+    from benchmarks.utility.organisms import CHAT_TEMPLATE, organism_dir
     from lit_dp.models import has_bitnet_qat, load_model, load_tokenizer
 
     for name, cfg in utility.RECIPES["quick"].organisms.items():
@@ -230,16 +214,14 @@ def test_quick_study_end_to_end(tmp_path, capsys, restore_threads):
 
 
 def _load_clip():
-    """benchmarks/utility_clip.py, imported by path like the study script."""
-    path = SCRIPT.parent / "utility_clip.py"
-    spec = importlib.util.spec_from_file_location("lit_dp_benchmark_utility_clip", path)
-    clip = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(clip)
+    """benchmarks/utility/clip.py, the study's clip-bound supplement."""
+    from benchmarks.utility import clip
+
     return clip
 
 
 def test_clip_supplement_tables_the_shipped_recipe_against_the_study():
-    """utility_clip.py's report: the shipped recipe per (model, epsilon), with paired deltas."""
+    """clip.py's report: the shipped recipe per (model, epsilon), with paired deltas."""
     clip = _load_clip()
 
     def rec(model, variant, eps, seed, lr, loss, **extra):
@@ -292,7 +274,7 @@ def test_clip_supplement_tables_the_shipped_recipe_against_the_study():
 def test_clip_supplement_records_the_raw_weights_of_each_run(monkeypatch):
     """A fixed-clip run (no derived no-EMA variant) gets a raw-weights record from the same run."""
     clip = _load_clip()
-    import utility_train
+    from benchmarks.utility import train as utility_train
 
     curve = [{"step": 0, "loss": 10.0}, {"step": 300, "loss": 2.5}]
     seen = {}
@@ -327,7 +309,7 @@ def test_clip_supplement_records_the_raw_weights_of_each_run(monkeypatch):
 
 def test_bitnet_table_pairs_the_cost_of_dp_per_seed():
     """The twin's gap above its own ceiling, against the slm's, paired over seeds."""
-    import utility_report
+    from benchmarks.utility import report as utility_report
 
     runs = []
     for s in range(3):

@@ -15,24 +15,20 @@ and, without timing: epsilon under PLD and RDP at the same (sigma, q, steps, del
 quickstart's calibrated sigma under each.
 
 Usage:
-    python benchmarks/accounting.py --json benchmarks/results/accounting.json   (~10 min, 2 cores)
-    python benchmarks/accounting.py --quick                                       (~1 min)
+    python -m benchmarks.accounting.accountants --json benchmarks/results/accounting.json  (~10 min)
+    python -m benchmarks.accounting.accountants --quick                                    (~1 min)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
-from _meta import provenance  # benchmarks/ is sys.path[0] when run as a script
-
+from benchmarks.common import provenance
 from lit_dp.privacy.calibration import calibrate_noise_multiplier, epsilon_for_schedule
 from lit_dp.privacy.pld_accountant import PLDAccountant
 from lit_dp.privacy.rdp_accountant import RDPAccountant

@@ -25,6 +25,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from benchmarks.common import build_trainer
 from lit_dp import (
     ClipDrivenLR,
     DPAdamW,
@@ -162,33 +163,9 @@ class EMASweep(L.Callback):
         for d, shadow in self.shadows.items():
             for n, p in params.items():
                 p.copy_(shadow[n].to(p.dtype))
-            self.final[str(d)] = evaluate(pl_module, trainer.datamodule)
+            self.final[str(d)] = pl_module.evaluate_loss()  # the validation set
         for n, p in params.items():
             p.copy_(backup[n])
-
-
-@torch.no_grad()
-def evaluate(pl_module: DPCausalLM, dm: SyntheticDataModule) -> float:
-    """Token-mean validation NLL of the module's current weights (as DPCausalLM computes it)."""
-    model = pl_module.model
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for batch in dm.val_dataloader():
-        batch = {k: v.to(pl_module.device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        total += float(
-            torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                labels.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
-        )
-        count += int((labels != -100).sum())
-    model.train(was_training)
-    return total / count if count else math.nan
 
 
 def _curve(history: list[dict[str, float]], key: str) -> list[dict[str, float]]:
@@ -257,21 +234,12 @@ def train_one(spec: Any, recipe: Any, organism: Path) -> list[dict[str, Any]]:
         sweep = EMASweep(tuple(recipe.ema_sweep))
         callbacks.append(sweep)
     with tempfile.TemporaryDirectory(prefix="lit_dp_utility_") as workdir:
-        trainer = L.Trainer(
+        trainer = build_trainer(
             max_steps=recipe.steps,
-            max_epochs=-1,
-            accelerator=recipe.accelerator,
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,
-            num_sanity_val_steps=0,
-            val_check_interval=recipe.val_every,
-            check_val_every_n_epoch=None,
-            default_root_dir=workdir,
             callbacks=callbacks,
+            val_every=recipe.val_every,
+            workdir=workdir,
+            accelerator=recipe.accelerator,
         )
         start, cpu_start = time.time(), time.process_time()
         trainer.fit(module, datamodule=dm)

@@ -1,4 +1,4 @@
-"""The step of each method step_time.py compares, and their round-robin timing.
+"""The step of each method compare.py compares, and their round-robin timing.
 
 Models (the tiny Qwen2 and BitNet decoders, SmolLM2-135M), ragged batches, one full optimizer
 step per method (non-private, lit_dp's fast and vmap engines, Opacus hooks and ghost clipping),

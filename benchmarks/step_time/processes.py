@@ -1,22 +1,22 @@
-"""step_time.py's child processes: one (model, shape) timed in its own process, so that running
+"""compare.py's child processes: one (model, shape) timed in its own process, so that running
 out of memory costs that shape only, and peak memory measured in a fresh process per method.
 
-The children run step_time.py itself (``--shape-child``, ``--single``) and report one line of
-JSON on stdout.
+The children run compare.py itself (``python -m benchmarks.step_time.compare --shape-child`` or
+``--single``, from the repository root) and report one line of JSON on stdout.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
 from typing import Any
 
-from step_time_methods import _why, time_methods
+from benchmarks.common import ROOT
+from benchmarks.step_time.methods import _why, time_methods
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "step_time.py")
+SCRIPT = [sys.executable, "-m", "benchmarks.step_time.compare"]  # run with cwd=ROOT
 
 
 def time_shape(
@@ -33,8 +33,7 @@ def time_shape(
     that shape only. If the child dies, the shape is retried with non-private and fast alone and
     the other methods' rows say why they have no numbers."""
     cmd = [
-        sys.executable,
-        SCRIPT,
+        *SCRIPT,
         "--shape-child",
         "--models",
         model_name,
@@ -50,7 +49,7 @@ def time_shape(
     ]
 
     def child(names: list[str]) -> tuple[list[dict[str, Any]] | None, int]:
-        proc = subprocess.run([*cmd, ",".join(names)], capture_output=True, text=True)
+        proc = subprocess.run([*cmd, ",".join(names)], capture_output=True, text=True, cwd=ROOT)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("ROWS ")), None)
         return (None if line is None else json.loads(line[len("ROWS ") :])), proc.returncode
 
@@ -123,8 +122,7 @@ def measure_memory(rows: list[dict[str, Any]], warmup: int, repeats: int) -> Non
     """Fill peak_mem_mb of each row from a fresh subprocess per method."""
     for r in rows:
         cmd = [
-            sys.executable,
-            SCRIPT,
+            *SCRIPT,
             "--single",
             r["method"],
             "--models",
@@ -136,7 +134,7 @@ def measure_memory(rows: list[dict[str, Any]], warmup: int, repeats: int) -> Non
             "--repeats",
             str(repeats),
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("SINGLE ")), None)
         if line is None:
             r["note"] = (r["note"] + " | memory run failed: " + proc.stderr[-200:]).strip(" |")

@@ -2,17 +2,17 @@
 
 Each run is the real CLI (``python -m lit_dp fit --config ...``) in a subprocess, with the same
 config, seed and Poisson batches (``data.sampling_seed`` fixed); the only difference is
-``--model.private``. A callback passed on the
-command line (``--trainer.callbacks+=fit_speed.StepTimer``) records the wall time of every
+``--model.private``. A callback passed on the command line
+(``--trainer.callbacks+=benchmarks.step_time.fit_speed.StepTimer``) records the wall time of every
 optimizer step; steps/s is taken over the steps after ``--warmup`` (the first steps pay for lazy
 initialization). Validation, export and checkpoints are switched off so that only training is
 timed. Private and non-private runs alternate (p, n, p, n, ...), so that load drift on a shared
 machine hits both alike; the ratio is the median private step time over the median non-private
 one.
 
-    python benchmarks/fit_speed.py                                   # configs/tiny.yaml
-    python benchmarks/fit_speed.py --config configs/quickstart.yaml --steps 10 --repeats 1
-    python benchmarks/fit_speed.py --json benchmarks/results/fit_speed.json
+    python -m benchmarks.step_time.fit_speed                        # configs/tiny.yaml
+    python -m benchmarks.step_time.fit_speed --config configs/quickstart.yaml --steps 10 --repeats 1
+    python -m benchmarks.step_time.fit_speed --json benchmarks/results/fit_speed.json
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 import lightning as L
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, provenance
 
 
 class StepTimer(L.Callback):
@@ -79,7 +79,7 @@ def run_fit(
         # the same Poisson batches in both runs (a realized batch size differs run to run)
         "--data.init_args.sampling_seed",
         "0",
-        "--trainer.callbacks+=fit_speed.StepTimer",
+        "--trainer.callbacks+=benchmarks.step_time.fit_speed.StepTimer",
         f"--trainer.callbacks.out={out}",
         *(
             []
@@ -90,9 +90,8 @@ def run_fit(
     ]
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            [str(ROOT / "benchmarks"), str(ROOT), os.environ.get("PYTHONPATH", "")]
-        ),
+        # this checkout's lit_dp, and benchmarks/ for the callback's class path
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     proc = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -145,9 +144,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=2, help="private/non-private pairs")
     ap.add_argument("--json", help="append the result to this JSON file (a list)")
     args, extra = ap.parse_known_args(argv)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from _meta import provenance
-
     result = measure(
         Path(args.config).resolve(),
         steps=args.steps,

@@ -12,8 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from utility_organisms import OrganismConfig
-from utility_train import VARIANTS
+from benchmarks.utility.organisms import OrganismConfig
+from benchmarks.utility.train import VARIANTS
 
 EPS_MAIN = 8.0
 

@@ -11,11 +11,11 @@
 Every run goes through the public API (DPCausalLM, SyntheticDataModule and the EMA, clip-LR and
 accounting callbacks); every epsilon comes from PrivacyAccounting's RDP accountant.
 
-    python benchmarks/paper_figures.py                      # CPU default: everything, ~35 min
-    python benchmarks/paper_figures.py --datasets records --parts ablation   # one piece
-    python benchmarks/paper_figures.py --report             # tables from the JSON files
-    python benchmarks/paper_figures.py --quick --out /tmp/pf  # smoke run, tiny models, ~1 min
-    python benchmarks/paper_figures.py --full               # full-size GPU recipe (not run here)
+    python -m benchmarks.utility.paper_figures            # CPU default: everything, ~35 min
+    python -m benchmarks.utility.paper_figures --datasets records --parts ablation   # one piece
+    python -m benchmarks.utility.paper_figures --report   # tables from the JSON files
+    python -m benchmarks.utility.paper_figures --quick --out /tmp/pf  # smoke run: tiny models
+    python -m benchmarks.utility.paper_figures --full     # full-size GPU recipe (not run here)
 
 Outputs in --out: paper_figures_<dataset>.json, paper_fig_<dataset>.png,
 paper_ablation_<dataset>.json; each JSON records the git commit that produced it.
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 import warnings
 from functools import partial
@@ -36,10 +35,7 @@ from typing import Any
 import lightning as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lit_dp
-
-from _meta import provenance  # benchmarks/ is sys.path[0] when run as a script
-
+from benchmarks.common import RESULTS, build_trainer, provenance
 from lit_dp import (
     ClipDrivenLR,
     DPAdamW,
@@ -206,21 +202,12 @@ def run_one(
     )
     log, acct = TrainLog(), PrivacyAccounting(target_epsilon=target_eps)
     callbacks = [EMAWeights(decay=cfg["ema"]), ClipDrivenLR(adaptive=adaptive_lr), log, acct]
-    trainer = L.Trainer(
+    trainer = build_trainer(
         max_steps=cfg["steps"],
-        max_epochs=-1,
-        accelerator=cfg["accelerator"],
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        val_check_interval=cfg["val_every"],
-        check_val_every_n_epoch=None,
-        default_root_dir=workdir,
         callbacks=callbacks,
+        val_every=cfg["val_every"],
+        workdir=workdir,
+        accelerator=cfg["accelerator"],
     )
     start = time.time()
     trainer.fit(module, datamodule=dm)
@@ -430,7 +417,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     recipe = ap.add_mutually_exclusive_group()
     recipe.add_argument("--quick", action="store_true", help="smoke run on tiny random models")
     recipe.add_argument("--full", action="store_true", help="full-size GPU recipe")
@@ -468,7 +455,7 @@ def main() -> None:
         "recipe": name,
         **cfg,
         "seed": args.seed,
-        **provenance("lit_dp", "benchmarks/paper_figures.py"),
+        **provenance("lit_dp", "benchmarks/utility", "benchmarks/common"),
     }
     start = time.time()
     for dataset in datasets:

@@ -1,4 +1,4 @@
-"""Tables and plots of the utility study, from its results file (``utility.py --report``).
+"""Tables and plots of the utility study, from its results file (``study1.py --report``).
 
 Every number is a final validation loss (nats per response token, private ``records``
 validation set) of the weights the variant evaluates and exports. Seeds share their sampling and
@@ -11,14 +11,11 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from utility_plan import EPS_MAIN
-from utility_train import VARIANTS
+from benchmarks.utility.plan import EPS_MAIN
+from benchmarks.utility.train import VARIANTS
 
 ABLATION_ORDER = (
     "dp-adam-ac",
@@ -275,7 +272,7 @@ def plot_epsilon(
     """The slm epsilon curve of DP-Adam-AC and DP-SGD against the non-private ceiling.
 
     ``extra``: more curves, (label, colour, epsilon -> final losses over seeds), drawn the same
-    way (``utility_clip.py`` adds the shipped recipe's).
+    way (``clip.py`` adds the shipped recipe's).
     """
     import matplotlib
 

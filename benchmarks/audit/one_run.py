@@ -2,16 +2,17 @@
 
 The shipped recipe (DP-AdamW at the study's tuned 3.16e-3, fixed clip C = 1, EMA decay 0.999)
 fine-tunes the study's slm organism (a ~3M-parameter Llama-style decoder pretrained on public
-``emails``) on the private synthetic ``records`` data exactly as ``utility.py`` does (N = 4000,
-expected batch 64, 300 steps, library default delta and accountant), with m = 1000 random-token
-audit canaries of 32 tokens added by ``lit_dp.callbacks.audit.AuditCanaries``: each joins the
-training set with probability 1/2 (so N is about 4500), and the bound is the one-run epsilon
-lower bound at 95% confidence. Targets: epsilon 1, 4, 8 and non-private, seeds 0-2.
+``emails``) on the private synthetic ``records`` data exactly as utility study 1
+(``benchmarks.utility.study1``) does (N = 4000, expected batch 64, 300 steps, library default
+delta and accountant), with m = 1000 random-token audit canaries of 32 tokens added by
+``lit_dp.callbacks.audit.AuditCanaries``: each joins the training set with probability 1/2 (so N
+is about 4500), and the bound is the one-run epsilon lower bound at 95% confidence. Targets:
+epsilon 1, 4, 8 and non-private, seeds 0-2.
 
-    python benchmarks/audit_run.py --threads 1          # run (or continue) every missing run
-    python benchmarks/audit_run.py --max-runs 1         # one run
-    python benchmarks/audit_run.py --report             # the table for benchmarks/README.md
-    python benchmarks/audit_run.py --quick --out /tmp/a.json   # smoke test: tiny model, ~30 s
+    python -m benchmarks.audit.one_run --threads 1     # run (or continue) every missing run
+    python -m benchmarks.audit.one_run --max-runs 1    # one run
+    python -m benchmarks.audit.one_run --report        # the table for benchmarks/README.md
+    python -m benchmarks.audit.one_run --quick --out /tmp/a.json   # smoke test: tiny model, ~30 s
 
 Results: ``results/audit_run.json``; each finished run is appended atomically and a run already
 there (same epsilon and seed) is skipped. The canaries' tokens and bits come from OS entropy, so
@@ -24,7 +25,6 @@ import argparse
 import logging
 import math
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -32,13 +32,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lit_dp
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks.common import CODE_PATHS, RESULTS, build_trainer, provenance
+from benchmarks.common.results import load_results, write_atomic
 
-from _meta import provenance
-from utility_results import CODE_PATHS, load_results, write_atomic
-
-RESULTS = Path(__file__).resolve().parent / "results"
 OUT = RESULTS / "audit_run.json"
 ORGANISM = RESULTS / "organisms" / "slm-a4c8a8ed5d2c"
 ORGANISM_SHA256 = "a2a1e0f213c66c76941aaf2162265cc555f650078a722d1ee47463cccc8ee6d8"
@@ -131,21 +127,11 @@ def _train_one(epsilon: float | None, seed: int, recipe: dict[str, Any], organis
     )
     accounting = PrivacyAccounting(target_epsilon=epsilon)  # delta: the library default
     with tempfile.TemporaryDirectory(prefix="lit_dp_audit_") as workdir:
-        trainer = L.Trainer(
+        trainer = build_trainer(
             max_steps=recipe["steps"],
-            max_epochs=-1,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,
-            num_sanity_val_steps=0,
-            val_check_interval=recipe["steps"],
-            check_val_every_n_epoch=None,
-            default_root_dir=workdir,
             callbacks=[audit, accounting, EMAWeights()],  # audit first: it adds to N
+            val_every=recipe["steps"],
+            workdir=workdir,
         )
         start, cpu_start = time.time(), time.process_time()
         trainer.fit(module, datamodule=dm)
@@ -252,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--quick writes a smoke-test file: give --out")
         run(args.out, QUICK, "tiny-llama", args.max_runs)
         return
-    from utility_organisms import organism_fingerprint
+    from benchmarks.utility.organisms import organism_fingerprint
 
     if organism_fingerprint(ORGANISM) != ORGANISM_SHA256:
         raise SystemExit(f"{ORGANISM} is not the utility study's slm organism")

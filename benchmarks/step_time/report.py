@@ -1,4 +1,4 @@
-"""step_time.py's output: the results table, the fast vs non-private scaling sweep and the
+"""compare.py's output: the results table, the fast vs non-private scaling sweep and the
 torch.profiler view of one step."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import copy
 from typing import Any
 
 import torch
-from step_time_methods import build_model, make_batch, make_step, time_methods
+
+from benchmarks.step_time.methods import build_model, make_batch, make_step, time_methods
 
 
 def _fmt(x: Any, spec: str) -> str:

@@ -18,9 +18,9 @@ only the adapters trainable) and ``qwen2-5m`` (the step-time benchmark's 4-layer
 weight trainable).
 
 Usage:
-    python benchmarks/step_time_bandmf.py --json benchmarks/results/step_time_bandmf.json --memory
-    python benchmarks/step_time_bandmf.py --models qwen2-5m --bands 4,16 --repeats 3
-    python benchmarks/step_time_bandmf.py --json benchmarks/results/step_time_bandmf.json \
+    python -m benchmarks.step_time.bandmf --json benchmarks/results/step_time_bandmf.json --memory
+    python -m benchmarks.step_time.bandmf --models qwen2-5m --bands 4,16 --repeats 3
+    python -m benchmarks.step_time.bandmf --json benchmarks/results/step_time_bandmf.json \
         --memory-only      # redo the peak-RSS children only, into an existing results file
 """
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -37,14 +36,14 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
-from _meta import provenance  # benchmarks/ is sys.path[0] when run as a script
-from step_time_methods import build_model, make_batch, training_max_rows
-from step_time_processes import _peak_rss_mb
+from benchmarks.common import ROOT, provenance
+from benchmarks.step_time.methods import build_model, make_batch, training_max_rows
+from benchmarks.step_time.processes import _peak_rss_mb
 
-# name -> (step_time.py's model, LoRA rank (0 = every weight trainable), batch rows, tokens)
+# name -> (compare.py's model, LoRA rank (0 = every weight trainable), batch rows, tokens)
 MODELS = {"smollm2-135m-lora": ("smollm2-135m", 8, 4, 64), "qwen2-5m": ("qwen2-5m", 0, 8, 64)}
 SIGMA, CLIP, LR = 1.0, 1.0, 1e-4
+CODE = ("lit_dp", "benchmarks/step_time", "benchmarks/common")  # what the numbers depend on
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -145,9 +144,9 @@ def single(name: str, bands: int) -> dict[str, Any]:
 
 def _child_rss(name: str, bands: int, threads: int) -> float | None:
     """``single`` in a fresh process (its peak RSS; None if it died)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--single", f"{name}:{bands}",
+    cmd = [sys.executable, "-m", "benchmarks.step_time.bandmf", "--single", f"{name}:{bands}",
            "--threads", str(threads)]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout
     line = next((x for x in out.splitlines() if x.startswith("ROW ")), None)
     return None if line is None else json.loads(line[4:])["peak_rss_mb"]
 
@@ -184,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         for row in results["rows"]:
             row["peak_rss_mb"] = _child_rss(row["model"], row["bands"], args.threads)
             print(json.dumps(row), flush=True)
-        results["meta"]["memory"] = provenance("lit_dp", "benchmarks/step_time_bandmf.py")
+        results["meta"]["memory"] = provenance(*CODE)
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
         return
@@ -199,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
             if row["model"] == name:
                 print(json.dumps(row), flush=True)
     if args.json:
-        meta = {**provenance("lit_dp", "benchmarks/step_time_bandmf.py"), "sigma": SIGMA,
+        meta = {**provenance(*CODE), "sigma": SIGMA,
                 "clip": CLIP, "warmup": args.warmup, "repeats": args.repeats,
                 "threads": args.threads}  # fmt: skip
         with open(args.json, "w") as f:

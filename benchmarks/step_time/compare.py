@@ -8,7 +8,7 @@ Each method runs the real optimizer step on the same model and batch:
                   noise, division by the expected batch size, private-quantile clip update)
     vmap          the same with engine="vmap"
     fast_secure   fast with model.secure_noise's generator (not in the default list;
-                  benchmarks/secure_noise.py compares it with fast)
+                  benchmarks.step_time.secure_noise compares it with fast)
     opacus_hooks  opacus GradSampleModule (per-sample grads by hooks) + DPOptimizer(AdamW)
     opacus_ghost  opacus GradSampleModuleFastGradientClipping(use_ghost_clipping=True)
                   + DPOptimizerFastGradientClipping(AdamW), two backward passes
@@ -25,12 +25,12 @@ Peak memory (``--memory``): each (model, shape, method) runs in a fresh subproce
 model and optimizer state are included, identically for every method.
 
 Usage:
-    python benchmarks/step_time.py                       # quick default (< 5 min on 2 cores)
-    python benchmarks/step_time.py --full --json benchmarks/results/step_time.json
+    python -m benchmarks.step_time.compare                # quick default (< 5 min on 2 cores)
+    python -m benchmarks.step_time.compare --full --json benchmarks/results/step_time.json
                                     # every model x shape, peak memory, scaling (~25 min on 2 cores)
-    python benchmarks/step_time.py --models qwen2-5m --shapes 8x512 --memory   # one piece
-    python benchmarks/step_time.py --scaling --models none   # fast vs non-private sweep only
-    python benchmarks/step_time.py --profile             # top ops of the fast step
+    python -m benchmarks.step_time.compare --models qwen2-5m --shapes 8x512 --memory  # one piece
+    python -m benchmarks.step_time.compare --scaling --models none  # fast vs non-private sweep
+    python -m benchmarks.step_time.compare --profile      # top ops of the fast step
 """
 
 from __future__ import annotations
@@ -44,11 +44,10 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
-from _meta import provenance  # benchmarks/ is sys.path[0] when run as a script
-from step_time_methods import CLIP, METHODS, MODELS, SIGMA, time_methods
-from step_time_processes import measure_memory, single, time_shape
-from step_time_report import print_table, profile_fast, scaling
+from benchmarks.common import provenance
+from benchmarks.step_time.methods import CLIP, METHODS, MODELS, SIGMA, time_methods
+from benchmarks.step_time.processes import measure_memory, single, time_shape
+from benchmarks.step_time.report import print_table, profile_fast, scaling
 
 DEFAULT_RUNS = "qwen2-5m:32x64,bitnet-5m:16x128"
 FULL_SHAPES = "32x64,16x128,8x512"
@@ -64,7 +63,7 @@ def run_meta(args: argparse.Namespace) -> dict[str, Any]:
     except ImportError:
         versions["opacus"] = None
     return {
-        **provenance("lit_dp", "benchmarks/step_time.py"),
+        **provenance("lit_dp", "benchmarks/step_time", "benchmarks/common"),
         "versions": versions,
         "sigma": SIGMA,
         "clip": CLIP,

@@ -9,7 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: lit_dp/ and benchmarks/
+RESULTS = ROOT / "benchmarks" / "results"  # every study's results file lives here
+# The code a study's results depend on: the results files change while a study runs, the
+# READMEs do not change a number.
+CODE_PATHS = ("lit_dp", "benchmarks", ":(exclude)benchmarks/results", ":(exclude)benchmarks/*.md")
 
 
 def git_commit(*paths: str) -> str:

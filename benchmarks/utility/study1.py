@@ -1,6 +1,6 @@
 """Utility per epsilon: DP-Adam-AC, its parts and its baselines on runs long enough to separate.
 
-Two model organisms (``utility_organisms.py``): a ~3M-parameter Llama-style decoder with its own
+Two model organisms (``organisms.py``): a ~3M-parameter Llama-style decoder with its own
 BPE tokenizer, pretrained non-privately on public ``emails`` text, and its BitNet b1.58 twin
 (ternary QAT from the first pretraining step). Each is then fine-tuned with DP on the private
 ``records`` data (a domain shift: a general model adapted to a clinic's registry), N = 4000
@@ -15,13 +15,13 @@ Phases (each derived from the results file, so rerunning the script continues th
   4. epsilon curve: dp-adam-ac and dp-sgd at epsilon 1, 2, 4, seeds 0-2
   5. BitNet twin: dp-adam-ac, dp-sgd, nonprivate at epsilon 8, rates tuned on seed 0, 3 seeds
 
-    python benchmarks/utility.py --plan              # the run list, count and estimated time
-    python benchmarks/utility.py                     # run (or continue) the whole study
-    python benchmarks/utility.py --phase 1 --max-runs 5    # a sitting: five runs of phase 1
-    nohup python benchmarks/utility.py --threads 2 > utility.log 2>&1 &   # in the background
-    python benchmarks/utility.py --report            # tables + plots from the results file
-    python benchmarks/utility.py --quick --out /tmp/u.json   # smoke test, tiny models, ~20 s
-    python benchmarks/utility.py --recipe smollm2-lora       # GPU: SmolLM2-135M with LoRA
+    python -m benchmarks.utility.study1 --plan       # the run list, count and estimated time
+    python -m benchmarks.utility.study1              # run (or continue) the whole study
+    python -m benchmarks.utility.study1 --phase 1 --max-runs 5   # a sitting: five runs of phase 1
+    nohup python -m benchmarks.utility.study1 --threads 2 > utility.log 2>&1 &   # in the background
+    python -m benchmarks.utility.study1 --report     # tables + plots from the results file
+    python -m benchmarks.utility.study1 --quick --out /tmp/u.json   # smoke test, tiny models, ~20 s
+    python -m benchmarks.utility.study1 --recipe smollm2-lora       # GPU: SmolLM2-135M with LoRA
 
 Results: benchmarks/results/utility.json (utility_gpu.json for the GPU recipe). Each finished
 run is appended atomically; a run already in the file (same model, variant, epsilon, seed, lr)
@@ -31,16 +31,15 @@ is skipped. All runs of one file must come from one commit (--allow-mixed-commit
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lit_dp
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules when imported by path
-from _meta import git_commit
-from utility_organisms import OrganismConfig, cache_root, organism_dir
-from utility_plan import (
+from benchmarks.common import CODE_PATHS, RESULTS, git_commit
+from benchmarks.common.results import load_results, write_atomic
+from benchmarks.common.results import release_claim as release
+from benchmarks.utility.organisms import OrganismConfig, cache_root, organism_dir
+from benchmarks.utility.plan import (
     EPS_MAIN,
     Recipe,
     RunSpec,
@@ -50,17 +49,8 @@ from utility_plan import (
     spec_key,
     tuned_grid,
 )
-from utility_results import (
-    CODE_PATHS,
-    append_runs,
-    check_or_create,
-    claim_next,
-    load_results,
-    release,
-    selected,
-    write_atomic,
-)
-from utility_train import VARIANTS
+from benchmarks.utility.results import append_runs, check_or_create, claim_next, selected
+from benchmarks.utility.train import VARIANTS
 
 __all__ = [
     "RECIPES",
@@ -76,8 +66,6 @@ __all__ = [
     "tuned_grid",
     "write_atomic",
 ]
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 _ADAM = lr_grid(1e-3)  # 3.16e-4, 1e-3, 3.16e-3
 RECIPES: dict[str, Recipe] = {
@@ -208,8 +196,7 @@ def make_setup(
     recipe: Recipe, organisms: dict[str, Path], *, device: str = "cpu"
 ) -> dict[str, Any]:
     """Models, private data, run length, delta, and each organism's pretrained losses."""
-    from utility_organisms import mean_token_nll, organism_fingerprint, organism_info
-
+    from benchmarks.utility.organisms import mean_token_nll, organism_fingerprint, organism_info
     from lit_dp.callbacks.accounting import default_delta
     from lit_dp.data.encoding import encode_records
     from lit_dp.data.synthetic import make_splits
@@ -308,8 +295,9 @@ def print_plan(recipe: Recipe, runs: list[dict[str, Any]], args: argparse.Namesp
 
 def run_study(recipe: Recipe, out: Path, args: argparse.Namespace) -> None:
     import torch
-    from utility_organisms import build_organism, organism_fingerprint
-    from utility_train import train_one
+
+    from benchmarks.utility.organisms import build_organism, organism_fingerprint
+    from benchmarks.utility.train import train_one
 
     device = "cuda" if recipe.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
     root = cache_root(args.cache_dir)
@@ -391,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
     if args.report:
-        from utility_report import report
+        from benchmarks.utility.report import report
 
         print(report(out))
         return

@@ -1,6 +1,6 @@
 """Step-time cost of model.secure_noise: the DP step with the secure generator against the default.
 
-For each model, three steps are timed round-robin in one process after warm-up (step_time.py's
+For each model, three steps are timed round-robin in one process after warm-up (compare.py's
 ``time_methods``): ``nonprivate`` (the reference of the ratios), ``fast`` (training's DP step with
 the default torch generator) and ``fast_secure`` (the same step with ``SecureNoiseGenerator``:
 ChaCha20 keystream, float64 Box-Muller, a sum of 2 Gaussians per coordinate, one rounding).
@@ -11,12 +11,12 @@ both generators, which isolates the part of the step that secure mode changes.
 Models (the noise is drawn once per step for every trainable coordinate):
 
     smollm2-135m-lora   SmolLM2-135M-Instruct with LoRA r = 16 (the quickstart's adapters)
-    qwen2-5m            the tiny Qwen2 decoder of step_time.py, every weight trained
+    qwen2-5m            the tiny Qwen2 decoder of compare.py, every weight trained
     smollm2-135m        SmolLM2-135M, every weight trained: the most noise per step
 
 Usage:
-    python benchmarks/secure_noise.py --json benchmarks/results/secure_noise.json
-    python benchmarks/secure_noise.py --models qwen2-5m --repeats 3     # one piece
+    python -m benchmarks.step_time.secure_noise --json benchmarks/results/secure_noise.json
+    python -m benchmarks.step_time.secure_noise --models qwen2-5m --repeats 3     # one piece
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
-from _meta import provenance  # benchmarks/ is sys.path[0] when run as a script
-from step_time_methods import CLIP, SIGMA, build_model, time_methods
+from benchmarks.common import provenance
+from benchmarks.step_time.methods import CLIP, SIGMA, build_model, time_methods
 
 MODELS = {"smollm2-135m-lora": "16x128", "qwen2-5m": "16x128", "smollm2-135m": "16x128"}
 METHODS = ["nonprivate", "fast", "fast_secure"]
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     meta = {
-        **provenance("lit_dp", "benchmarks/secure_noise.py"),
+        **provenance("lit_dp", "benchmarks/step_time", "benchmarks/common"),
         "sigma": SIGMA,
         "clip": CLIP,
         "warmup": args.warmup,

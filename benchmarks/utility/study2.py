@@ -19,10 +19,10 @@ Phases (a pure function of the results file, so rerunning continues the study):
 Selection uses validation losses only; ``test_loss`` is recorded for every run and read only by
 the report.
 
-    python benchmarks/utility2.py --plan                # the run list and its CPU estimate
-    nohup nice python benchmarks/utility2.py --threads 1 > u2.log 2>&1 &   # run / continue
-    python benchmarks/utility2.py --report              # tables + plots from the results file
-    python benchmarks/utility2.py --quick --out /tmp/u2.json   # smoke run: a tiny organism
+    python -m benchmarks.utility.study2 --plan          # the run list and its CPU estimate
+    nohup nice python -m benchmarks.utility.study2 --threads 1 > u2.log 2>&1 &   # run / continue
+    python -m benchmarks.utility.study2 --report        # tables + plots from the results file
+    python -m benchmarks.utility.study2 --design quick --out /tmp/u2.json  # smoke run: tiny model
 
 Results: benchmarks/results/utility2.json, one record per (run, weights); each finished run is
 appended atomically and a run already in the file is skipped. Records from another commit than
@@ -37,9 +37,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import socket
-import sys
 import tempfile
 import time
 import warnings
@@ -48,12 +45,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lit_dp
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _meta import git_commit, provenance
+from benchmarks.common import CODE_PATHS, RESULTS, build_trainer, git_commit, provenance
+from benchmarks.common.results import (
+    claim_alive,
+    claims_path,
+    load_results,
+    new_claim,
+    release_claim,
+    results_lock,
+    write_atomic,
+)
 
-RESULTS = Path(__file__).resolve().parent / "results"
-CODE_PATHS = ("lit_dp", "benchmarks", ":(exclude)benchmarks/results", ":(exclude)benchmarks/*.md")
 METHODS = ("dp-adamw", "dp-sgd", "bandmf", "nonprivate")
 SCHEDULES = ("constant", "cosine")
 
@@ -366,21 +368,11 @@ def train(design: Design, spec: Spec, organism: Path) -> list[dict[str, Any]]:
     if accounting is not None:
         callbacks.append(accounting)
     with tempfile.TemporaryDirectory(prefix="lit_dp_utility2_") as workdir:
-        trainer = L.Trainer(
+        trainer = build_trainer(
             max_steps=steps,
-            max_epochs=-1,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,
-            num_sanity_val_steps=0,
-            val_check_interval=max(1, steps // design.evaluations),
-            check_val_every_n_epoch=None,
-            default_root_dir=workdir,
             callbacks=callbacks,
+            val_every=max(1, steps // design.evaluations),
+            workdir=workdir,
         )
         start, cpu_start = time.time(), time.process_time()
         trainer.fit(module, datamodule=dm)
@@ -433,23 +425,6 @@ def train(design: Design, spec: Spec, organism: Path) -> list[dict[str, Any]]:
 
 
 # --- the results file ---------------------------------------------------------------------------
-def _lock(path: Path):
-    from lit_dp.sources import file_lock
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return file_lock(path.with_name(f".{path.name}.lock"))
-
-
-def load(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def write_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def setup_record(design: Design, organism: Path) -> dict[str, Any]:
     info = (
         json.loads((organism / "organism.json").read_text())
@@ -477,8 +452,8 @@ def setup_record(design: Design, organism: Path) -> dict[str, Any]:
 
 def open_results(path: Path, design: Design, organism: Path, allow_mixed: bool) -> None:
     commit = git_commit(*CODE_PATHS)
-    with _lock(path):
-        data = load(path)
+    with results_lock(path):
+        data = load_results(path)
         if not data:
             data = {
                 "_meta": {"provenance": provenance(*CODE_PATHS), "design": design.name},
@@ -497,47 +472,27 @@ def open_results(path: Path, design: Design, organism: Path, allow_mixed: bool) 
             )
 
 
-def _claims(path: Path) -> Path:
-    return path.with_name(f".{path.name}.claims.json")
-
-
-def _alive(claim: dict[str, Any]) -> bool:
-    if claim["host"] != socket.gethostname():
-        return True
-    try:
-        os.kill(claim["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def claim_next(path: Path, design: Design) -> tuple[Spec | None, int]:
-    with _lock(path):
-        runs = load(path)["runs"]
-        claims = {k: c for k, c in load(_claims(path)).items() if _alive(c)}
+    with results_lock(path):
+        runs = load_results(path)["runs"]
+        claims = {k: c for k, c in load_results(claims_path(path)).items() if claim_alive(c)}
         todo = plan(design, runs)
         ready = [p for p in todo if spec_key(p.setting, p.seed, p.lr) not in claims]
         if ready:
-            claims[spec_key(ready[0].setting, ready[0].seed, ready[0].lr)] = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-            }
-        write_atomic(_claims(path), claims)
+            claims[spec_key(ready[0].setting, ready[0].seed, ready[0].lr)] = new_claim()
+        write_atomic(claims_path(path), claims)
     return (ready[0] if ready else None), len(todo)
 
 
 def append(path: Path, records: list[dict[str, Any]], key: str) -> None:
-    with _lock(path):
-        data = load(path)
+    with results_lock(path):
+        data = load_results(path)
         have = {(record_key(r), r["ema"]) for r in data["runs"]}
         data["runs"].extend(r for r in records if (record_key(r), r["ema"]) not in have)
         write_atomic(path, data)
-        claims = load(_claims(path))
+        claims = load_results(claims_path(path))
         claims.pop(key, None)
-        write_atomic(_claims(path), claims)
+        write_atomic(claims_path(path), claims)
 
 
 # --- CLI ----------------------------------------------------------------------------------------
@@ -563,8 +518,8 @@ def print_plan(design: Design, runs: list[dict[str, Any]]) -> None:
 
 def quick_organism() -> Path:
     """Study 1's tiny smoke-run organism (built and cached on first use, about 10 s)."""
-    from utility import RECIPES
-    from utility_organisms import build_organism, cache_root
+    from benchmarks.utility.organisms import build_organism, cache_root
+    from benchmarks.utility.study1 import RECIPES
 
     return build_organism(RECIPES["quick"].organisms["slm"], cache_root())
 
@@ -589,12 +544,12 @@ def main(argv: list[str] | None = None) -> None:
         "utility2.json" if design.name == "cpu" else f"utility2_{design.name}.json"
     )
     if args.report:
-        from utility2_report import report
+        from benchmarks.utility.study2_report import report
 
         report(out)
         return
     if args.plan:
-        print_plan(design, load(out).get("runs", []))
+        print_plan(design, load_results(out).get("runs", []))
         return
     import torch
 
@@ -616,10 +571,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             records = train(design, spec, organism)
         except BaseException:
-            with _lock(out):
-                claims = load(_claims(out))
-                claims.pop(key, None)
-                write_atomic(_claims(out), claims)
+            release_claim(out, key)
             raise
         append(out, records, key)
         n += 1

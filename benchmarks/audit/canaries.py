@@ -23,8 +23,8 @@ user) shows what group-level DP adds for repeated secrets.
 Both the raw final weights and the EMA weights (what ``EMAWeights`` evaluates/exports) are
 audited; the table and plot show the EMA weights.
 
-    python benchmarks/audit.py --out benchmarks/results          # full (~8 min on 2 cores)
-    python benchmarks/audit.py --out /tmp/audit --quick          # smoke run (~1 min)
+    python -m benchmarks.audit.canaries --out benchmarks/results   # full (~8 min on 2 cores)
+    python -m benchmarks.audit.canaries --out /tmp/audit --quick   # smoke run (~1 min)
 """
 
 from __future__ import annotations
@@ -34,20 +34,15 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _meta import provenance  # benchmarks/ is sys.path[0] when run as a script
-
+from benchmarks.common import build_trainer, provenance
 from lit_dp import (
     ClipDrivenLR,
     DPAdamW,
@@ -254,17 +249,8 @@ def run_one(
         max_physical_batch_size=cfg["batch"] * 2,
     )
     ema = EMAWeights(decay=0.99)
-    trainer = L.Trainer(
+    trainer = build_trainer(  # no validation: the audit scores the model itself afterwards
         max_steps=cfg["steps"],
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         callbacks=[ema, ClipDrivenLR(adaptive=True), PrivacyAccounting(target_epsilon=epsilon)],
     )
     t0 = time.perf_counter()
@@ -399,7 +385,7 @@ def main(argv=None) -> None:
             "ema_decay": 0.99,
             "threads": args.threads,
             "chance_exposure_bits": 1 / math.log(2),
-            **provenance("lit_dp", "benchmarks/audit.py"),
+            **provenance("lit_dp", "benchmarks/audit", "benchmarks/common"),
         },
         "runs": [],
     }

@@ -1,4 +1,4 @@
-"""The clip bound, a supplement to the utility study (``utility.py``): where should C sit?
+"""The clip bound, a supplement to the utility study (``study1.py``): where should C sit?
 
 The study's ablation runs DP-Adam-AC with the private-quantile clip at the paper's target clip
 rate rho* = 0.2 (C_t tracks the 80th percentile of the unit gradient norms) and with a fixed
@@ -20,10 +20,10 @@ rate of that model (seed 0, epsilon 8). Records go to ``results/utility_clip.jso
 run and one for its raw weights (EMA is post-processing), appended as each finishes; a setting
 already there is skipped. The organisms must be the study's (same weights sha256).
 
-    python benchmarks/utility_clip.py --threads 1                 # every slm setting on seed 0
-    python benchmarks/utility_clip.py --only pq-0.9 --seed 1 --seed 2
-    python benchmarks/utility_clip.py --model bitnet --only fixed-1 --seed 0 --seed 1 --seed 2
-    python benchmarks/utility_clip.py --report                    # the tables, with the study's
+    python -m benchmarks.utility.clip --threads 1                 # every slm setting on seed 0
+    python -m benchmarks.utility.clip --only pq-0.9 --seed 1 --seed 2
+    python -m benchmarks.utility.clip --model bitnet --only fixed-1 --seed 0 --seed 1 --seed 2
+    python -m benchmarks.utility.clip --report                    # the tables, with the study's
 """
 
 from __future__ import annotations
@@ -32,18 +32,14 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lit_dp
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _meta import git_commit, provenance
-from utility import RECIPES, RESULTS
-from utility_organisms import build_organism, cache_root, organism_fingerprint
-from utility_plan import EPS_MAIN, RunSpec
-from utility_report import (
+from benchmarks.common import CODE_PATHS, RESULTS, git_commit, provenance
+from benchmarks.common.results import load_results, write_atomic
+from benchmarks.utility.organisms import build_organism, cache_root, organism_fingerprint
+from benchmarks.utility.plan import EPS_MAIN, RunSpec
+from benchmarks.utility.report import (
     SHIPPED,
     fmt,
     paired,
@@ -52,7 +48,8 @@ from utility_report import (
     tuned_rates,
     val_losses,
 )
-from utility_results import CODE_PATHS, append_runs, load_results, write_atomic
+from benchmarks.utility.results import append_runs
+from benchmarks.utility.study1 import RECIPES
 
 # label -> (study variant it runs as, Recipe fields it changes)
 SETTINGS: dict[str, tuple[str, dict[str, float]]] = {
@@ -83,7 +80,7 @@ def _key(model: str, label: str, epsilon: float, seed: int) -> str:
 def _run(
     model: str, label: str, epsilon: float, seed: int, lr: float, organism: Path
 ) -> list[dict[str, Any]]:
-    from utility_train import train_one
+    from benchmarks.utility.train import train_one
 
     variant, fields = SETTINGS[label]
     recipe = dataclasses.replace(RECIPES["cpu"], ema_sweep=(), **fields)
@@ -268,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         "--epsilon", type=float, action="append", help=f"repeatable (default {EPS_MAIN:g})"
     )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--cache-dir", default=None, help="organism cache (as utility.py)")
+    ap.add_argument("--cache-dir", default=None, help="organism cache (as study1.py)")
     ap.add_argument("--report", action="store_true", help="print the table, run nothing")
     args = ap.parse_args(argv)
     if args.report:

@@ -1,60 +1,27 @@
-"""utility.py's results file: creating it or checking that it holds the same study, appending
+"""study1.py's results file: creating it or checking that it holds the same study, appending
 finished runs, and the claims by which several processes share one study.
 
-Every write happens under the file's lock and replaces the file atomically.
+Every write happens under the file's lock and replaces the file atomically
+(``benchmarks.common.results``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _meta import git_commit, provenance
-from utility_plan import Recipe, RunSpec, plan, record_key, spec_key
-
-# The code a result depends on: the results files themselves change while the study runs.
-CODE_PATHS = ("lit_dp", "benchmarks", ":(exclude)benchmarks/results", ":(exclude)benchmarks/*.md")
-
-
-def load_results(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def write_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float) + "\n")
-    os.replace(tmp, path)
-
-
-def _lock(path: Path):
-    from lit_dp.sources import file_lock
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return file_lock(path.with_name(f".{path.name}.lock"))
-
-
-def _claims_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.claims.json")
-
-
-def _alive(claim: dict[str, Any]) -> bool:
-    """Whether the process holding a claim still runs (claims from another host are kept)."""
-    if claim["host"] != socket.gethostname():
-        return True
-    try:
-        os.kill(claim["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
+from benchmarks.common import CODE_PATHS, git_commit, provenance
+from benchmarks.common.results import (
+    claim_alive,
+    claims_path,
+    load_results,
+    new_claim,
+    results_lock,
+    write_atomic,
+)
+from benchmarks.utility.plan import Recipe, RunSpec, plan, record_key, spec_key
 
 
 def claim_next(
@@ -63,34 +30,23 @@ def claim_next(
     """Under the file lock: the first runnable spec that no live process has claimed, claimed
     for this process (so several processes can share one study). Returns (spec or None, every
     selected spec still to run, how many claims other processes hold)."""
-    with _lock(path):
+    with results_lock(path):
         runs = load_results(path)["runs"]
         done = {record_key(r) for r in runs}
-        claims = load_results(_claims_path(path))
-        claims = {k: c for k, c in claims.items() if k not in done and _alive(c)}
+        claims = load_results(claims_path(path))
+        claims = {k: c for k, c in claims.items() if k not in done and claim_alive(c)}
         todo = [s for s in plan(recipe, runs) if selected(s, args) and spec_key(s) not in done]
         ready = [s for s in todo if s.lr is not None and spec_key(s) not in claims]
         others = len(claims)
         if ready:
-            claims[spec_key(ready[0])] = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-            }
-        write_atomic(_claims_path(path), claims)
+            claims[spec_key(ready[0])] = new_claim()
+        write_atomic(claims_path(path), claims)
     return (ready[0] if ready else None), todo, others
-
-
-def release(path: Path, key: str) -> None:
-    with _lock(path):
-        claims = load_results(_claims_path(path))
-        if claims.pop(key, None) is not None:
-            write_atomic(_claims_path(path), claims)
 
 
 def append_runs(path: Path, records: list[dict[str, Any]]) -> int:
     """Append ``records`` whose keys are not in the file yet (under the lock); returns how many."""
-    with _lock(path):
+    with results_lock(path):
         data = load_results(path)
         have = {record_key(r) for r in data["runs"]}
         new = [r for r in records if record_key(r) not in have]
@@ -111,7 +67,7 @@ def check_or_create(
     study from the same commit and the same pretrained organisms (``fingerprints``: model name
     -> hash of its weights; a rebuilt organism need not be bit-identical to the first build)."""
     commit = git_commit(*CODE_PATHS)
-    with _lock(path):
+    with results_lock(path):
         data = load_results(path)
         if not data:
             data = {

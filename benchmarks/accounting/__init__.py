@@ -1,0 +1,2 @@
+"""Accounting: the PLD accountant's cost per training step and its epsilon against RDP's
+(``accountants``)."""

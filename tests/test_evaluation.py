@@ -56,12 +56,17 @@ def test_after_loss_uses_the_ema_weights_the_callback_swaps_in(tmp_path):
     assert abs(ema_loss - raw) > 1e-4, "the EMA and raw weights should differ after 4 steps"
     assert abs(after["loss_raw"] - raw) < 1e-5
     assert abs(after["loss_ema"] - ema_loss) < 1e-5
-    # The swap is the callback's: installed at setup, removed at teardown (fit has ended).
-    assert module._evaluation_weights is None
-    with module.evaluation_weights():  # now the identity: nothing is swapped in
+    # The swap is the callback's, installed at setup and kept after fit: evaluating after
+    # trainer.fit still sees the EMA weights (and the raw ones come back on exit).
+    assert module._evaluation_weights is not None
+    with torch.no_grad():
+        for p in module.model.parameters():
+            if p.requires_grad:
+                p.mul_(0.5)  # any raw weights: the swap must load the shadow over them
+    with module.evaluation_weights():
         for n, p in module.model.named_parameters():
             if p.requires_grad:
-                torch.testing.assert_close(p, ema.shadow[n])  # the hand-loaded values stay
+                torch.testing.assert_close(p, ema.shadow[n])
 
 
 def test_without_ema_the_evaluated_weights_are_the_raw_ones(tmp_path):
@@ -93,3 +98,24 @@ def test_export_receives_the_report_in_memory_under_any_report_name(tmp_path):
     assert set(exported) == set(run_report) - {"operator_side"}
     assert exported["epsilon"] == run_report["epsilon"] > 0
     assert exported["ledger"] == run_report["ledger"]
+
+
+def test_after_fit_the_module_still_evaluates_its_ema_weights(tmp_path):
+    """evaluation_weights() and evaluate_loss() after trainer.fit use the EMA weights the run
+    evaluated and exported, not silently the raw ones."""
+    from module_helpers import make_dm, make_trainer, trainable
+
+    from lit_dp.callbacks.ema import EMAWeights
+
+    module, dm = make_module(export_dir=None), make_dm(num_train=32, expected=8.0)
+    trainer = make_trainer(tmp_path, max_steps=4)
+    trainer.fit(module, datamodule=dm)
+    ema = next(c for c in trainer.callbacks if isinstance(c, EMAWeights))
+    raw = trainable(module)
+    with module.evaluation_weights():
+        inside = trainable(module)
+        loss_ema = module.evaluate_loss(dm.val_dataloader())
+    assert all(torch.equal(inside[n], ema.shadow[n].to(inside[n].dtype)) for n in inside)
+    assert any(not torch.equal(inside[n], raw[n]) for n in raw)
+    assert all(torch.equal(p, raw[n]) for n, p in trainable(module).items())  # restored
+    assert loss_ema != module.evaluate_loss(dm.val_dataloader())

@@ -140,6 +140,7 @@ def test_quick_study_end_to_end_and_resume(tmp_path, monkeypatch, restore_thread
     # EMA and raw start from the same weights; after training they differ
     assert ema["val_loss_curve"][0] == raw["val_loss_curve"][0]
     assert ema["val_loss"] != raw["val_loss"]
+    assert ema["test_loss"] != raw["test_loss"]  # each weights' own test loss
     # a second invocation continues: it never reruns a finished run
     u2.main(["--design", "quick", "--out", str(out), "--max-runs", "1"])
     again = json.loads(out.read_text())["runs"]

@@ -360,8 +360,9 @@ def train(design: Design, spec: Spec, organism: Path) -> list[dict[str, Any]]:
         eval_before_fit=True,
         export_dir=None,
     )
+    ema_weights = EMAWeights()  # the shipped decay; both weights are evaluated
     callbacks: list[Any] = [
-        EMAWeights(),  # the shipped decay; both weights are evaluated
+        ema_weights,
         ClipDrivenLR(schedule=s.schedule, min_lr_ratio=0.0),
     ]
     accounting = PrivacyAccounting(target_epsilon=s.epsilon) if private else None
@@ -379,8 +380,16 @@ def train(design: Design, spec: Spec, organism: Path) -> list[dict[str, Any]]:
         seconds, cpu_seconds = time.time() - start, time.process_time() - cpu_start
         test = dm.test_dataloader()
         test_raw = module.evaluate_loss(test)
-        with module.evaluation_weights():
+        with module.evaluation_weights():  # the EMA weights (installed by EMAWeights)
             test_ema = module.evaluate_loss(test)
+            val_ema = module.evaluate_loss(dm.val_dataloader())
+    # The test losses are of the weights the curves end with: the EMA shadow is swapped in.
+    final_ema = next(h["loss_ema"] for h in reversed(module.val_history))
+    if not math.isclose(val_ema, final_ema, rel_tol=1e-5) or test_ema == test_raw:
+        raise RuntimeError(
+            f"EMA weights not evaluated after fit (val {val_ema} vs {final_ema}; test "
+            f"{test_ema} vs raw {test_raw})"
+        )
     commit = git_commit(*CODE_PATHS)
     records = []
     for ema, test_loss in ((True, test_ema), (False, test_raw)):

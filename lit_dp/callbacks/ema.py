@@ -70,9 +70,9 @@ class EMAWeights(L.Callback):
         if isinstance(pl_module, EvaluationWeights) and isinstance(pl_module, TrainedModel):
             pl_module.use_evaluation_weights(functools.partial(self.swapped, pl_module))
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if isinstance(pl_module, EvaluationWeights):
-            pl_module.use_evaluation_weights(None)
+    # No teardown: after fit the module keeps evaluating with the EMA weights, so that
+    # ``module.evaluation_weights()`` and ``evaluate_loss`` called after ``trainer.fit`` see
+    # the weights the run evaluated and exported, not the raw ones.
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if isinstance(pl_module, TrainedModel):

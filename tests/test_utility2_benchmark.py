@@ -160,3 +160,51 @@ def test_a_results_file_of_another_design_is_refused(tmp_path):
     )
     with pytest.raises(SystemExit, match="another design"):
         u2.open_results(out, u2.DESIGNS["quick"], Path("."), allow_mixed=False)
+
+
+def _full(setting, seed, lr, val, test, *, ema=True):
+    return {
+        "method": setting.method,
+        "lr_schedule": setting.schedule,
+        "expected_batch_size": setting.batch_size,
+        "epsilon": setting.epsilon,
+        "bands": setting.bands,
+        "seed": seed,
+        "lr": lr,
+        "ema": ema,
+        "val_loss": val,
+        "test_loss": test,
+        "noise_multiplier": 1.0,
+        "commit": "c",
+        "cpu_seconds": 1.0,
+        "val_loss_curve": [{"step": 0, "loss": 9.0}, {"step": 80, "loss": val + 0.1},
+                           {"step": 100, "loss": val}],
+    }  # fmt: skip
+
+
+def test_report_scores_on_test_the_rate_validation_chose_and_pairs_seeds():
+    from benchmarks.utility import study2_report as rep
+
+    dp = u2.Setting("dp-adamw", "constant", 128, 8.0)
+    npv = u2.Setting("nonprivate", "constant", 128, None)
+    grid = u2.lr_grid(DESIGN.grid_center["dp-adamw"])
+    runs = []
+    for s, base in ((dp, 2.0), (npv, 1.0)):
+        for lr, v, t in zip(grid, [0.3, 0.0, 0.1], [0.0, 0.5, 0.2], strict=True):
+            for ema in (True, False):  # test prefers grid[0]; validation chooses grid[1]
+                runs.append(_full(s, 0, lr, base + v, base + t, ema=ema))
+        for seed, t in ((1, 0.7), (2, 0.3)):
+            for ema in (True, False):
+                runs.append(_full(s, seed, grid[1], base + 0.1, base + t, ema=ema))
+    study = rep.Study({"_meta": {"design": "cpu"}, "runs": runs})
+    assert study.rate((dp, True)) == grid[1]
+    tests = sorted(r["test_loss"] for r in study.seeds((dp, True)).values())
+    assert tests == pytest.approx([2.3, 2.5, 2.7])
+    assert study.nonprivate_reference(128) in {(npv, True), (npv, False)}
+    diffs = study.diffs((dp, True), (npv, True))
+    assert diffs == pytest.approx([1.0, 1.0, 1.0])
+    mean, half = rep.t_interval([1.0, 2.0, 3.0])
+    assert mean == pytest.approx(2.0) and half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    text = rep.tables({"_meta": {"design": "cpu"}, "runs": runs, "setup": {}})
+    row = next(line for line in text.splitlines() if line.startswith("| 8 | 128 x 300 | dp-adamw"))
+    assert "2.500 [" in row and "+1.000" in row and f"{grid[1]:g}" in row

@@ -5,7 +5,7 @@ One organism (study 1's ``slm``, weights pinned by hash), the private ``records`
 compares, at epsilon 2 and 8 and at equal compute (the same number of example-gradients):
 - methods: DP-AdamW (the shipped recipe: fixed C below the gradient norms, i.e. normalized),
   DP-SGD with momentum 0.9 (same clipping), banded-MF correlated noise on DP-AdamW (b from the
-  planner rule b ~ epsilon sqrt(n) / k, and one neighbour each side), and non-private AdamW;
+  planner rule b ~ epsilon sqrt(n) / k, and b / 2 and 2 b beside it), and non-private AdamW;
 - EMA or not: every run evaluates its EMA and its raw weights (EMA is post-processing, so one
   run gives both; each is tuned and reported on its own);
 - schedules: a constant rate, and cosine decay to 0;

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from lit_dp.callbacks.accounting import PrivacyAccounting
     from lit_dp.callbacks.clip_lr import ClipDrivenLR
     from lit_dp.callbacks.ema import EMAWeights
+    from lit_dp.callbacks.export import ExportModel
     from lit_dp.data import DPDataModule, JSONLDataModule, SyntheticDataModule
     from lit_dp.module import DPCausalLM
     from lit_dp.optim import DPAdamW
@@ -29,6 +30,7 @@ _SOURCES = {
     "DPCausalLM": "lit_dp.module",
     "DPDataModule": "lit_dp.data",
     "EMAWeights": "lit_dp.callbacks.ema",
+    "ExportModel": "lit_dp.callbacks.export",
     "JSONLDataModule": "lit_dp.data",
     "PLDAccountant": "lit_dp.privacy.pld_accountant",
     "PrivacyAccounting": "lit_dp.callbacks.accounting",
@@ -46,6 +48,7 @@ __all__ = [
     "DPCausalLM",
     "DPDataModule",
     "EMAWeights",
+    "ExportModel",
     "JSONLDataModule",
     "PLDAccountant",
     "PrivacyAccounting",

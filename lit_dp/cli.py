@@ -1,9 +1,9 @@
 """``lit-dp fit|validate|test --config configs/X.yaml``: the only place components are wired.
 
-The three DP callbacks, the audit callback and the checkpoint callback are always present
-(config sections ``ema:``, ``clip_lr:``, ``audit:`` (off unless audit.num_canaries > 0),
-``privacy:``, ``checkpoint:``); the tokenizer follows the model source;
-Lightning's DistributedSampler is off (batches are Poisson-sampled); ``ddp``, and any run on
+The three DP callbacks and the audit, export and checkpoint callbacks are always present (config
+sections ``ema:``, ``clip_lr:``, ``audit:`` (off unless audit.num_canaries > 0), ``privacy:``,
+``export:`` (``dirpath: null`` = no export), ``checkpoint:``); the tokenizer follows the model
+source; Lightning's DistributedSampler is off (batches are Poisson-sampled); ``ddp``, and any run on
 several devices or nodes, runs lit_dp's DDP strategy, which exchanges clipped sums only;
 strategies without a DP implementation, and fp16 mixed precision (its GradScaler would rescale
 the privatized gradient), are refused instead of run without privacy.
@@ -36,6 +36,7 @@ from lit_dp.callbacks.audit import AuditCanaries
 from lit_dp.callbacks.clip_lr import ClipDrivenLR
 from lit_dp.callbacks.console import ValidationLines, is_terminal, progress_bar
 from lit_dp.callbacks.ema import EMAWeights
+from lit_dp.callbacks.export import ExportModel
 from lit_dp.callbacks.interrupts import GracefulInterrupt
 from lit_dp.checkpoint import LAST_CHECKPOINT, DPModelCheckpoint, find_last_checkpoint
 from lit_dp.cli_errors import CommandLineError, explain_parse_error
@@ -230,6 +231,7 @@ class LitDPCLI(LightningCLI):
         parser.add_lightning_class_args(ClipDrivenLR, "clip_lr")
         parser.add_lightning_class_args(AuditCanaries, "audit")  # before privacy: adds to N
         parser.add_lightning_class_args(PrivacyAccounting, "privacy")
+        parser.add_lightning_class_args(ExportModel, "export")  # after privacy: needs its report
         parser.add_lightning_class_args(DPModelCheckpoint, "checkpoint")
         parser.link_arguments("model.model", "data.init_args.tokenizer")
         parser.add_argument(
@@ -381,7 +383,8 @@ def run_summary(
         )
         if math.isfinite(after["loss_ema"]):
             lines.append(f"validation perplexity after (EMA): {math.exp(after['loss_ema']):.2f}")
-    export = getattr(model, "export_path", None)
+    exporter = next((cb for cb in trainer.callbacks if isinstance(cb, ExportModel)), None)
+    export = exporter.export_path if exporter is not None else None
     if export:
         lines.append(f"exported EMA model: {export}")
     if report is not None and report.get("interrupted"):

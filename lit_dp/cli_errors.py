@@ -4,7 +4,8 @@ jsonargparse reports a bad value inside a union dump (``Does not validate agains
 Union subtypes ... Given value: Namespace(...)``) and an unknown flag with the whole usage text;
 Python adds a traceback to every error raised while the run is built. ``one_line`` digs the
 message that names the field out of the exception chain, and ``unknown_option`` turns a guessed
-flag into "did you mean" with the closest valid flag.
+flag into "did you mean" with the closest valid flag, or names the key that replaces a moved one
+(``MOVED_OPTIONS``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,22 @@ REFUSED_OPTIONS = {
     ),
 }
 
+# Keys that lit_dp reads from another section, and where (an older config may still hold them).
+MOVED_OPTIONS = {
+    "model.export_dir": (
+        "export.dirpath (the export is its own config section, export:, run by the ExportModel "
+        "callback): auto = <log_dir>/export, a directory, or null = no export, e.g. "
+        "--export.dirpath null"
+    ),
+}
+
+
+def moved(key: str) -> str | None:
+    """``<key> moved to <new key> ...`` for a key of ``MOVED_OPTIONS`` (None for any other)."""
+    key = key.split("=", 1)[0].lstrip("-")
+    return f"{key} moved to {MOVED_OPTIONS[key]}" if key in MOVED_OPTIONS else None
+
+
 # jsonargparse's lines that describe its own union matching, not the user's value.
 _DUMP_LINE = re.compile(
     r"^\s*(- )?(Does not validate|Subtypes:|Errors:|Given value|Expected a <class 'NoneType'>)"
@@ -42,7 +59,8 @@ _NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted|NestedArg\(key='([
 _CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: (.*)", re.IGNORECASE)
 _NOT_EXPECTED = re.compile(
-    r"Key \"?'?([\w.]+)'?\"? is not expected|does not accept option '([\w.]+)'"
+    r"Key \"?'?([\w.]+)'?\"? is not expected|"
+    r"(?:Group '([\w.]+)' )?does not accept option '([\w.]+)'"
 )
 
 
@@ -144,6 +162,8 @@ def _class_path_of(key: str, argv: list[str]) -> str | None:
 def unknown_option(flag: str, candidates: Iterable[str]) -> str:
     """``unknown option --x; did you mean --y?`` (or the replacement of a refused option)."""
     name = flag.split("=", 1)[0]
+    if hint := moved(name):
+        return hint
     bare = name.lstrip("-").split(".", 1)[0]
     if bare in REFUSED_OPTIONS:
         return f"{name} is not a lit_dp option: {REFUSED_OPTIONS[bare]}"
@@ -176,7 +196,9 @@ def explain_parse_error(err: BaseException, parser: Any, args: list[str] | None)
         # The user may have written --data.x for --data.init_args.x: suggest the long form.
         return unknown_option(flag, options | _option_strings(parser))
     if m := _NOT_EXPECTED.search(message):  # a key of a config file
-        key = m.group(1) or m.group(2)
+        key = m.group(1) or ".".join(part for part in m.group(2, 3) if part)
+        if hint := moved(key):
+            return f"config key {hint}"
         section = key.split(".", 1)[0]
         if section in REFUSED_OPTIONS:
             return (

@@ -1,10 +1,10 @@
-"""CausalLMEvaluation: the evaluation half of DPCausalLM (validation, test, before/after, export).
+"""CausalLMEvaluation: the evaluation half of DPCausalLM (validation, test, before/after losses).
 
 It evaluates ``self.model`` with the *evaluation weights*: whatever context the EMA callback
 installs with ``use_evaluation_weights`` (the EMA shadow swapped in), or the raw weights when
 none is installed. It never changes the weights it evaluates and spends no privacy budget: the
-validation and test metrics are computed on held-out data, and the export is post-processing of
-the weights.
+validation and test metrics are computed on held-out data. The module saves nothing: the
+``ExportModel`` callback (``lit_dp.callbacks.export``) exports these weights at the end of fit.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import contextlib
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -21,15 +20,12 @@ import torch
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.text import Perplexity
 
-from lit_dp.export import export_model
-
 
 class CausalLMEvaluation(L.LightningModule):
-    """Validation/test losses of ``self.model`` and the export of its evaluation weights.
+    """Validation/test losses of ``self.model`` with its evaluation weights.
 
-    Subclasses set ``self.model`` (a Hugging Face causal LM) and save the hyperparameters
-    ``eval_before_fit`` (evaluate once before the first step and once after the last) and
-    ``export_dir`` ("auto" = <log_dir>/export, a path, or None for no export).
+    Subclasses set ``self.model`` (a Hugging Face causal LM) and save the hyperparameter
+    ``eval_before_fit`` (evaluate once before the first step and once after the last).
     """
 
     model: Any
@@ -50,7 +46,7 @@ class CausalLMEvaluation(L.LightningModule):
     def use_evaluation_weights(
         self, swap: Callable[[], AbstractContextManager[None]] | None
     ) -> None:
-        """Evaluate and export with the weights that ``swap()`` loads in for its context.
+        """Evaluate (and let ExportModel export) the weights ``swap()`` loads in for its context.
 
         They are loaded for the duration of its context (and restored on exit); None = the raw
         weights. The EMA callback installs its swap at setup, so this module never looks the
@@ -66,8 +62,8 @@ class CausalLMEvaluation(L.LightningModule):
     def set_privacy_report(self, report: dict[str, Any] | None) -> None:
         """The run's privacy report, handed over in memory by the accounting callback.
 
-        It is handed over at the end of fit; the export keeps its public part (see
-        ``lit_dp.export``).
+        It is handed over at the end of fit; the ``ExportModel`` callback writes its shareable
+        part beside the exported weights (``lit_dp.callbacks.export``).
         """
         self.privacy_report = report
 
@@ -160,23 +156,3 @@ class CausalLMEvaluation(L.LightningModule):
         self.val_history.append(
             {"step": int(self.global_step), "loss_ema": ema_loss, "loss_raw": raw}
         )
-
-    # --- end of fit: export the EMA model ----------------------------------------------------
-    def on_fit_end(self) -> None:
-        log_dir = Path(self.trainer.log_dir or ".")  # a collective under DDP: all ranks ask
-        if self.hparams["export_dir"] is None or self.trainer.global_rank != 0:
-            return
-        out = (
-            log_dir / "export"
-            if self.hparams["export_dir"] == "auto"
-            else Path(self.hparams["export_dir"])
-        )
-        tokenizer = getattr(self._datamodule(), "tokenizer", None)
-        with self.evaluation_weights():  # export_model keeps the report's public part only
-            self.export_path = export_model(
-                self.model,
-                tokenizer,
-                out,
-                privacy_report=self.privacy_report,
-                base_model=self.hparams.get("model"),
-            )

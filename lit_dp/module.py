@@ -2,8 +2,9 @@
 
 The DP mechanism is written once, in ``lit_dp.privacy.mechanism.privatize``; ``_dp_step`` calls it
 and hands the private gradient to the optimizer. Callbacks read the ``DPStepRecord`` it leaves in
-``last_record``; nothing else about the step leaks out. Validation, test, the before/after losses
-and the export live in the base class, ``lit_dp.evaluation.CausalLMEvaluation``.
+``last_record``; nothing else about the step leaks out. Validation, test and the before/after losses
+live in the base class, ``lit_dp.evaluation.CausalLMEvaluation``; the export of the trained model
+is a callback's (``lit_dp.callbacks.export.ExportModel``).
 """
 
 from __future__ import annotations
@@ -88,8 +89,6 @@ class DPCausalLM(CausalLMEvaluation):
             then not secret.
         diagnostics: also log raw (non-private) per-unit norm statistics; named in the report.
         eval_before_fit: evaluate once before the first step (the "before" loss).
-        export_dir: where the EMA model is exported at the end of fit ("auto" =
-            <log_dir>/export, null = no export).
     """
 
     def __init__(
@@ -111,7 +110,6 @@ class DPCausalLM(CausalLMEvaluation):
         secure_noise: bool = False,
         diagnostics: bool = False,
         eval_before_fit: bool = True,
-        export_dir: str | None = "auto",
     ) -> None:
         super().__init__()  # the evaluation state (metrics, history, evaluation weights)
         self._validate(locals())

@@ -57,7 +57,7 @@ def _run(spec: dict[str, Any], root: str) -> dict[str, Any]:
     module = DPCausalLM(
         model="tiny-qwen2", noise_multiplier=spec["sigma"], clipping=clip,
         optimizer=functools.partial(DPAdamW, lr=1e-2), noise_seed=123, eval_before_fit=False,
-        export_dir=None, max_physical_batch_size=4,
+        max_physical_batch_size=4,
     )  # fmt: skip
     accounting = PrivacyAccounting(target_epsilon=spec["target"], accountant=spec["accountant"])
     trainer = L.Trainer(

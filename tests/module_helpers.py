@@ -41,7 +41,6 @@ def make_module(**kw):
         max_grad_norm=1.0,
         noise_seed=123,
         eval_before_fit=False,
-        export_dir=None,
         lr=1e-2,
         max_physical_batch_size=4,
     )

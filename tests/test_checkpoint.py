@@ -106,7 +106,6 @@ def _fit(root: Path, *, max_steps: int, callback: DPModelCheckpoint, plugins=Non
         clipping=FixedClip(1.0),
         noise_seed=1,
         eval_before_fit=False,
-        export_dir=None,
         max_physical_batch_size=8,
     )
     trainer = quiet_trainer(
@@ -343,7 +342,6 @@ def _dp_run(
         noise_seed=1,
         secure_noise=secure_noise,
         eval_before_fit=False,
-        export_dir=None,
         max_physical_batch_size=8,
     )
     acct = PrivacyAccounting(target_epsilon=target_epsilon)

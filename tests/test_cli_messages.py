@@ -124,3 +124,17 @@ def test_config_file_keys_get_the_same_answers(capsys, tmp_path, monkeypatch):
     code, err = _fails(["fit", "--config", TINY, "--config", "opt.yaml"], capsys)
     assert code == 2 and "config section optimizer: is not a lit_dp option" in err
     assert "model.optimizer" in err
+
+
+@pytest.mark.parametrize("given", ["flag", "config-file"])
+def test_a_moved_key_names_the_key_that_replaces_it(given, capsys, tmp_path, monkeypatch):
+    """model.export_dir (the export is the export: section's callback): fit and plan name
+    export.dirpath, from a flag or from an older config file."""
+    monkeypatch.chdir(tmp_path)
+    Path("old.yaml").write_text("model:\n  export_dir: null\n")
+    extra = ["--model.export_dir", "null"] if given == "flag" else ["--config", "old.yaml"]
+    for command in ("fit", "plan"):
+        code, err = _fails([command, "--config", TINY, *extra], capsys)
+        assert code == 2 and len(err.splitlines()) == 1
+        assert "model.export_dir moved to export.dirpath" in err and "null = no export" in err
+    assert not (tmp_path / "runs").exists()

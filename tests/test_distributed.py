@@ -34,7 +34,7 @@ def _fit(tmp: Path, *extra: str) -> None:
         "5",
         "--model.noise_seed",
         "1",
-        "--model.export_dir",
+        "--export.dirpath",
         "null",
         "--trainer.enable_progress_bar",
         "false",

@@ -1,19 +1,13 @@
-"""Evaluation and export weights, and the privacy report's hand-over to the export.
-
-The EMA callback installs its weight swap on the module at setup (and removes it at teardown);
-the module evaluates and exports inside that swap without looking the callback up. The report
-reaches the export in memory, whatever file name the run directory's copy has.
+"""Evaluation weights: the EMA callback installs its weight swap on the module at setup (and
+keeps it after fit); the module evaluates inside that swap without looking the callback up (the
+export of these weights: tests/callbacks/test_export.py).
 """
 
 from __future__ import annotations
 
-import json
-
 import torch
 from module_helpers import make_dm, make_module, make_trainer
 
-from lit_dp.callbacks.accounting import PrivacyAccounting
-from lit_dp.callbacks.clip_lr import ClipDrivenLR
 from lit_dp.callbacks.ema import EMAWeights
 
 
@@ -80,26 +74,6 @@ def test_without_ema_the_evaluated_weights_are_the_raw_ones(tmp_path):
     assert abs(after["loss_raw"] - _token_mean_nll(module.model, dm.val_dataloader())) < 1e-5
 
 
-def test_export_receives_the_report_in_memory_under_any_report_name(tmp_path):
-    dm = make_dm()
-    module = make_module(export_dir=str(tmp_path / "export"))
-    trainer = make_trainer(tmp_path, max_steps=2)
-    trainer.callbacks[:] = [
-        EMAWeights(decay=0.9),
-        ClipDrivenLR(),
-        PrivacyAccounting(target_epsilon=None, report_name="audit.json"),
-    ]
-    trainer.fit(module, datamodule=dm)
-    assert not (tmp_path / "privacy_report.json").exists()
-    run_report = json.loads((tmp_path / "audit.json").read_text())
-    exported = json.loads((tmp_path / "export" / "privacy_report.json").read_text())
-    assert module.privacy_report == run_report
-    # The export keeps the report minus its operator-side counts (see lit_dp.export).
-    assert set(exported) == set(run_report) - {"operator_side"}
-    assert exported["epsilon"] == run_report["epsilon"] > 0
-    assert exported["ledger"] == run_report["ledger"]
-
-
 def test_after_fit_the_module_still_evaluates_its_ema_weights(tmp_path):
     """evaluation_weights() and evaluate_loss() after trainer.fit use the EMA weights the run
     evaluated and exported, not silently the raw ones."""
@@ -107,7 +81,7 @@ def test_after_fit_the_module_still_evaluates_its_ema_weights(tmp_path):
 
     from lit_dp.callbacks.ema import EMAWeights
 
-    module, dm = make_module(export_dir=None), make_dm(num_train=32, expected=8.0)
+    module, dm = make_module(), make_dm(num_train=32, expected=8.0)
     trainer = make_trainer(tmp_path, max_steps=4)
     trainer.fit(module, datamodule=dm)
     ema = next(c for c in trainer.callbacks if isinstance(c, EMAWeights))

@@ -20,7 +20,14 @@ pytestmark = [
 def test_smollm2_dp_finetune_export_reload_generate(tmp_path):
     import lightning as L
 
-    from lit_dp import ClipDrivenLR, DPCausalLM, EMAWeights, PrivacyAccounting, SyntheticDataModule
+    from lit_dp import (
+        ClipDrivenLR,
+        DPCausalLM,
+        EMAWeights,
+        ExportModel,
+        PrivacyAccounting,
+        SyntheticDataModule,
+    )
     from lit_dp.data import ConstantBatchSize
     from lit_dp.export import generate
     from lit_dp.models import load_model, load_tokenizer
@@ -36,7 +43,6 @@ def test_smollm2_dp_finetune_export_reload_generate(tmp_path):
         optimizer=functools.partial(DPAdamW, lr=3e-3),
         max_physical_batch_size=8,
         noise_seed=0,
-        export_dir=str(tmp_path / "export"),
     )
     dm = SyntheticDataModule(
         tokenizer="smollm2-135m-instruct",
@@ -57,7 +63,12 @@ def test_smollm2_dp_finetune_export_reload_generate(tmp_path):
         limit_val_batches=0,
         num_sanity_val_steps=0,
         default_root_dir=tmp_path,
-        callbacks=[EMAWeights(decay=0.5), ClipDrivenLR(), PrivacyAccounting(target_epsilon=None)],
+        callbacks=[
+            EMAWeights(decay=0.5),
+            ClipDrivenLR(),
+            PrivacyAccounting(target_epsilon=None),
+            ExportModel(dirpath=str(tmp_path / "export")),
+        ],
     )
     trainer.fit(module, datamodule=dm)
 

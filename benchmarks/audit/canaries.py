@@ -238,7 +238,6 @@ def run_one(
         noise_multiplier="auto" if private else 0.0,
         optimizer=partial(DPAdamW, lr=cfg["lr"]),
         eval_before_fit=False,
-        export_dir=None,
         # divisor 4 (default 20): the quantile count noise (std B/divisor) must
         # exceed sigma/2, which the small audit batches need (B = 16 here).
         # rho* 0.2 (the paper's example) and its clip-driven lr, as the committed results used

@@ -118,7 +118,6 @@ def _train_one(epsilon: float | None, seed: int, recipe: dict[str, Any], organis
         noise_seed=seed,
         max_physical_batch_size=recipe["max_physical_batch_size"],
         eval_before_fit=True,
-        export_dir=None,
     )
     audit = AuditCanaries(
         num_canaries=recipe["num_canaries"],

@@ -72,7 +72,7 @@ def run_fit(
         "false",
         "--model.eval_before_fit",
         "false",
-        "--model.export_dir",
+        "--export.dirpath",
         "null",
         "--model.private",
         str(private).lower(),

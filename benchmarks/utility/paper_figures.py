@@ -198,7 +198,6 @@ def run_one(
         max_physical_batch_size=cfg["physical"],
         noise_seed=seed,
         eval_before_fit=True,
-        export_dir=None,
     )
     log, acct = TrainLog(), PrivacyAccounting(target_epsilon=target_eps)
     callbacks = [EMAWeights(decay=cfg["ema"]), ClipDrivenLR(adaptive=adaptive_lr), log, acct]

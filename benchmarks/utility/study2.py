@@ -358,7 +358,6 @@ def train(design: Design, spec: Spec, organism: Path) -> list[dict[str, Any]]:
         noise_seed=spec.seed,
         max_physical_batch_size=design.max_physical_batch_size,
         eval_before_fit=True,
-        export_dir=None,
     )
     ema_weights = EMAWeights()  # the shipped decay; both weights are evaluated
     callbacks: list[Any] = [

@@ -215,7 +215,6 @@ def train_one(spec: Any, recipe: Any, organism: Path) -> list[dict[str, Any]]:
         noise_seed=spec.seed,
         max_physical_batch_size=recipe.max_physical_batch_size,
         eval_before_fit=True,
-        export_dir=None,
     )
     trace = Trace(every=recipe.trace_every)
     callbacks: list[L.Callback] = [trace]

@@ -299,7 +299,7 @@ class PrivacyAccounting(L.Callback):
         if self.stop_reason is None:
             self.stop_reason = f"completed: {trainer.global_step} steps (trainer limits reached)"
         self.write_report(trainer, pl_module)
-        # The module's export (its on_fit_end, after this one) keeps the report's public part.
+        # ExportModel (listed after this callback: HOOK_ORDER 3) exports its shareable part.
         dp_module(pl_module, caller="PrivacyAccounting").set_privacy_report(self.last_report)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:

@@ -5,8 +5,9 @@ typed protocol that ``DPCausalLM`` satisfies. PrivacyAccounting needs all of ``D
 refuses a module without it, naming the members it lacks (``dp_module``); the optional glue
 (EMA, clip-driven LR) reads only the small protocols it needs (``TrainedModel``, ``StepSource``,
 ``ClipSource``, ``EvaluationWeights``) and leaves a module without them alone; the report reads
-``ReportSource`` (``lit_dp.report``). A module without a noise mechanism (``NoiseSource``) adds
-independent Gaussian noise (``noise_mechanism``).
+``ReportSource`` (``lit_dp.report``); the export reads ``ExportSource`` (``export_source``) and
+the DataModule's tokenizer (``TokenizerSource``). A module without a noise mechanism
+(``NoiseSource``) adds independent Gaussian noise (``noise_mechanism``).
 
 HOOK_ORDER states the one ordering of Lightning's hooks that lit_dp relies on;
 tests/callbacks/test_contract.py checks that Lightning still calls them in this order.
@@ -29,11 +30,14 @@ __all__ = [
     "ClipSource",
     "DPModule",
     "EvaluationWeights",
+    "ExportSource",
     "NoiseSource",
     "ReportSource",
     "StepSource",
+    "TokenizerSource",
     "TrainedModel",
     "dp_module",
+    "export_source",
     "noise_mechanism",
     "report_source",
 ]
@@ -51,8 +55,9 @@ lit_dp relies on it three times:
    calls request_stop; then DPCausalLM.on_train_batch_start returns -1, so no step is taken.
 3. on_train_end, then on_fit_end: AuditCanaries.on_train_end scores the canaries on the trained
    weights; PrivacyAccounting.on_fit_end writes the report (with the audit section) and hands it
-   over (set_privacy_report); then the module's on_fit_end exports the model with the report's
-   shareable part.
+   over (set_privacy_report); then ExportModel.on_fit_end (listed after PrivacyAccounting:
+   lit-dp's export: section comes after privacy:, and ExportModel.setup refuses the other order)
+   exports the evaluation weights with the report's shareable part.
 """
 
 
@@ -97,13 +102,33 @@ def noise_mechanism(pl_module: Any) -> NoiseMechanism:
 
 @runtime_checkable
 class EvaluationWeights(Protocol):
-    """A module that evaluates and exports inside a weight swap (EMA installs it)."""
+    """A module that evaluates (and is exported) inside a weight swap (EMA installs it)."""
 
     def use_evaluation_weights(
         self, swap: Callable[[], AbstractContextManager[None]] | None
     ) -> None:
         """Install the context that swaps the evaluation (EMA) weights in."""
         ...
+
+
+@runtime_checkable
+class ExportSource(Protocol):
+    """A module whose evaluation weights the export writes, with the run's privacy report."""
+
+    model: Any
+    privacy_report: dict[str, Any] | None  # handed over at the end of fit (HOOK_ORDER 3)
+    hparams: Any  # "model": the model source trained from, named in the model card
+
+    def evaluation_weights(self) -> AbstractContextManager[None]:
+        """Context in which ``model`` holds the weights to export (EMA's when installed)."""
+        ...
+
+
+@runtime_checkable
+class TokenizerSource(Protocol):
+    """A DataModule with a tokenizer (exported beside the model)."""
+
+    tokenizer: Any
 
 
 @runtime_checkable
@@ -157,6 +182,13 @@ def report_source(pl_module: Any, *, caller: str) -> ReportSource:
     if isinstance(pl_module, ReportSource):
         return pl_module
     raise _lacks(pl_module, ReportSource, ("privacy_description",), caller)
+
+
+def export_source(pl_module: Any, *, caller: str) -> ExportSource:
+    """``pl_module`` as an ``ExportSource``; TypeError naming what it lacks."""
+    if isinstance(pl_module, ExportSource):
+        return pl_module
+    raise _lacks(pl_module, ExportSource, ("evaluation_weights",), caller)
 
 
 def _lacks(pl_module: Any, protocol: type, methods: tuple[str, ...], caller: str) -> TypeError:

@@ -66,7 +66,8 @@ class EMAWeights(L.Callback):
 
     # --- hooks -------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # The module evaluates and exports inside this swap (val/loss, the "after" loss, export).
+        # The module evaluates inside this swap (val/loss, the "after" loss), and ExportModel
+        # exports inside it.
         if isinstance(pl_module, EvaluationWeights) and isinstance(pl_module, TrainedModel):
             pl_module.use_evaluation_weights(functools.partial(self.swapped, pl_module))
 

@@ -118,7 +118,6 @@ def test_budget_stop_with_a_minimum_length_is_refused_before_training(tmp_path, 
         noise_multiplier=1.0,
         clipping=FixedClip(1.0),
         eval_before_fit=False,
-        export_dir=None,
     )
     trainer = quiet_trainer(tmp_path, 50, [PrivacyAccounting(target_epsilon=3.0)], **limits)
     with pytest.raises(ValueError, match=rf"{named} cannot be combined with the budget stop"):

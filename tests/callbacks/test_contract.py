@@ -16,10 +16,12 @@ from lit_dp.callbacks.contract import (
     ClipSource,
     DPModule,
     EvaluationWeights,
+    ExportSource,
     ReportSource,
     StepSource,
     TrainedModel,
 )
+from lit_dp.callbacks.export import ExportModel
 
 
 def _stage(stage) -> str:
@@ -84,7 +86,7 @@ def test_lightning_calls_the_hooks_in_the_stated_order(tmp_path):
         "module.setup:fit",
         "callback.on_train_batch_start",  # HOOK_ORDER 2: the budget stop before the step
         "module.on_train_batch_start",
-        "callback.on_fit_end",  # HOOK_ORDER 3: the report before the export
+        "callback.on_fit_end",  # HOOK_ORDER 3: the callbacks' (report, then export)
         "module.on_fit_end",
     ]
     for hook in ("setup", "on_train_batch_start", "on_fit_end"):
@@ -96,6 +98,7 @@ def test_the_module_satisfies_every_protocol():
     for protocol in (DPModule, ReportSource, StepSource, TrainedModel, ClipSource):
         assert isinstance(module, protocol), protocol.__name__
     assert isinstance(module, EvaluationWeights)
+    assert isinstance(module, ExportSource)
 
 
 def test_a_module_without_the_privacy_members_is_refused_naming_them(tmp_path):
@@ -134,3 +137,17 @@ def test_callbacks_run_in_list_order_and_train_end_precedes_fit_end(tmp_path):
         "second.on_fit_end",
     ]
     assert "trainer.callbacks" in HOOK_ORDER and "AuditCanaries" in HOOK_ORDER
+
+
+def test_the_cli_lists_the_export_after_the_accounting(tmp_path, monkeypatch):
+    """HOOK_ORDER 3: PrivacyAccounting.on_fit_end hands the report over before ExportModel's
+    exports it, because lit-dp lists the privacy: callback before the export: one (and
+    ExportModel.setup refuses the other order: tests/callbacks/test_export.py)."""
+    from shipped_configs import TINY
+
+    from lit_dp.cli import LitDPCLI
+
+    monkeypatch.chdir(tmp_path)
+    kinds = [type(cb) for cb in LitDPCLI(args=["--config", TINY], run=False).trainer.callbacks]
+    assert kinds.index(PrivacyAccounting) < kinds.index(ExportModel)
+    assert "ExportModel" in HOOK_ORDER and "export:" in HOOK_ORDER

@@ -9,6 +9,7 @@ import json
 import pytest
 from module_helpers import make_dm, make_module, make_trainer
 
+from lit_dp.callbacks.export import ExportModel
 from lit_dp.data import ConstantBatchSize, JSONLDataModule
 from lit_dp.export import export_model
 from lit_dp.models import load_model, tiny_tokenizer
@@ -29,8 +30,8 @@ def _jsonl(tmp_path, **kw):
     )
 
 
-def _fit_report(tmp_path, dm, module=None):
-    trainer = make_trainer(tmp_path, max_steps=1)
+def _fit_report(tmp_path, dm, module=None, callbacks=()):
+    trainer = make_trainer(tmp_path, max_steps=1, callbacks=callbacks)
     trainer.fit(module or make_module(), datamodule=dm)
     return json.loads((tmp_path / "privacy_report.json").read_text())
 
@@ -50,9 +51,10 @@ def test_report_names_held_out_validation_and_public_n(tmp_path):
 
 
 def test_history_percentile_is_announced_at_fit_and_its_bound_is_not_exported(tmp_path):
-    module = make_module(clipping="history_percentile", export_dir=str(tmp_path / "export"))
+    module = make_module(clipping="history_percentile")
+    export = [ExportModel(dirpath=str(tmp_path / "export"))]
     with pytest.warns(UserWarning, match=r"HistoryPercentile .*epsilon does NOT cover"):
-        report = _fit_report(tmp_path, make_dm(num_train=32, expected=8.0), module)
+        report = _fit_report(tmp_path, make_dm(num_train=32, expected=8.0), module, export)
     # The run directory's (operator-side) report keeps the raw-norm bound ...
     assert report["clipping"]["max_grad_norm"] == module.clip.max_grad_norm
     assert report["mechanism"]["clipping"]["max_grad_norm"] == module.clip.max_grad_norm

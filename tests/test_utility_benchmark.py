@@ -360,3 +360,140 @@ def test_bitnet_table_pairs_the_cost_of_dp_per_seed():
     # within the twin: 0.1, 0.2, 0.3 over the seeds (t-interval with 2 degrees of freedom)
     assert "dp-adam-ac - dp-sgd +0.200 [-0.048, +0.448]" in text
     assert "EMA - raw weights +0.400 [+0.400, +0.400]" in text
+
+
+def _run(model, variant, eps, seed, lr, curve, **extra):
+    """A study record with a validation curve {step: loss} (val_loss = its last point)."""
+    points = [{"step": s, "loss": v} for s, v in sorted(curve.items())]
+    return dict(
+        model=model,
+        variant=variant,
+        epsilon=eps,
+        seed=seed,
+        lr=lr,
+        val_loss=points[-1]["loss"],
+        val_loss_curve=points,
+        **extra,
+    )
+
+
+def test_limits_split_the_shipped_lead_into_optimizer_and_ema():
+    """limits.ema_lead: dp-adamw is the shipped recipe's training with raw weights, so the lead
+    over DP-SGD splits into dp-adamw - dp-sgd and EMA alone; a different trace is reported."""
+    from benchmarks.utility import limits
+
+    def trace(seed):
+        return [{"step": 10, "train_loss": 5.0 + seed, "lr": 3e-3}]
+
+    runs = []
+    for s in range(3):
+        runs += [
+            _run(
+                "slm",
+                "dp-adam-ac-fixed-clip",
+                8.0,
+                s,
+                3e-3,
+                {300: 1.6 + 0.1 * s},
+                trace=trace(s),
+                weights="ema",
+            ),
+            _run("slm", "dp-adam-ac", 8.0, s, 3e-3, {300: 1.8 + 0.1 * s}, weights="ema"),
+            _run(
+                "slm",
+                "dp-adamw",
+                8.0,
+                s,
+                3e-3,
+                {300: 1.75 + 0.1 * s + 0.01 * s},
+                trace=trace(s),
+                weights="raw",
+            ),
+            _run("slm", "dp-sgd", 8.0, s, 0.03, {300: 1.7 + 0.1 * s}, weights="raw"),
+        ]
+    lead = limits.ema_lead(runs)
+    assert lead["same_training"] and lead["sgd_weights"] == ["raw"]
+    assert lead["shipped_minus_sgd"][:3] == pytest.approx((-0.1, -0.1, -0.1))
+    # dp-adamw - dp-sgd: 0.05, 0.06, 0.07 -> mean 0.06, t-interval 0.06 +- 4.303 * 0.01 / sqrt(3)
+    mean, low, high, n = lead["adamw_minus_sgd"]
+    assert (mean, n) == (pytest.approx(0.06), 3)
+    assert high - mean == pytest.approx(4.302653 * 0.01 / math.sqrt(3), rel=1e-5)
+    assert mean - low == pytest.approx(high - mean)
+    assert lead["ema"][0] == pytest.approx(-0.16)
+    runs[2]["trace"] = [{"step": 10, "train_loss": 9.0, "lr": 3e-3}]  # seed 0's dp-adamw
+    assert not limits.ema_lead(runs)["same_training"]
+    assert limits.ema_lead([r for r in runs if r["variant"] != "dp-adamw"]) is None
+
+
+def test_limits_find_curves_that_rise_and_runs_still_falling():
+    """limits.rising_runs lists a (variant, epsilon) only when every seed's lowest validation
+    loss comes before the end; late_fall is the loss 50 steps before the end minus the last."""
+    from benchmarks.utility import limits
+
+    runs = [_run("slm", "dp-sgd", 8.0, s, 0.03, {0: 10.0, 250: 2.0, 300: 1.9}) for s in range(2)]
+    runs += [
+        _run("slm", "dp-sgd", 1.0, 0, 0.03, {0: 10.0, 100: 3.6, 150: 3.7, 300: 4.0}),
+        _run("slm", "dp-sgd", 1.0, 1, 0.03, {0: 10.0, 100: 3.8, 150: 3.5, 300: 3.9}),
+        _run("slm", "dp-sgd", 2.0, 0, 0.03, {0: 10.0, 250: 2.7, 300: 2.6}),  # still falling
+        _run("slm", "dp-sgd", 2.0, 1, 0.03, {0: 10.0, 250: 2.6, 300: 2.7}),
+    ]
+    rising = limits.rising_runs(runs)
+    assert [(r["variant"], r["epsilon"]) for r in rising] == [("dp-sgd", 1.0)]
+    assert [(m["step"], m["best"]) for m in rising[0]["seeds"]] == [(100, 3.6), (150, 3.5)]
+    assert [m["rise"] for m in rising[0]["seeds"]] == pytest.approx([0.4, 0.4])
+    assert limits.late_fall({0: runs[0], 1: runs[1]}) == pytest.approx([0.1, 0.1])
+    assert limits.late_fall({0: runs[2]}) == []  # no point 50 steps before the end
+
+
+def test_limits_selection_optimism_and_gain_fractions():
+    """The selection estimate follows s / sqrt(n) * E[max of k normals]; the gain fractions are
+    measured from the pretrained start and from ln(vocabulary size)."""
+    from benchmarks.utility import limits
+
+    assert limits.expected_max_normal(1) == pytest.approx(0.0, abs=1e-9)
+    assert limits.expected_max_normal(2) == pytest.approx(1 / math.sqrt(math.pi))
+    # a: seeds 1, 2, 3 (sd 1); b: the same shifted by 0.5 (sd 1, no interaction); c: one seed
+    configs = {
+        "a": {s: {"val_loss": 1.0 + s} for s in range(3)},
+        "b": {s: {"val_loss": 1.5 + s} for s in range(3)},
+        "c": {0: {"val_loss": 9.0}},
+    }
+    opt = limits.selection_optimism(configs)
+    assert (opt["k"], opt["n"]) == (3, 3)
+    assert opt["sd_total"] == pytest.approx(1.0) and opt["sd_interaction"] == pytest.approx(0.0)
+    e3 = limits.expected_max_normal(3)
+    assert e3 == pytest.approx(1.5 / math.sqrt(math.pi))
+    assert opt["optimism_total"] == pytest.approx(e3 / math.sqrt(3))
+    assert limits.selection_optimism({"a": configs["a"], "c": configs["c"]}) is None
+
+    runs = [_run("slm", "nonprivate", None, s, 1e-3, {300: 0.5}) for s in range(3)]
+    data = {
+        "runs": runs,
+        "setup": {"models": {"slm": {"pretrained_val_loss": 10.5, "vocab_size": 1000}}},
+    }
+    sel = {s: {"val_loss": 1.5} for s in range(3)}
+    g = limits.gain_fractions(data, "slm", sel)
+    assert g["from_start"] == pytest.approx(0.9) and g["gap"] == pytest.approx(1.0)
+    assert g["from_uniform"] == pytest.approx((math.log(1000) - 1.5) / (math.log(1000) - 0.5))
+    assert g["perplexity_ratio"] == pytest.approx(math.e)
+
+
+def test_limits_ema_cap_and_seed0_luck():
+    """The warm-up's decay at the last step and the first step a decay acts; seed 0's loss at
+    the rate it chose against the other seeds'."""
+    from benchmarks.utility import limits
+
+    cap = limits.ema_cap(300)
+    assert cap["default"] == 0.999 and cap["at_end"] == pytest.approx(300 / 309)
+    from lit_dp.callbacks.ema import ema_decay
+
+    assert [limits.first_step_at(d) for d in (0.8, 0.9, 0.95)] == [35, 80, 170]
+    for d in (0.8, 0.9, 0.95, 0.99):  # the first step where the warm-up no longer binds
+        t = limits.first_step_at(d)
+        assert ema_decay(t, decay=d) == pytest.approx(d) and ema_decay(t - 1, decay=d) < d
+    runs = [
+        _run("slm", "dp-sgd", 8.0, 0, lr, {300: loss}) for lr, loss in ((0.1, 2.0), (0.03, 1.6))
+    ]
+    runs += [_run("slm", "dp-sgd", 8.0, s, 0.03, {300: 1.7 + 0.1 * (s - 1)}) for s in (1, 2)]
+    luck = limits.seed0_luck(runs)
+    assert luck["per_family"] == {("slm", "dp-sgd"): pytest.approx(-0.15)}

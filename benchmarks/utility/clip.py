@@ -12,7 +12,7 @@ run length, seeds and learning rate (DP-Adam-AC's tuned 3.16e-3), one setting at
   fixed-0.1   FixedClip, C = 0.1 (every unit clipped, like the study's C = 1, at a tenth of it)
   fixed-1     FixedClip, C = 1: the study's ``dp-adam-ac-fixed-clip``, the recipe lit_dp ships.
               On slm the study already has it; ``--model bitnet`` runs it on the BitNet twin,
-              whose study runs cover DP-Adam-AC only as the paper describes it
+              whose study runs cover DP-Adam-AC only with the private-quantile bound
 
 EMA and the clip-driven lr are on (the clip-driven lr steers to the same rho*; with a fixed C
 there is no privatized clip rate and it stays at 1). The rate is the study's tuned DP-Adam-AC

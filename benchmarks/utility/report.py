@@ -70,19 +70,36 @@ def fmt(values: list[float]) -> str:
     return f"{mean:.3f} ± {sd:.3f}" if sd is not None else f"{mean:.3f} (1 seed)"
 
 
-def paired(a: dict[int, dict], b: dict[int, dict]) -> str:
-    """Mean of (a - b) over shared seeds with its 95% t-interval."""
+def paired_stats(a: dict[int, dict], b: dict[int, dict]) -> tuple[float, float, float, int] | None:
+    """(mean, low, high, n) of (a - b) over the n shared seeds: the mean paired difference with
+    its 95% Student-t interval (n - 1 degrees of freedom; low = high = mean for one seed), or
+    None when no seed is shared."""
     seeds = sorted(set(a) & set(b))
     if not seeds:
-        return "—"
+        return None
     diffs = [a[s]["val_loss"] - b[s]["val_loss"] for s in seeds]
     mean, sd = _stats(diffs)
     if sd is None:
-        return f"{mean:+.3f} (1 seed)"
+        return mean, mean, mean, 1
     from scipy.stats import t
 
     half = t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
-    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
+    return mean, mean - half, mean + half, len(diffs)
+
+
+def fmt_paired(stats: tuple[float, float, float, int] | None) -> str:
+    """``paired_stats`` as "+0.123 [+0.045, +0.201]" ("(1 seed)" without an interval)."""
+    if stats is None:
+        return "—"
+    mean, low, high, n = stats
+    if n == 1:
+        return f"{mean:+.3f} (1 seed)"
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def paired(a: dict[int, dict], b: dict[int, dict]) -> str:
+    """Mean of (a - b) over shared seeds with its 95% t-interval."""
+    return fmt_paired(paired_stats(a, b))
 
 
 def val_losses(sel: dict[int, dict]) -> list[float]:
@@ -152,9 +169,11 @@ def tables(data: dict[str, Any]) -> str:
     lines += [
         "",
         f"Ablation at epsilon = {EPS_MAIN:g} (slm; mean ± sd over seeds; Δ = paired "
-        "difference with its 95% interval, negative = better: to dp-adam-ac as the paper "
-        f"describes it, and to {SHIPPED}, the recipe lit_dp ships as its defaults; gap = "
-        "above the non-private ceiling):",
+        "difference with its 95% interval, negative = better: to dp-adam-ac (the paper's "
+        f"method with lit_dp's PrivateQuantile bound at rho* {setup['target_clip_rate']:g} in "
+        "place of its HistoryPercentile rule), and to "
+        f"{SHIPPED}, the recipe lit_dp ships as its defaults; gap = above the non-private "
+        "ceiling):",
         "",
         f"| variant | lr | seeds | val loss | Δ vs dp-adam-ac | Δ vs {SHIPPED} | gap |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -438,12 +457,17 @@ def plot_curves(data: dict[str, Any], path: Path) -> None:
 
 
 def report(path: Path) -> str:
-    """Markdown of every table (also written to <stem>_report.md) and the two plots."""
+    """Markdown of every table and of what the study does not show (``limits.section``, with
+    ``<stem>_clip.json`` where it exists), also written to <stem>_report.md, and the two plots."""
     data = json.loads(Path(path).read_text())
     if not data.get("runs"):
         return f"{path}: no runs yet"
     stem = Path(path).with_suffix("")
-    text = tables(data)
+    from benchmarks.utility.limits import section
+
+    clip = Path(f"{stem}_clip.json")  # clip.py's supplement, beside the study's file
+    clip_runs = json.loads(clip.read_text()).get("runs", []) if clip.exists() else []
+    text = tables(data) + "\n\n" + section(data, clip_runs)
     plot_epsilon(data, Path(f"{stem}_epsilon.png"))
     plot_curves(data, Path(f"{stem}_curves.png"))
     Path(f"{stem}_report.md").write_text(text + "\n")

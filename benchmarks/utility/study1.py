@@ -19,7 +19,7 @@ Phases (each derived from the results file, so rerunning the script continues th
     python -m benchmarks.utility.study1              # run (or continue) the whole study
     python -m benchmarks.utility.study1 --phase 1 --max-runs 5   # a sitting: five runs of phase 1
     nohup python -m benchmarks.utility.study1 --threads 2 > utility.log 2>&1 &   # in the background
-    python -m benchmarks.utility.study1 --report     # tables + plots from the results file
+    python -m benchmarks.utility.study1 --report     # tables, the study's limits (limits.py), plots
     python -m benchmarks.utility.study1 --quick --out /tmp/u.json   # smoke test, tiny models, ~20 s
     python -m benchmarks.utility.study1 --recipe smollm2-lora       # GPU: SmolLM2-135M with LoRA
 

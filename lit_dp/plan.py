@@ -22,6 +22,14 @@ from lightning.pytorch.cli import instantiate_class
 
 from lit_dp.cli import LitDPCLI
 from lit_dp.privacy.accountant import ACCOUNTANTS
+from lit_dp.privacy.allocation import (
+    DEFAULT_MIN_STEPS,
+    SMALLEST_BATCH,
+    Allocation,
+    allocations,
+    candidate_batch_sizes,
+    recommend,
+)
 from lit_dp.privacy.bandmf import suggest_bands
 from lit_dp.privacy.clipping import (
     PrivateQuantile,
@@ -70,6 +78,11 @@ class PlanView:
     clip_covered_by_dp: bool = True  # False: C_t from raw norms, epsilon covers nothing
     mechanism: NoiseMechanism = field(default_factory=IndependentGaussian)  # model.noise_mechanism
     suggested_bands: int | None = None  # b ~ epsilon sqrt(n) / k (McKenna 2025)
+    compute: float | None = None  # example-gradients, sum_t E[B_t] over the planned steps
+    allocations: list[Allocation] = field(default_factory=list)  # E[B] x steps at this compute
+    recommended: Allocation | None = None  # the rule's choice among them
+    min_steps: int = DEFAULT_MIN_STEPS
+    batch_override: bool = False  # the config's batch schedule is ConstantBatchSize
 
     @property
     def delta(self) -> float | None:
@@ -130,8 +143,13 @@ def _instantiate(spec: Any) -> Any:
     return spec
 
 
-def make_plan(config: Any) -> PlanView:
+def make_plan(
+    config: Any, *, compute: float | None = None, min_steps: int = DEFAULT_MIN_STEPS
+) -> PlanView:
     """The run's privacy plan as fit builds it, and the same plan under the other accountant.
+
+    With planned steps, also the compute allocations at the run's example-gradients (or
+    ``compute``) and the one ``lit_dp.privacy.allocation.recommend`` picks (``min_steps``).
 
     Raises:
         ValueError: the errors ``fit`` raises before training for the same config (bad delta,
@@ -193,6 +211,21 @@ def make_plan(config: Any) -> PlanView:
             view.epsilon_rdp_of_run = run.epsilon_after(view.steps, accountant="rdp")
         target = view.target_epsilon
         view.suggested_bands = _suggested_bands(view, target or view.epsilon[view.accountant])
+        view.compute = compute or num_units * sum(schedule.rates(view.steps))
+        view.min_steps = min_steps
+        own = [view.expected_batch_size(0)] if schedule.kind == "constant" and not compute else []
+        view.allocations = allocations(
+            num_units=num_units,
+            compute=view.compute,
+            target_epsilon=target or view.epsilon[view.accountant],
+            delta=run.delta,
+            accountant=run.accountant,
+            clip=clip,
+            batch_sizes=candidate_batch_sizes(num_units, view.compute, extra=own),
+        )
+        view.recommended = recommend(view.allocations, min_steps)
+        batch_class = (config.data.init_args.get("batch_schedule") or {}).get("class_path", "")
+        view.batch_override = batch_class.endswith("ConstantBatchSize")
     if isinstance(clip, PrivateQuantile):
         # The check fit makes before its first step (ValueError: batch too small for the count
         # at the smallest expected batch of the planned steps).
@@ -349,7 +382,51 @@ def format_plan(plan: PlanView, source: str = "") -> str:
                     ],
                 )
             )
+    rows += _allocation_rows(plan)
     return _table(rows, source)
+
+
+def _allocation_rows(plan: PlanView) -> list[tuple[str, list[str]]]:
+    """The compute-allocation table: each E[B] x steps at the run's compute, the rule's pick."""
+    rec, compute = plan.recommended, plan.compute
+    if rec is None or compute is None:
+        return []
+    own = plan.expected_batch_size(0) if plan.schedule.kind == "constant" else None
+    rows: list[tuple[str, list[str]]] = [
+        ("compute", [f"{compute:,.0f} example-gradients = E[B] x steps "
+                     f"({compute / plan.num_units:.3g} epochs)"]),
+        ("same compute, same epsilon", [f"{'E[B]':>8}{'steps':>8}{'sigma':>10}"
+                                        f"{'sigma / E[B]':>14}"]),
+    ]  # fmt: skip
+    for a in plan.allocations:
+        if a.plan is None:
+            body = f"{a.expected_batch_size:>8g}{a.steps:>8}  not possible: {a.error}"
+        else:
+            body = (
+                f"{a.expected_batch_size:>8g}{a.steps:>8}{a.noise_multiplier:>10.4f}"
+                f"{a.noise_batch_ratio:>14.3e}"
+            )
+        marks = [m for m, hit in (("this run", a.expected_batch_size == own and a.steps ==
+                                   plan.steps), ("recommended", a is rec)) if hit]  # fmt: skip
+        rows.append(("", [body + (f"   <- {', '.join(marks)}" if marks else "")]))
+    rule = (
+        f"the largest E[B] that leaves >= {plan.min_steps} steps: at fixed compute and epsilon "
+        "a larger batch lowers the noise per step sigma / E[B] (McKenna et al. 2025)"
+        if rec.steps >= plan.min_steps
+        else f"no E[B] >= {SMALLEST_BATCH} leaves {plan.min_steps} steps at this compute: the "
+        "most steps possible; more compute (steps) would lower the loss"
+    )
+    rows.append(
+        (
+            "recommended allocation",
+            [f"E[B] {rec.expected_batch_size:g} x {rec.steps} steps, sigma / E[B] "
+             f"{rec.noise_batch_ratio:.3e} ({rule})"],
+        )
+    )  # fmt: skip
+    if plan.batch_override:
+        flag = "--data.init_args.batch_schedule.init_args.expected_batch_size"
+        rows.append(("", [f"{flag} {rec.expected_batch_size:g} --trainer.max_steps {rec.steps}"]))
+    return rows
 
 
 def _table(rows: list[tuple[str, list[str]]], title: str) -> str:
@@ -363,7 +440,7 @@ def _table(rows: list[tuple[str, list[str]]], title: str) -> str:
     return "\n".join(lines)
 
 
-PLAN_HELP = """usage: lit-dp plan --config X.yaml [--section.field value ...]
+PLAN_HELP = f"""usage: lit-dp plan --config X.yaml [--section.field value ...]
 
 Print what a run of this config will cost in privacy, before any training: the number of
 privacy units N (counted from the records), the expected batch size and sample rate, the steps,
@@ -372,12 +449,41 @@ epsilon it gives under the PLD and RDP accountants, and where a budget stop woul
 It reads the config exactly as `lit-dp fit` does, with the same overrides and the same errors,
 but loads neither the model nor its tokenizer, so it takes seconds.
 
+With planned steps, it also lists the ways to spend the same compute (example-gradients,
+E[B] x steps) at the same epsilon: each expected batch size E[B] with its steps, sigma and noise
+per step sigma / E[B], and recommends one: the largest E[B] that leaves at least --min-steps
+steps (larger batches and fewer steps lower the noise per step at fixed compute and epsilon).
+
 options:
   --config X.yaml         the config of the run (several: later ones override earlier ones)
   --section.field value   any field fit accepts, e.g. --privacy.target_epsilon 4
                           --trainer.max_steps 100 --model.noise_multiplier 0.8
                           (lit-dp fit --help lists them all)
+  --compute G             example-gradients to allocate (default: the run's E[B] x steps)
+  --min-steps S           the fewest steps the recommendation keeps (default: {DEFAULT_MIN_STEPS})
   -h, --help              show this help"""
+
+
+def _pop_option(argv: list[str], name: str, kind: type) -> tuple[list[str], Any]:
+    """``argv`` without ``name value`` (or ``name=value``), and the value (None if absent).
+
+    Raises:
+        ValueError: the value is missing, not a number of ``kind``, or not positive.
+    """
+    rest, value = [], None
+    it = iter(argv)
+    for arg in it:
+        if arg == name or arg.startswith(name + "="):
+            text = arg.split("=", 1)[1] if "=" in arg else next(it, None)
+            try:
+                value = kind(text)
+            except (TypeError, ValueError):
+                value = None
+            if value is None or not value > 0:
+                raise ValueError(f"{name} needs a positive {kind.__name__}, got {text!r}")
+        else:
+            rest.append(arg)
+    return rest, value
 
 
 def main(argv: list[str]) -> None:
@@ -385,9 +491,12 @@ def main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help") or "--help" in argv:
         print(PLAN_HELP)
         return
+    argv, compute = _pop_option(argv, "--compute", float)
+    argv, min_steps = _pop_option(argv, "--min-steps", int)
     config = read_config(argv)
     sources = [str(path) for path in (config.get("config") or []) if path is not None]
-    print(format_plan(make_plan(config), ", ".join(sources)))
+    view = make_plan(config, compute=compute, min_steps=min_steps or DEFAULT_MIN_STEPS)
+    print(format_plan(view, ", ".join(sources)))
     canaries = int((config.get("audit") or {}).get("num_canaries") or 0)
     if canaries:  # drawn at fit: N grows by the included ones, which no plan can know yet
         print(

@@ -32,8 +32,6 @@ from lit_dp.privacy.allocation import (
 )
 from lit_dp.privacy.bandmf import suggest_bands
 from lit_dp.privacy.clipping import (
-    PrivateQuantile,
-    check_smallest_batch,
     default_clip_estimator,
 )
 from lit_dp.privacy.noise_mechanism import IndependentGaussian, NoiseMechanism
@@ -226,16 +224,9 @@ def make_plan(
         view.recommended = recommend(view.allocations, min_steps)
         batch_class = (config.data.init_args.get("batch_schedule") or {}).get("class_path", "")
         view.batch_override = batch_class.endswith("ConstantBatchSize")
-    if isinstance(clip, PrivateQuantile):
-        # The check fit makes before its first step (ValueError: batch too small for the count
-        # at the smallest expected batch of the planned steps).
-        check_smallest_batch(
-            clip,
-            noise_multiplier=run.noise_multiplier,
-            schedule=schedule,
-            num_units=num_units,
-            num_steps=view.steps,
-        )
+    # The check fit makes before its first step (ValueError: batch too small for a private
+    # quantile's count at the smallest expected batch of the planned steps).
+    run.check_batches(clip)
     return view
 
 

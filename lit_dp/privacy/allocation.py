@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lit_dp.privacy.accountant import AccountantName
-from lit_dp.privacy.clipping import ClipBoundEstimator, PrivateQuantile, check_smallest_batch
+from lit_dp.privacy.clipping import ClipBoundEstimator
 from lit_dp.privacy.plan import PrivacyPlan
 from lit_dp.privacy.sampling import SampleRateSchedule
 
@@ -139,14 +139,8 @@ def allocations(
                 clip=clip,
                 warn=lambda msg: None,  # the run's own plan already warned about its delta
             )
-            if isinstance(clip, PrivateQuantile):
-                check_smallest_batch(
-                    clip,
-                    noise_multiplier=plan.noise_multiplier,
-                    schedule=schedule,
-                    num_units=num_units,
-                    num_steps=steps,
-                )
+            if clip is not None:
+                plan.check_batches(clip)
             out.append(Allocation(b, steps, num_units, plan))
         except ValueError as err:
             out.append(Allocation(b, steps, num_units, None, error=str(err).split("\n")[0]))

@@ -30,7 +30,12 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from lit_dp.privacy.accountant import ACCOUNTANTS, AccountantName, make_accountant
 from lit_dp.privacy.calibration import calibrate_continuation, calibrate_noise_multiplier
 from lit_dp.privacy.checks import Run, check_noise_multiplier, rate_runs
-from lit_dp.privacy.clipping import ClipBoundEstimator, PrivateQuantile, raised_noise_multiplier
+from lit_dp.privacy.clipping import (
+    ClipBoundEstimator,
+    PrivateQuantile,
+    check_smallest_batch,
+    raised_noise_multiplier,
+)
 from lit_dp.privacy.sampling import SampleRateSchedule
 
 __all__ = [
@@ -342,6 +347,21 @@ class PrivacyPlan:
                 acct.step(noise_multiplier=sigma, sample_rate=q)
                 curve.append(acct.get_epsilon(self.delta))
         return curve
+
+    def check_batches(self, clip: ClipBoundEstimator) -> None:
+        """Refuse a plan whose smallest expected batch cannot pay for ``clip``'s own release.
+
+        Raises:
+            ValueError: a private quantile's count noise is too small at some planned step
+                (``lit_dp.privacy.clipping.check_smallest_batch``); a fixed bound never raises.
+        """
+        check_smallest_batch(
+            clip,
+            noise_multiplier=self.noise_multiplier,
+            schedule=self.schedule,
+            num_units=self.num_units,
+            num_steps=self.steps,
+        )
 
     def budget_stop_step(self) -> int | None:
         """Steps the budget stop lets the run take, or None when it never stops the plan.

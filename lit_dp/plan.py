@@ -380,7 +380,7 @@ def format_plan(plan: PlanView, source: str = "") -> str:
 def _allocation_rows(plan: PlanView) -> list[tuple[str, list[str]]]:
     """The compute-allocation table: each E[B] x steps at the run's compute, the rule's pick."""
     rec, compute = plan.recommended, plan.compute
-    if rec is None or compute is None:
+    if compute is None or not plan.allocations:
         return []
     own = plan.expected_batch_size(0) if plan.schedule.kind == "constant" else None
     rows: list[tuple[str, list[str]]] = [
@@ -400,18 +400,23 @@ def _allocation_rows(plan: PlanView) -> list[tuple[str, list[str]]]:
         marks = [m for m, hit in (("this run", a.expected_batch_size == own and a.steps ==
                                    plan.steps), ("recommended", a is rec)) if hit]  # fmt: skip
         rows.append(("", [body + (f"   <- {', '.join(marks)}" if marks else "")]))
-    rule = (
-        f"the largest E[B] that leaves >= {plan.min_steps} steps: at fixed compute and epsilon "
-        "a larger batch lowers the noise per step sigma / E[B] (McKenna et al. 2025)"
-        if rec.steps >= plan.min_steps
-        else f"no E[B] >= {SMALLEST_BATCH} leaves {plan.min_steps} steps at this compute: the "
-        "most steps possible; more compute (steps) would lower the loss"
-    )
+    if rec is None:
+        rows.append(
+            (
+                "recommended allocation",
+                [f"none: no E[B] >= {SMALLEST_BATCH} leaves {plan.min_steps} steps at this "
+                 f"compute (the rule needs >= {plan.min_steps * SMALLEST_BATCH:,} "
+                 "example-gradients; it was measured on longer runs)"],
+            )
+        )  # fmt: skip
+        return rows
     rows.append(
         (
             "recommended allocation",
             [f"E[B] {rec.expected_batch_size:g} x {rec.steps} steps, sigma / E[B] "
-             f"{rec.noise_batch_ratio:.3e} ({rule})"],
+             f"{rec.noise_batch_ratio:.3e} (the largest E[B] that leaves >= {plan.min_steps} "
+             "steps: at fixed compute and epsilon a larger batch lowers the noise per step "
+             "sigma / E[B], McKenna et al. 2025)"],
         )
     )  # fmt: skip
     if plan.batch_override:

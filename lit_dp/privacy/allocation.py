@@ -147,22 +147,17 @@ def allocations(
     return out
 
 
-def recommend(options: list[Allocation], min_steps: int = DEFAULT_MIN_STEPS) -> Allocation:
-    """lit_dp's rule: the largest E[B] that leaves at least ``min_steps`` steps.
+def recommend(options: list[Allocation], min_steps: int = DEFAULT_MIN_STEPS) -> Allocation | None:
+    """lit_dp's rule: the largest feasible E[B] that leaves at least ``min_steps`` steps.
 
-    When even the smallest feasible E[B] leaves fewer steps (a small compute budget), the
-    rule keeps the most steps it can: the smallest feasible E[B].
+    None when no feasible candidate leaves that many steps (a compute budget below
+    ``min_steps x SMALLEST_BATCH`` example-gradients, or every batch refused): the rule was
+    measured on runs of at least that many steps and says nothing about shorter ones.
 
     Raises:
-        ValueError: no candidate is feasible (every one has an ``error``).
+        ValueError: ``min_steps`` < 1.
     """
     if min_steps < 1:
         raise ValueError(f"min_steps={min_steps} must be >= 1")
-    feasible = [a for a in options if a.plan is not None]
-    if not feasible:
-        reasons = "; ".join(f"E[B]={a.expected_batch_size:g}: {a.error}" for a in options)
-        raise ValueError(f"no expected batch size is feasible at this compute ({reasons})")
-    enough = [a for a in feasible if a.steps >= min_steps]
-    if enough:
-        return max(enough, key=lambda a: a.expected_batch_size)
-    return min(feasible, key=lambda a: a.expected_batch_size)
+    enough = [a for a in options if a.plan is not None and a.steps >= min_steps]
+    return max(enough, key=lambda a: a.expected_batch_size) if enough else None

@@ -208,3 +208,56 @@ def test_report_scores_on_test_the_rate_validation_chose_and_pairs_seeds():
     text = rep.tables({"_meta": {"design": "cpu"}, "runs": runs, "setup": {}})
     row = next(line for line in text.splitlines() if line.startswith("| 8 | 128 x 300 | dp-adamw"))
     assert "2.500 [" in row and "+1.000" in row and f"{grid[1]:g}" in row
+
+
+def _settled(setting, val_by_seed, test_by_seed, *, rate_index=1):
+    """Records of a settled grid (seed 0 best at grid[rate_index], mid-grid) plus seeds 1, 2."""
+    grid = u2.lr_grid(DESIGN.grid_center["dp-sgd" if setting.method == "dp-sgd" else "dp-adamw"])
+    runs = []
+    for i, lr in enumerate(grid):
+        for ema in (True, False):
+            off = 0.0 if i == rate_index else 0.5
+            runs.append(_full(setting, 0, lr, val_by_seed[0] + off, test_by_seed[0] + off, ema=ema))
+    for seed in (1, 2):
+        for ema in (True, False):
+            runs.append(
+                _full(
+                    setting, seed, grid[rate_index], val_by_seed[seed], test_by_seed[seed], ema=ema
+                )
+            )
+    return runs
+
+
+def test_report_compares_allocations_and_each_method_at_its_best():
+    from benchmarks.utility import study2_report as rep
+
+    mid = u2.Setting("dp-adamw", "constant", 128, 8.0)
+    big = u2.Setting("dp-adamw", "constant", 256, 8.0)
+    sgd = u2.Setting("dp-sgd", "cosine", 128, 8.0)
+    runs = (
+        _settled(mid, [1.5, 1.5, 1.5], [1.5, 1.6, 1.7])
+        + _settled(big, [1.2, 1.2, 1.2], [1.2, 1.4, 1.3])  # validation prefers 256 x 150
+        + _settled(sgd, [1.3, 1.3, 1.3], [1.3, 1.3, 1.3])
+    )
+    study = rep.Study({"_meta": {"design": "cpu"}, "runs": runs})
+    assert study.best("dp-adamw", 8.0)[0] == big  # across allocations, by seed-0 validation
+    assert study.best("dp-sgd", 8.0)[0] == sgd
+    assert study.best("bandmf", 8.0) is None
+    rows = {(name, a, b): study.diffs(a, b) for name, a, b in rep.comparisons(study)}
+    assert rows[("allocation", (big, True), (mid, True))] == pytest.approx([-0.3, -0.2, -0.4])
+    best = [k for k in rows if k[0] == "best DP-AdamW - best DP-SGD"]
+    assert len(best) == 1 and rows[best[0]] == pytest.approx([-0.1, 0.1, 0.0])
+    text = rep.tables({"_meta": {"design": "cpu"}, "runs": runs, "setup": {}})
+    row = next(ln for ln in text.splitlines() if ln.startswith("| best DP-AdamW - best DP-SGD"))
+    assert "each its own" in row and "(256 x 150)" in row and "(128 x 300)" in row
+
+
+def test_report_does_not_score_a_grid_still_open():
+    # One seed-0 run of a grid of three is not a tuned setting (it once looked like a borrower).
+    from benchmarks.utility import study2_report as rep
+
+    s = u2.Setting("dp-sgd", "constant", 128, 2.0)
+    grid = u2.lr_grid(DESIGN.grid_center["dp-sgd"])
+    study = rep.Study({"_meta": {"design": "cpu"}, "runs": [_full(s, 0, grid[0], 1.9, 1.9)]})
+    assert study.rate((s, True)) is None and study.seeds((s, True)) == {}
+    assert study.best("dp-sgd", 2.0) is None

@@ -15,11 +15,12 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common.results import load_results
-from benchmarks.utility.study2 import DESIGNS, Setting, record_key, tuned
+from benchmarks.utility.study2 import DESIGNS, Setting, record_key, settings, tuned
 
 Key = tuple[Setting, bool]  # (setting, EMA weights?)
 
@@ -62,19 +63,15 @@ class Study:
         self.by_setting: dict[Setting, list[dict[str, Any]]] = defaultdict(list)
         for r in self.runs:
             self.by_setting[setting_of(r)].append(r)
+        self.lenders = {s: lender for s, lender in settings(self.design, self.runs) if lender}
 
     def rate(self, key: Key) -> float | None:
-        """The rate seed 0 chose for these weights; a setting that borrows rates (a banded-MF
-        neighbour) has no seed-0 grid: its single rate is used."""
+        """The rate seed 0 chose for these weights (None while the grid is open); a setting
+        that borrows rates (a banded-MF neighbour) uses its lender's."""
         setting, ema = key
-        best, todo = tuned(self.design, self.runs, setting)
-        if best and not todo:
-            return best[ema]
-        rates = {r["lr"] for r in self.by_setting.get(setting, [])}
-        grid_runs = {r["lr"] for r in self.by_setting.get(setting, []) if r["seed"] == 0}
-        if len(rates) == 1 and len(grid_runs) <= 1:
-            return next(iter(rates))
-        return None
+        lender = self.lenders.get(setting)
+        best, todo = tuned(self.design, self.runs, lender or setting)
+        return best[ema] if best and not todo else None
 
     def seeds(self, key: Key) -> dict[int, dict[str, Any]]:
         """{seed: record} at the tuned rate (empty while the grid is open)."""
@@ -105,6 +102,18 @@ class Study:
                 if rec is not None and (best is None or rec["val_loss"] < best[0]):
                     best = (rec["val_loss"], (s, ema))
         return None if best is None else best[1]
+
+    def best(self, method: str, epsilon: float) -> Key | None:
+        """The method at its best at this epsilon: the (setting, weights) of any schedule,
+        allocation and b with the lowest seed-0 validation loss at its tuned rate."""
+        keys = [
+            (s, ema)
+            for s in self.by_setting
+            if s.method == method and s.epsilon == epsilon
+            for ema in (True, False)
+            if 0 in self.seeds((s, ema))
+        ]
+        return min(keys, key=lambda k: self.seeds(k)[0]["val_loss"], default=None)
 
     def diffs(self, a: Key, b: Key, field: str = "test_loss") -> list[float]:
         """Per-seed a - b over the seeds both have."""
@@ -169,28 +178,44 @@ def main_table(study: Study) -> list[str]:
     return lines
 
 
+NAMES = {"bandmf": "banded MF", "dp-adamw": "DP-AdamW", "dp-sgd": "DP-SGD"}
+
+
 def comparisons(study: Study) -> list[tuple[str, Key, Key]]:
-    """The paired questions the study asks, for every epsilon and allocation with both sides."""
+    """The paired questions the study asks, for every epsilon and allocation with both sides:
+    within an allocation (EMA, schedule, method, banded MF against independent noise), across
+    allocations (DP-AdamW at each against the middle one), and each method at its best."""
+    mid = study.design.batch_sizes[len(study.design.batch_sizes) // 2]
+    out = [c for s in study.by_setting if s.epsilon is not None for c in _pairs_of(study, s, mid)]
+    # each method at its best (schedule, allocation, b and weights chosen on validation)
+    for eps in sorted({s.epsilon for s in study.by_setting if s.epsilon is not None}):
+        best = {m: study.best(m, eps) for m in NAMES}
+        for a, b in (("dp-adamw", "dp-sgd"), ("bandmf", "dp-adamw"), ("bandmf", "dp-sgd")):
+            ka, kb = best[a], best[b]
+            if ka is not None and kb is not None:
+                out.append((f"best {NAMES[a]} - best {NAMES[b]}", ka, kb))
+    return out
+
+
+def _pairs_of(study: Study, s: Setting, mid: int) -> list[tuple[str, Key, Key]]:
+    """The comparisons that setting ``s`` is the first side of (both weights where paired)."""
+    both = (True, False)
     out: list[tuple[str, Key, Key]] = []
-    for s in study.by_setting:
-        if s.epsilon is None:
-            continue
-        if s.method == "dp-adamw":
-            out.append(("EMA - raw", (s, True), (s, False)))
-            other = Setting("dp-adamw", "cosine", s.batch_size, s.epsilon)
-            if s.schedule == "constant" and other in study.by_setting:
-                for ema in (True, False):
-                    out.append(("constant - cosine", (s, ema), (other, ema)))
-            sgd = Setting("dp-sgd", s.schedule, s.batch_size, s.epsilon)
-            if sgd in study.by_setting:
-                for ema in (True, False):
-                    out.append(("DP-AdamW - DP-SGD", (s, ema), (sgd, ema)))
-        if s.method == "dp-sgd":
-            out.append(("EMA - raw", (s, True), (s, False)))
-        if s.method == "bandmf":
-            base = Setting("dp-adamw", s.schedule, s.batch_size, s.epsilon)
-            for ema in (True, False):
-                out.append(("banded MF - DP-AdamW", (s, ema), (base, ema)))
+    if s.method in ("dp-adamw", "dp-sgd"):
+        out.append(("EMA - raw", (s, True), (s, False)))
+    if s.method == "dp-adamw":
+        other = replace(s, schedule="cosine")
+        if s.schedule == "constant" and other in study.by_setting:
+            out += [("constant - cosine", (s, e), (other, e)) for e in both]
+        sgd = replace(s, method="dp-sgd")
+        if sgd in study.by_setting:
+            out += [("DP-AdamW - DP-SGD", (s, e), (sgd, e)) for e in both]
+        middle = replace(s, batch_size=mid)
+        if s.batch_size != mid and middle in study.by_setting:
+            out += [("allocation", (s, e), (middle, e)) for e in both]
+    if s.method == "bandmf":
+        base = replace(s, method="dp-adamw", bands=1)
+        out += [("banded MF - DP-AdamW", (s, e), (base, e)) for e in both]
     return out
 
 
@@ -205,15 +230,19 @@ def comparison_table(study: Study) -> list[str]:
         if not d:
             continue
         sa, sb = a[0], b[0]
+        where = sa.batch_size != sb.batch_size  # then each side names its allocation
         desc = [
-            f"{_label(x)} {x.schedule} {'EMA' if e else 'raw'}" for x, e in ((sa, a[1]), (sb, b[1]))
+            f"{_label(x)} {x.schedule} {'EMA' if e else 'raw'}"
+            + (f" ({_alloc(study, x)})" if where else "")
+            for x, e in ((sa, a[1]), (sb, b[1]))
         ]
         rows.append(
             (
                 name,
                 -(sa.epsilon or 0),
                 sa.batch_size,
-                f"| {name} | {sa.epsilon:g} | {_alloc(study, sa)} | {desc[0]} | {desc[1]} | "
+                f"| {name} | {sa.epsilon:g} | {'each its own' if where else _alloc(study, sa)} | "
+                f"{desc[0]} | {desc[1]} | "
                 f"{len(d)} | {fmt_interval(d, signed=True)} |",
             )
         )

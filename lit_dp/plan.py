@@ -219,6 +219,7 @@ def make_plan(
             delta=run.delta,
             accountant=run.accountant,
             clip=clip,
+            mechanism=view.mechanism.event(),
             batch_sizes=candidate_batch_sizes(num_units, view.compute, extra=own),
         )
         view.recommended = recommend(view.allocations, min_steps)
@@ -383,11 +384,11 @@ def _allocation_rows(plan: PlanView) -> list[tuple[str, list[str]]]:
     if compute is None or not plan.allocations:
         return []
     own = plan.expected_batch_size(0) if plan.schedule.kind == "constant" else None
+    ratio = "sigma / E[B]" if plan.mechanism.bands == 1 else "sigma ||c|| / E[B]"
     rows: list[tuple[str, list[str]]] = [
         ("compute", [f"{compute:,.0f} example-gradients = E[B] x steps "
                      f"({compute / plan.num_units:.3g} epochs)"]),
-        ("same compute, same epsilon", [f"{'E[B]':>8}{'steps':>8}{'sigma':>10}"
-                                        f"{'sigma / E[B]':>14}"]),
+        ("same compute, same epsilon", [f"{'E[B]':>8}{'steps':>8}{'sigma':>10}{ratio:>20}"]),
     ]  # fmt: skip
     for a in plan.allocations:
         if a.plan is None:
@@ -395,7 +396,7 @@ def _allocation_rows(plan: PlanView) -> list[tuple[str, list[str]]]:
         else:
             body = (
                 f"{a.expected_batch_size:>8g}{a.steps:>8}{a.noise_multiplier:>10.4f}"
-                f"{a.noise_batch_ratio:>14.3e}"
+                f"{a.noise_batch_ratio:>20.3e}"
             )
         marks = [m for m, hit in (("this run", a.expected_batch_size == own and a.steps ==
                                    plan.steps), ("recommended", a is rec)) if hit]  # fmt: skip
@@ -413,7 +414,7 @@ def _allocation_rows(plan: PlanView) -> list[tuple[str, list[str]]]:
     rows.append(
         (
             "recommended allocation",
-            [f"E[B] {rec.expected_batch_size:g} x {rec.steps} steps, sigma / E[B] "
+            [f"E[B] {rec.expected_batch_size:g} x {rec.steps} steps, {ratio} "
              f"{rec.noise_batch_ratio:.3e} (the largest E[B] that leaves >= {plan.min_steps} "
              "steps: at fixed compute and epsilon a larger batch lowers the noise per step "
              "sigma / E[B], McKenna et al. 2025)"],

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from lit_dp.privacy.accountant import AccountantName
 from lit_dp.privacy.clipping import ClipBoundEstimator
-from lit_dp.privacy.plan import PrivacyPlan
+from lit_dp.privacy.plan import NoiseEvent, PrivacyPlan
 from lit_dp.privacy.sampling import SampleRateSchedule
 
 __all__ = ["DEFAULT_MIN_STEPS", "Allocation", "allocations", "candidate_batch_sizes", "recommend"]
@@ -70,9 +70,11 @@ class Allocation:
 
     @property
     def noise_batch_ratio(self) -> float | None:
-        """The noise per step on the averaged gradient, sigma / E[B], in units of C."""
-        sigma = self.noise_multiplier
-        return None if sigma is None else sigma / self.expected_batch_size
+        """The noise per step on the averaged gradient in units of C: sigma / E[B].
+
+        Times the sensitivity ||c|| of banded MF's fresh draw (1 for independent noise).
+        """
+        return None if self.plan is None else self.plan.noise_std(0) / self.plan.max_grad_norm
 
 
 def candidate_batch_sizes(
@@ -100,12 +102,13 @@ def allocations(
     delta: float | None,
     accountant: AccountantName = "pld",
     clip: ClipBoundEstimator | None = None,
+    mechanism: NoiseEvent | None = None,
     batch_sizes: Iterable[float] | None = None,
 ) -> list[Allocation]:
     """Every candidate E[B] x steps that spends ``compute`` example-gradients, calibrated.
 
     Steps are round(compute / E[B]) (at least 1); sigma is calibrated to ``target_epsilon``
-    over them with a constant rate q = E[B] / N and independent Gaussian noise, exactly as
+    over them with a constant rate q = E[B] / N and the run's noise mechanism, exactly as
     ``PrivacyPlan.create`` does for fit.
 
     Args:
@@ -116,6 +119,8 @@ def allocations(
         accountant: "pld" or "rdp", as the run's.
         clip: the run's clip-bound estimator (a private quantile raises the gradient's noise
             and needs a batch large enough for its count noise).
+        mechanism: the run's noise mechanism's accounting event (None: independent noise;
+            banded MF with b bands refuses an E[B] above N / b).
         batch_sizes: the E[B] to try; default ``candidate_batch_sizes(num_units, compute)``.
     """
     sizes = (
@@ -137,13 +142,15 @@ def allocations(
                 delta=delta,
                 accountant=accountant,
                 clip=clip,
+                mechanism=mechanism,
                 warn=lambda msg: None,  # the run's own plan already warned about its delta
             )
             if clip is not None:
                 plan.check_batches(clip)
             out.append(Allocation(b, steps, num_units, plan))
         except ValueError as err:
-            out.append(Allocation(b, steps, num_units, None, error=str(err).split("\n")[0]))
+            reason = str(err).split("\n")[0].split(": ")[0]  # the first clause: what fails
+            out.append(Allocation(b, steps, num_units, None, error=reason))
     return out
 
 

@@ -5,7 +5,7 @@ enough steps, and ``lit-dp plan`` prints the table and a command line that repro
 from __future__ import annotations
 
 import pytest
-from shipped_configs import TINY
+from shipped_configs import CONFIGS, TINY
 
 from lit_dp.commands import main
 from lit_dp.plan import make_plan, read_config
@@ -115,3 +115,25 @@ def test_bad_compute_names_the_flag(bad, capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--config", TINY, "--compute", bad])
     assert f"--compute needs a positive float, got '{bad}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_the_runs_own_row_is_the_runs_plan_on_every_shipped_config(config):
+    # The table's row for the config's own E[B] x steps is the plan fit builds (same sigma, same
+    # noise per step), the noise mechanism included (banded MF's b q <= 1 refuses large E[B]).
+    view = make_plan(read_config(["--config", str(config)]))
+    if not view.private:
+        assert view.allocations == [] and view.recommended is None
+        return
+    own = [
+        a
+        for a in view.allocations
+        if a.expected_batch_size == view.expected_batch_size(0) and a.steps == view.steps
+    ]
+    assert len(own) == 1 and own[0].plan is not None
+    assert own[0].noise_multiplier == view.grad_noise_multiplier(0)
+    assert own[0].noise_batch_ratio == pytest.approx(view.noise_std(0) / view.max_grad_norm)
+    bands = view.mechanism.bands
+    for a in view.allocations:
+        if a.expected_batch_size * bands > view.num_units:
+            assert a.plan is None and f"bands={bands} times the sample rate" in a.error

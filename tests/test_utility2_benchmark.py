@@ -247,6 +247,9 @@ def test_report_compares_allocations_and_each_method_at_its_best():
     assert rows[("allocation", (big, True), (mid, True))] == pytest.approx([-0.3, -0.2, -0.4])
     best = [k for k in rows if k[0] == "best DP-AdamW - best DP-SGD"]
     assert len(best) == 1 and rows[best[0]] == pytest.approx([-0.1, 0.1, 0.0])
+    same = [k for k in rows if k[0] == "best DP-AdamW - best DP-SGD, same E[B] x steps"]
+    assert len(same) == 1 and same[0][1] == (mid, True)  # 128 x 300, where both ran
+    assert rows[same[0]] == pytest.approx([0.2, 0.3, 0.4])
     text = rep.tables({"_meta": {"design": "cpu"}, "runs": runs, "setup": {}})
     row = next(ln for ln in text.splitlines() if ln.startswith("| best DP-AdamW - best DP-SGD"))
     assert "each its own" in row and "(256 x 150)" in row and "(128 x 300)" in row
@@ -261,3 +264,33 @@ def test_report_does_not_score_a_grid_still_open():
     study = rep.Study({"_meta": {"design": "cpu"}, "runs": [_full(s, 0, grid[0], 1.9, 1.9)]})
     assert study.rate((s, True)) is None and study.seeds((s, True)) == {}
     assert study.best("dp-sgd", 2.0) is None
+
+
+def test_readme_results_match_the_committed_results_file():
+    # Every "mean [low, high]" that benchmarks/README.md section 7 quotes is an interval the
+    # report computes from results/utility2.json (a sign may be turned in the prose: "lower by").
+    import re
+
+    from benchmarks.common.results import load_results
+    from benchmarks.utility import study2_report as rep
+
+    root = Path(__file__).parents[1]
+    text = (root / "benchmarks" / "README.md").read_text()
+    section = text.split("### Results so far: epsilon 8", 1)[1].split("\n### ", 1)[0]
+    section = section.split("\nEach record holds", 1)[0]
+    # ... and the users' docs that quote it: the plan's rule (README) and the recipe (method.md)
+    readme = (root / "README.md").read_text()
+    section += readme.split("**How to spend the compute.**", 1)[1].split("\n\n", 1)[0]
+    method = (root / "docs" / "method.md").read_text()
+    section += method.split("A second study", 1)[1].split("The first study's findings", 1)[0]
+    triple = re.compile(r"([+-]?\d+\.\d{3})\s+\[([+-]?\d+\.\d{3}),\s+([+-]?\d+\.\d{3})\]")
+    quoted = triple.findall(section)
+    assert len(quoted) >= 10
+    report = rep.tables(load_results(root / "benchmarks" / "results" / "utility2.json"))
+    computed = {
+        (abs(float(m)), frozenset({abs(float(lo)), abs(float(hi))}))
+        for m, lo, hi in triple.findall(report)
+    }
+    for m, lo, hi in quoted:
+        key = (abs(float(m)), frozenset({abs(float(lo)), abs(float(hi))}))
+        assert key in computed, f"{m} [{lo}, {hi}] is not in the report"

@@ -103,13 +103,14 @@ class Study:
                     best = (rec["val_loss"], (s, ema))
         return None if best is None else best[1]
 
-    def best(self, method: str, epsilon: float) -> Key | None:
+    def best(self, method: str, epsilon: float, batch_size: int | None = None) -> Key | None:
         """The method at its best at this epsilon: the (setting, weights) of any schedule,
-        allocation and b with the lowest seed-0 validation loss at its tuned rate."""
+        allocation (or this ``batch_size``'s) and b with the lowest seed-0 validation loss at
+        its tuned rate."""
         keys = [
             (s, ema)
             for s in self.by_setting
-            if s.method == method and s.epsilon == epsilon
+            if s.method == method and s.epsilon == epsilon and batch_size in (None, s.batch_size)
             for ema in (True, False)
             if 0 in self.seeds((s, ema))
         ]
@@ -194,6 +195,10 @@ def comparisons(study: Study) -> list[tuple[str, Key, Key]]:
             ka, kb = best[a], best[b]
             if ka is not None and kb is not None:
                 out.append((f"best {NAMES[a]} - best {NAMES[b]}", ka, kb))
+        # at the one allocation where both optimizers ran: equal tuning of everything else
+        ka, kb = study.best("dp-adamw", eps, mid), study.best("dp-sgd", eps, mid)
+        if ka is not None and kb is not None:
+            out.append(("best DP-AdamW - best DP-SGD, same E[B] x steps", ka, kb))
     return out
 
 

@@ -30,8 +30,9 @@ from lit_dp.privacy.sampling import SampleRateSchedule
 
 __all__ = ["DEFAULT_MIN_STEPS", "Allocation", "allocations", "candidate_batch_sizes", "recommend"]
 
-# The fewest optimizer steps the rule keeps: study 2 compares 64 x 600, 128 x 300 and 256 x 150
-# at 38,400 example-gradients (benchmarks/README.md, section 7).
+# The fewest optimizer steps the rule keeps. Study 2 (benchmarks/README.md, section 7) spent
+# 38,400 example-gradients at epsilon 8 as 64 x 600, 128 x 300 and 256 x 150: the loss fell with
+# each doubling of E[B], and 150 steps is the fewest it tried, so the rule goes no further.
 DEFAULT_MIN_STEPS = 150
 # The smallest expected batch size the plan considers: below it sigma / E[B] is far larger
 # than at any allocation worth running.

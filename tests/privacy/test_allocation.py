@@ -137,3 +137,19 @@ def test_the_runs_own_row_is_the_runs_plan_on_every_shipped_config(config):
     for a in view.allocations:
         if a.expected_batch_size * bands > view.num_units:
             assert a.plan is None and f"bands={bands} times the sample rate" in a.error
+
+
+def test_config_comments_quote_the_plans_recommendation():
+    # A shipped config that names the plan's pick in a comment names the one it prints today.
+    import re
+
+    quoted = 0
+    for config in CONFIGS:
+        m = re.search(r"its rule .*? picks (\d+) x (\d+)", config.read_text())
+        if m is None:
+            continue
+        rec = make_plan(read_config(["--config", str(config)])).recommended
+        assert rec is not None, config.name
+        assert (rec.expected_batch_size, rec.steps) == (int(m[1]), int(m[2])), config.name
+        quoted += 1
+    assert quoted >= 2

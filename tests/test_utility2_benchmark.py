@@ -294,3 +294,32 @@ def test_readme_results_match_the_committed_results_file():
     for m, lo, hi in quoted:
         key = (abs(float(m)), frozenset({abs(float(lo)), abs(float(hi))}))
         assert key in computed, f"{m} [{lo}, {hi}] is not in the report"
+
+
+def test_report_plots_test_loss_against_bands_with_independent_noise_as_b_1(tmp_path):
+    from benchmarks.utility import study2_report as rep
+
+    base = u2.Setting("dp-adamw", "constant", 256, 8.0)
+    band = u2.Setting("bandmf", "constant", 256, 8.0, bands=10)
+    sgd = u2.Setting("dp-sgd", "constant", 128, 8.0)
+    runs = (
+        _settled(base, [1.2, 1.2, 1.2], [1.2, 1.3, 1.4])
+        + _settled(band, [1.0, 1.0, 1.0], [1.0, 1.1, 1.2])
+        + _settled(sgd, [1.3, 1.3, 1.3], [1.3, 1.3, 1.3])
+    )
+    data = {"_meta": {"design": "cpu"}, "runs": runs, "setup": {}}
+    study = rep.Study(data)
+    series = rep.band_series(study, 8.0, True)
+    assert [b for b, _ in series] == [1, 10]
+    assert series[0][1] == (base, True) and series[1][1] == (band, True)
+    assert rep.band_series(study, 2.0, True) == []
+    rows = {(n, a, b): study.diffs(a, b) for n, a, b in rep.comparisons(study)}
+    assert rows[("banded MF - DP-AdamW", (band, True), (base, True))] == pytest.approx([-0.2] * 3)
+    written = rep.plots(data, tmp_path)
+    names = sorted(p.name for p in written)
+    assert names == ["utility2_allocation.png", "utility2_bands.png", "utility2_curves.png"]
+    assert all(p.stat().st_size > 0 for p in written)
+    # without banded-MF records there is no bands plot (and no empty figure)
+    data["runs"] = [r for r in runs if r["method"] != "bandmf"]
+    (tmp_path / "none").mkdir()
+    assert "utility2_bands.png" not in {p.name for p in rep.plots(data, tmp_path / "none")}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -316,50 +317,146 @@ def tables(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plots(data: dict[str, Any], out: Path) -> list[Path]:
-    """Test loss against allocation per epsilon (best DP-AdamW, DP-SGD, non-private), and the
-    validation curves of every tuned seed-0 run."""
-    import matplotlib
+def _best_at(study: Study, keys: list[Key]) -> Key | None:
+    """The (setting, weights) among ``keys`` with the lowest seed-0 validation loss."""
+    keys = [k for k in keys if 0 in study.seeds(k)]
+    return min(keys, key=lambda k: study.seeds(k)[0]["val_loss"], default=None)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    study = Study(data)
-    written = []
+def _errorbar(ax: Any, study: Study, points: Sequence[tuple[float, Key]], **style: Any) -> None:
+    """Mean test loss with its 95% t half-width at each (x, key) that has tuned seeds."""
+    xs, ys, errs = [], [], []
+    for x, key in points:
+        tests = [r["test_loss"] for r in study.seeds(key).values()]
+        if not tests:
+            continue
+        mean, half = t_interval(tests)
+        xs.append(x)
+        ys.append(mean)
+        errs.append(half or 0.0)
+    if xs:
+        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, **style)
+
+
+def _allocation_plot(study: Study, plt: Any, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, eps in zip(axes, (8.0, 2.0), strict=True):
         for method in ("dp-adamw", "dp-sgd", "nonprivate"):
-            xs, ys, errs = [], [], []
+            points = []
             for bs in study.design.batch_sizes:
-                keys = [
-                    (s, ema)
-                    for s in study.by_setting
-                    if s.method == method
-                    and s.batch_size == bs
-                    and (s.epsilon == eps or method == "nonprivate")
-                    for ema in (True, False)
-                    if 0 in study.seeds((s, ema))
-                ]
-                if not keys:
-                    continue
-                key = min(keys, key=lambda k: study.seeds(k)[0]["val_loss"])
-                mean, half = t_interval([r["test_loss"] for r in study.seeds(key).values()])
-                xs.append(bs)
-                ys.append(mean)
-                errs.append(half or 0.0)
-            if xs:
-                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=method)
+                key = _best_at(
+                    study,
+                    [
+                        (s, ema)
+                        for s in study.by_setting
+                        if s.method == method
+                        and s.batch_size == bs
+                        and (s.epsilon == eps or method == "nonprivate")
+                        for ema in (True, False)
+                    ],
+                )
+                if key is not None:
+                    points.append((bs, key))
+            _errorbar(ax, study, points, label=method)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("E[B] (steps = example-gradients / E[B])")
         ax.set_title(f"epsilon {eps:g}")
         ax.legend()
     axes[0].set_ylabel("test loss (nats/token), best by validation")
     fig.tight_layout()
-    path = out / "utility2_allocation.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    written.append(path)
-    return written
+    return path
+
+
+def band_series(study: Study, epsilon: float, ema: bool) -> list[tuple[int, Key]]:
+    """(b, key) for each banded-MF setting at this epsilon, and b = 1 for DP-AdamW with
+    independent noise at the same allocation and schedule, ordered by b."""
+    band = [s for s in study.by_setting if s.method == "bandmf" and s.epsilon == epsilon]
+    base = {replace(s, method="dp-adamw", bands=1) for s in band}
+    points = [(s.bands, (s, ema)) for s in band]
+    points += [(1, (s, ema)) for s in base if s in study.by_setting]
+    return sorted(points, key=lambda p: p[0])
+
+
+def _bands_plot(study: Study, plt: Any, path: Path) -> Path | None:
+    """Test loss against b at each epsilon where banded MF ran: b = 1 is DP-AdamW with
+    independent noise at the same allocation and schedule; DP-SGD at its best is a line."""
+    epsilons = sorted(
+        {s.epsilon for s in study.by_setting if s.method == "bandmf" and s.epsilon is not None},
+        reverse=True,
+    )
+    if not epsilons:
+        return None
+    fig, axes = plt.subplots(1, len(epsilons), figsize=(5.5 * len(epsilons), 4), squeeze=False)
+    for ax, eps in zip(axes[0], epsilons, strict=True):
+        band = [s for s in study.by_setting if s.method == "bandmf" and s.epsilon == eps]
+        for ema in (True, False):
+            points = [(float(b), key) for b, key in band_series(study, eps, ema)]
+            _errorbar(ax, study, points, label=f"{'EMA' if ema else 'raw'} weights")
+        sgd = study.best("dp-sgd", eps)
+        if sgd is not None and study.seeds(sgd):
+            mean = statistics.fmean(r["test_loss"] for r in study.seeds(sgd).values())
+            ax.axhline(mean, ls="--", color="grey", label="DP-SGD at its best")
+        alloc = ", ".join(sorted({_alloc(study, s) for s in band}))
+        ax.set_xlabel("bands b (1 = independent noise)")
+        ax.set_title(f"epsilon {eps:g}, E[B] x steps {alloc}")
+        ax.legend()
+    axes[0][0].set_ylabel("test loss (nats/token)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _curves_plot(study: Study, plt: Any, path: Path) -> Path:
+    """Seed-0 validation curves of each method at its best, against example-gradients seen,
+    so that allocations of the same compute share the x axis."""
+    epsilons = (8.0, 2.0)
+    fig, axes = plt.subplots(1, len(epsilons), figsize=(11, 4), sharey=True)
+    for ax, eps in zip(axes, epsilons, strict=True):
+        for method in ("dp-adamw", "dp-sgd", "bandmf", "nonprivate"):
+            if method == "nonprivate":
+                everywhere = [(s, e) for s in study.by_setting for e in (True, False)]
+                key = _best_at(study, [k for k in everywhere if k[0].method == method])
+            else:
+                key = study.best(method, eps)
+            if key is None:
+                continue
+            s, ema = key
+            curve = study.seeds(key)[0].get("val_loss_curve") or []
+            ax.plot(
+                [c["step"] * s.batch_size for c in curve],
+                [c["loss"] for c in curve],
+                marker=".",
+                label=f"{_label(s)} {s.schedule} {'EMA' if ema else 'raw'} ({_alloc(study, s)})",
+            )
+        ax.set_yscale("log")
+        ax.set_xlabel("example-gradients")
+        ax.set_title(f"epsilon {eps:g} (seed 0, validation)")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("validation loss (nats/token)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plots(data: dict[str, Any], out: Path) -> list[Path]:
+    """Test loss against allocation per epsilon (best DP-AdamW, DP-SGD, non-private), test loss
+    against the number of bands, and the validation curves of each method at its best."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    study = Study(data)
+    written = [
+        _allocation_plot(study, plt, out / "utility2_allocation.png"),
+        _bands_plot(study, plt, out / "utility2_bands.png"),
+        _curves_plot(study, plt, out / "utility2_curves.png"),
+    ]
+    return [p for p in written if p is not None]
 
 
 def report(path: Path) -> str:

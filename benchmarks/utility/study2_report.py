@@ -4,8 +4,10 @@ Every number comes from the records: a setting's rate is the one its seed-0 vali
 chose (separately for EMA and raw weights), its score is the mean *test* loss over the seeds
 run at that rate, and a comparison between two settings is the mean of their per-seed
 differences with a 95% t-interval (seeds share data order and noise seeds across settings, so
-the differences are paired). "Above non-private" is measured against the best non-private
-setting (by validation) at the same compute allocation, seed by seed.
+the differences are paired). "Above non-private" is measured seed by seed against the best
+non-private setting (by validation) at the same compute: every allocation of the design spends
+the same number of example-gradients, so the reference is the best non-private allocation,
+schedule and weights, as a non-private user with that compute would choose them.
 
     python -m benchmarks.utility.study2 --report      # writes results/utility2_report.md + plots
 """
@@ -91,12 +93,13 @@ class Study:
         tried = sorted({r["lr"] for r in self.by_setting.get(key[0], []) if r["seed"] == 0})
         return lr is not None and len(tried) > 1 and lr in (tried[0], tried[-1])
 
-    def nonprivate_reference(self, batch_size: int) -> Key | None:
-        """The non-private (setting, weights) with the lowest seed-0 validation loss at this
-        allocation (its own extras included: EMA and schedule are chosen the same way)."""
+    def nonprivate_reference(self) -> Key | None:
+        """The non-private (setting, weights) with the lowest seed-0 validation loss at the
+        design's compute, over its allocations (its own extras included: EMA and schedule are
+        chosen the same way)."""
         best: tuple[float, Key] | None = None
         for s in self.by_setting:
-            if s.method != "nonprivate" or s.batch_size != batch_size:
+            if s.method != "nonprivate":
                 continue
             for ema in (True, False):
                 rec = self.seeds((s, ema)).get(0)
@@ -144,7 +147,7 @@ def _tail_drop(rec: dict[str, Any]) -> float | None:
 
 def main_table(study: Study) -> list[str]:
     """Every tuned (setting, weights): rate, seeds, test loss, nats and perplexity ratio above
-    the non-private reference at the same allocation, and the last-20% validation fall."""
+    the non-private reference at the same compute, and the last-20% validation fall."""
     lines = [
         "| epsilon | E[B] x steps | method | schedule | weights | lr (seed-0 val) | seeds | "
         "sigma | sigma / E[B] | test loss | above non-private (nats) | perplexity ratio | "
@@ -162,7 +165,7 @@ def main_table(study: Study) -> list[str]:
             if not recs:
                 continue
             lr = study.rate(key)
-            ref = study.nonprivate_reference(s.batch_size)
+            ref = study.nonprivate_reference()
             gap = study.diffs(key, ref) if ref is not None and s.method != "nonprivate" else []
             ratio = f"{math.exp(statistics.fmean(gap)):.3f}" if gap else "—"
             first = next(iter(recs.values()))
@@ -274,7 +277,7 @@ def allocation_table(study: Study) -> list[str]:
             if not cands:
                 continue
             key = min(cands, key=lambda k: study.seeds(k)[0]["val_loss"])
-            ref = study.nonprivate_reference(bs)
+            ref = study.nonprivate_reference()
             gap = study.diffs(key, ref) if ref else []
             tests = [r["test_loss"] for r in study.seeds(key).values()]
             lines.append(

@@ -30,7 +30,7 @@ from lit_dp.privacy.allocation import (
     candidate_batch_sizes,
     recommend,
 )
-from lit_dp.privacy.bandmf import suggest_bands
+from lit_dp.privacy.bandmf import inverse_coefficients, suggest_bands
 from lit_dp.privacy.clipping import (
     default_clip_estimator,
 )
@@ -81,6 +81,8 @@ class PlanView:
     recommended: Allocation | None = None  # the rule's choice among them
     min_steps: int = DEFAULT_MIN_STEPS
     batch_override: bool = False  # the config's batch schedule is ConstantBatchSize
+    # banded MF: independent noise at the same E[B], steps and epsilon (None: b = 1 or no steps)
+    independent: RunPlan | None = None
 
     @property
     def delta(self) -> float | None:
@@ -120,6 +122,17 @@ class PlanView:
         ||c|| is the noise mechanism's sensitivity (1 for independent noise).
         """
         return None if self.privacy is None else self.privacy.noise_std(step)
+
+    def settled_factor(self) -> float:
+        """Norm of the last row of C^-1 over the planned steps (1 for b = 1).
+
+        The released noise at step t is sigma C ||c|| (C^-1 z)_t: its std grows from 1x at
+        step 0 to this factor at the last step.
+        """
+        if self.mechanism.bands == 1 or not self.steps:
+            return 1.0
+        inverse = inverse_coefficients(self.mechanism.coefficients, self.steps)
+        return math.sqrt(math.fsum(x * x for x in inverse))
 
 
 def read_config(args: list[str]) -> Any:
@@ -223,12 +236,37 @@ def make_plan(
             batch_sizes=candidate_batch_sizes(num_units, view.compute, extra=own),
         )
         view.recommended = recommend(view.allocations, min_steps)
+        if view.mechanism.bands > 1:
+            view.independent = _independent_plan(view, run, clip, target)
         batch_class = (config.data.init_args.get("batch_schedule") or {}).get("class_path", "")
         view.batch_override = batch_class.endswith("ConstantBatchSize")
     # The check fit makes before its first step (ValueError: batch too small for a private
     # quantile's count at the smallest expected batch of the planned steps).
     run.check_batches(clip)
     return view
+
+
+def _independent_plan(
+    view: PlanView, run: RunPlan, clip: Any, target: float | None
+) -> RunPlan | None:
+    """Independent noise calibrated to the banded run's epsilon, same schedule and steps.
+
+    None where no sigma reaches it (e.g. a private quantile's count too noisy at this batch).
+    """
+    try:
+        return RunPlan.create(
+            num_units=view.num_units,
+            schedule=view.schedule,
+            steps=view.steps,
+            noise_multiplier="auto",
+            target_epsilon=target or view.epsilon[view.accountant],
+            delta=run.delta,
+            accountant=run.accountant,
+            clip=clip,
+            mechanism=IndependentGaussian().event(),
+        )
+    except ValueError:
+        return None
 
 
 def _suggested_bands(view: PlanView, epsilon: float) -> int:
@@ -356,6 +394,7 @@ def format_plan(plan: PlanView, source: str = "") -> str:
               + (f" x ||c|| {mech.sensitivity:.4g}" if b > 1 else "")
               + f" / E[B] {plan.expected_batch_size(0):g} (step 0)"]),
         ]  # fmt: skip
+        rows += _banded_noise_rows(plan)
         if plan.schedule.kind == "linear":
             end = plan.schedule.ramp_steps
             if plan.steps is not None and plan.steps <= end:  # the run ends inside the ramp
@@ -376,6 +415,35 @@ def format_plan(plan: PlanView, source: str = "") -> str:
             )
     rows += _allocation_rows(plan)
     return _table(rows, source)
+
+
+def _banded_noise_rows(plan: PlanView) -> list[tuple[str, list[str]]]:
+    """Banded MF: the released noise by the last step, against independent noise.
+
+    Independent noise is taken at the same E[B], steps and epsilon; the ratio is what Adam's
+    per-coordinate scaling sees, hence the learning-rate hint.
+    """
+    std, ind = plan.noise_std(0), plan.independent
+    if plan.mechanism.bands == 1 or std is None or not plan.steps:
+        return []
+    factor = plan.settled_factor()
+    rows = [
+        ("released noise std", [f"{std * factor:.4g} per coordinate by step {plan.steps} "
+                                f"(x {factor:.4g}: the rows of C^-1 grow to that norm)"]),
+    ]  # fmt: skip
+    ind_std = None if ind is None else ind.noise_std(0)
+    if ind is not None and ind_std:
+        rows.append(
+            (
+                "against independent noise",
+                [f"{std * factor / ind_std:.3g} x the std of independent noise at this E[B], "
+                 f"steps and epsilon (sigma {ind.noise_multiplier:.4g}): Adam scales its steps "
+                 "by the noise it sees, so tune the learning rate upward from independent "
+                 "noise's by about this factor (lit_dp's utility study 2 found so; "
+                 "benchmarks/README.md section 7)"],
+            )
+        )  # fmt: skip
+    return rows
 
 
 def _allocation_rows(plan: PlanView) -> list[tuple[str, list[str]]]:

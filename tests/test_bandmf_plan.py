@@ -65,3 +65,27 @@ def test_every_private_config_plans_with_bands(config):
     assert plan.mechanism.bands == 2
     if plan.steps is not None:
         assert plan.noise_multiplier and all(e > 0 for e in plan.epsilon.values())
+
+
+def test_plan_compares_the_released_noise_with_independent_noise_at_the_same_epsilon():
+    import numpy as np
+
+    steps = 24
+    args = ["--config", BANDMF, "--trainer.max_steps", str(steps)]
+    plan = make_plan(read_config(args))
+    alone = make_plan(read_config([*args, "--model.noise_mechanism", "null"]))
+    assert alone.mechanism.bands == 1 and alone.independent is None
+    assert plan.independent is not None
+    assert plan.independent.noise_multiplier == alone.noise_multiplier["pld"]
+    # Independent construction of the settled factor: the last row of C^-1, C the dense
+    # banded Toeplitz matrix of the coefficients.
+    c = plan.mechanism.coefficients
+    dense = sum(np.diag(np.full(steps - j, c[j]), -j) for j in range(len(c)))
+    factor = float(np.linalg.norm(np.linalg.inv(dense)[-1]))
+    assert plan.settled_factor() == pytest.approx(factor, rel=1e-12)
+    ratio = plan.noise_std(0) * factor / alone.noise_std(0)
+    text = format_plan(plan)
+    assert f"{plan.noise_std(0) * factor:.4g} per coordinate by step {steps}" in text
+    assert f"against independent noise     {ratio:.3g} x the std" in text
+    assert ratio > 1  # the correlated stream is noisier per step; its gain is in the sums
+    assert "released noise std" not in format_plan(alone)

@@ -400,11 +400,14 @@ def _bands_plot(study: Study, plt: Any, path: Path) -> Path | None:
         sgd = study.best("dp-sgd", eps)
         if sgd is not None and study.seeds(sgd):
             mean = statistics.fmean(r["test_loss"] for r in study.seeds(sgd).values())
-            ax.axhline(mean, ls="--", color="grey", label="DP-SGD at its best")
+            how = f"{_alloc(study, sgd[0])}, {sgd[0].schedule}, {'EMA' if sgd[1] else 'raw'}"
+            ax.axhline(mean, ls="--", color="grey", label=f"DP-SGD at its best ({how})")
+        for planner in {study.lenders.get(s, s) for s in band}:
+            ax.axvline(planner.bands, ls=":", color="black", label="planner's b (rates tuned)")
         alloc = ", ".join(sorted({_alloc(study, s) for s in band}))
         ax.set_xlabel("bands b (1 = independent noise)")
         ax.set_title(f"epsilon {eps:g}, E[B] x steps {alloc}")
-        ax.legend()
+        ax.legend(fontsize=8)
     axes[0][0].set_ylabel("test loss (nats/token)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -83,6 +83,7 @@ class PlanView:
     batch_override: bool = False  # the config's batch schedule is ConstantBatchSize
     # banded MF: independent noise at the same E[B], steps and epsilon (None: b = 1 or no steps)
     independent: RunPlan | None = None
+    independent_error: str | None = None  # why that plan could not be made
 
     @property
     def delta(self) -> float | None:
@@ -237,7 +238,7 @@ def make_plan(
         )
         view.recommended = recommend(view.allocations, min_steps)
         if view.mechanism.bands > 1:
-            view.independent = _independent_plan(view, run, clip, target)
+            view.independent, view.independent_error = _independent_plan(view, run, clip, target)
         batch_class = (config.data.init_args.get("batch_schedule") or {}).get("class_path", "")
         view.batch_override = batch_class.endswith("ConstantBatchSize")
     # The check fit makes before its first step (ValueError: batch too small for a private
@@ -248,13 +249,13 @@ def make_plan(
 
 def _independent_plan(
     view: PlanView, run: RunPlan, clip: Any, target: float | None
-) -> RunPlan | None:
+) -> tuple[RunPlan | None, str | None]:
     """Independent noise calibrated to the banded run's epsilon, same schedule and steps.
 
-    None where no sigma reaches it (e.g. a private quantile's count too noisy at this batch).
+    (None, the reason) where ``PrivacyPlan.create`` refuses it.
     """
     try:
-        return RunPlan.create(
+        plan = RunPlan.create(
             num_units=view.num_units,
             schedule=view.schedule,
             steps=view.steps,
@@ -265,8 +266,9 @@ def _independent_plan(
             clip=clip,
             mechanism=IndependentGaussian().event(),
         )
-    except ValueError:
-        return None
+    except ValueError as err:
+        return None, str(err).split("\n", 1)[0]
+    return plan, None
 
 
 def _suggested_bands(view: PlanView, epsilon: float) -> int:
@@ -443,6 +445,8 @@ def _banded_noise_rows(plan: PlanView) -> list[tuple[str, list[str]]]:
                  "benchmarks/README.md section 7)"],
             )
         )  # fmt: skip
+    elif plan.independent_error:
+        rows.append(("against independent noise", [f"not computed: {plan.independent_error}"]))
     return rows
 
 

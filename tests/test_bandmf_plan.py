@@ -89,3 +89,21 @@ def test_plan_compares_the_released_noise_with_independent_noise_at_the_same_eps
     assert f"against independent noise     {ratio:.3g} x the std" in text
     assert ratio > 1  # the correlated stream is noisier per step; its gain is in the sums
     assert "released noise std" not in format_plan(alone)
+
+
+def test_plan_says_why_it_cannot_compare_with_independent_noise(monkeypatch):
+    import lit_dp.plan as plan_module
+
+    real = plan_module.RunPlan.create
+
+    def refuse_independent(**kw):
+        if kw["mechanism"] is None:  # independent noise
+            raise ValueError("privacy.target_epsilon=8: no sigma reaches it\nsecond line")
+        return real(**kw)
+
+    monkeypatch.setattr(plan_module.RunPlan, "create", refuse_independent)
+    plan = make_plan(read_config(["--config", BANDMF]))
+    assert plan.independent is None
+    text = format_plan(plan)
+    assert "against independent noise     not computed: privacy.target_epsilon=8" in text
+    assert "second line" not in text

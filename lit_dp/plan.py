@@ -344,6 +344,7 @@ def format_plan(plan: PlanView, source: str = "") -> str:
             (
                 "suggested bands",
                 [f"b = {plan.suggested_bands} (b ~ epsilon sqrt(n) / epochs, McKenna 2025; "
+                 "a starting point: tune b with b = 1, independent noise, among the choices; "
                  "model.noise_mechanism: lit_dp.privacy.noise_mechanism.BandedMF)"],
             )
         )  # fmt: skip

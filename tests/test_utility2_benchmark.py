@@ -283,6 +283,9 @@ def test_readme_results_match_the_committed_results_file():
         part = part.split("\nEach record holds", 1)[0]
         assert len(triple.findall(part)) >= 10, f"epsilon {eps}'s results quote too little"
         section += part
+    reference = text.split("### The non-private reference\n", 1)[1].split("\n### ", 1)[0]
+    assert len(triple.findall(reference)) >= 4
+    section += reference.split("\nEach record holds", 1)[0]
     # ... and the users' docs that quote it: the plan's rule (README) and the recipe (method.md)
     readme = (root / "README.md").read_text()
     section += readme.split("**How to spend the compute.**", 1)[1].split("\n\n", 1)[0]
@@ -351,3 +354,29 @@ def test_above_non_private_is_against_the_best_non_private_run_at_the_same_compu
     text = rep.tables({"_meta": {"design": "cpu"}, "runs": runs, "setup": {}})
     row = next(ln for ln in text.splitlines() if ln.startswith("| 8 | 128 x 300 | dp-adamw"))
     assert "+1.000 [" in row and f"{math.exp(1.0):.3f}" in row
+
+
+def test_report_pairs_the_non_private_reference_like_dp_adamw():
+    # The reference's own choices (allocation, schedule, EMA) are paired questions too, so the
+    # docs can say how non-private training spends compute beside how private training does.
+    from benchmarks.utility import study2_report as rep
+
+    mid = u2.Setting("nonprivate", "constant", 128, None)
+    small = u2.Setting("nonprivate", "constant", 64, None)
+    cos = u2.Setting("nonprivate", "cosine", 128, None)
+    runs = (
+        _settled(mid, [0.8, 0.8, 0.8], [0.8, 0.9, 1.0])
+        + _settled(small, [0.7, 0.7, 0.7], [0.7, 0.7, 0.7])
+        + _settled(cos, [0.9, 0.9, 0.9], [1.0, 1.0, 1.0])
+    )
+    study = rep.Study({"_meta": {"design": "cpu"}, "runs": runs})
+    rows = {(name, a, b): study.diffs(a, b) for name, a, b in rep.comparisons(study)}
+    assert rows[("allocation", (small, True), (mid, True))] == pytest.approx([-0.1, -0.2, -0.3])
+    assert rows[("constant - cosine", (mid, False), (cos, False))] == pytest.approx(
+        [-0.2, -0.1, 0.0]
+    )
+    assert ("EMA - raw", (small, True), (small, False)) in rows
+    assert not any(name.startswith("DP-AdamW - DP-SGD") for name, _, _ in rows)
+    text = rep.tables({"_meta": {"design": "cpu"}, "runs": runs, "setup": {}})
+    row = next(ln for ln in text.splitlines() if ln.startswith("| allocation | non-private"))
+    assert "(64 x 600)" in row and "(128 x 300)" in row and "-0.200 [" in row

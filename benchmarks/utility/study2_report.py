@@ -189,9 +189,10 @@ NAMES = {"bandmf": "banded MF", "dp-adamw": "DP-AdamW", "dp-sgd": "DP-SGD"}
 def comparisons(study: Study) -> list[tuple[str, Key, Key]]:
     """The paired questions the study asks, for every epsilon and allocation with both sides:
     within an allocation (EMA, schedule, method, banded MF against independent noise), across
-    allocations (DP-AdamW at each against the middle one), and each method at its best."""
+    allocations (DP-AdamW and the non-private reference at each against the middle one), and
+    each method at its best."""
     mid = study.design.batch_sizes[len(study.design.batch_sizes) // 2]
-    out = [c for s in study.by_setting if s.epsilon is not None for c in _pairs_of(study, s, mid)]
+    out = [c for s in study.by_setting for c in _pairs_of(study, s, mid)]
     # each method at its best (schedule, allocation, b and weights chosen on validation)
     for eps in sorted({s.epsilon for s in study.by_setting if s.epsilon is not None}):
         best = {m: study.best(m, eps) for m in NAMES}
@@ -210,9 +211,9 @@ def _pairs_of(study: Study, s: Setting, mid: int) -> list[tuple[str, Key, Key]]:
     """The comparisons that setting ``s`` is the first side of (both weights where paired)."""
     both = (True, False)
     out: list[tuple[str, Key, Key]] = []
-    if s.method in ("dp-adamw", "dp-sgd"):
+    if s.method in ("dp-adamw", "dp-sgd", "nonprivate"):
         out.append(("EMA - raw", (s, True), (s, False)))
-    if s.method == "dp-adamw":
+    if s.method in ("dp-adamw", "nonprivate"):
         other = replace(s, schedule="cosine")
         if s.schedule == "constant" and other in study.by_setting:
             out += [("constant - cosine", (s, e), (other, e)) for e in both]
@@ -226,6 +227,10 @@ def _pairs_of(study: Study, s: Setting, mid: int) -> list[tuple[str, Key, Key]]:
         base = replace(s, method="dp-adamw", bands=1)
         out += [("banded MF - DP-AdamW", (s, e), (base, e)) for e in both]
     return out
+
+
+def _eps(s: Setting) -> str:
+    return "non-private" if s.epsilon is None else f"{s.epsilon:g}"
 
 
 def comparison_table(study: Study) -> list[str]:
@@ -250,7 +255,7 @@ def comparison_table(study: Study) -> list[str]:
                 name,
                 -(sa.epsilon or 0),
                 sa.batch_size,
-                f"| {name} | {sa.epsilon:g} | {'each its own' if where else _alloc(study, sa)} | "
+                f"| {name} | {_eps(sa)} | {'each its own' if where else _alloc(study, sa)} | "
                 f"{desc[0]} | {desc[1]} | "
                 f"{len(d)} | {fmt_interval(d, signed=True)} |",
             )

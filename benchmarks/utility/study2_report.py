@@ -145,6 +145,10 @@ def _tail_drop(rec: dict[str, Any]) -> float | None:
     return earlier[-1]["loss"] - curve[-1]["loss"] if earlier else None
 
 
+def _eps(s: Setting) -> str:
+    return "non-private" if s.epsilon is None else f"{s.epsilon:g}"
+
+
 def main_table(study: Study) -> list[str]:
     """Every tuned (setting, weights): rate, seeds, test loss, nats and perplexity ratio above
     the non-private reference at the same compute, and the last-20% validation fall."""
@@ -171,10 +175,9 @@ def main_table(study: Study) -> list[str]:
             first = next(iter(recs.values()))
             falls = [f for f in (_tail_drop(r) for r in recs.values()) if f is not None]
             edge = " (edge)" if study.at_edge(key) else ""
-            eps = "non-private" if s.epsilon is None else f"{s.epsilon:g}"
             fall = f"{statistics.fmean(falls):.3f}" if falls else "—"
             lines.append(
-                f"| {eps} | {_alloc(study, s)} | {_label(s)} | {s.schedule} | "
+                f"| {_eps(s)} | {_alloc(study, s)} | {_label(s)} | {s.schedule} | "
                 f"{'EMA' if ema else 'raw'} | {lr:g}{edge} | {len(recs)} | "
                 f"{first['noise_multiplier']:.3f} | {first.get('noise_per_step', 0.0):.2e} | "
                 f"{fmt_interval([r['test_loss'] for r in recs.values()])} | "
@@ -218,7 +221,7 @@ def _pairs_of(study: Study, s: Setting, mid: int) -> list[tuple[str, Key, Key]]:
         if s.schedule == "constant" and other in study.by_setting:
             out += [("constant - cosine", (s, e), (other, e)) for e in both]
         sgd = replace(s, method="dp-sgd")
-        if sgd in study.by_setting:
+        if s.method == "dp-adamw" and sgd in study.by_setting:
             out += [("DP-AdamW - DP-SGD", (s, e), (sgd, e)) for e in both]
         middle = replace(s, batch_size=mid)
         if s.batch_size != mid and middle in study.by_setting:
@@ -227,10 +230,6 @@ def _pairs_of(study: Study, s: Setting, mid: int) -> list[tuple[str, Key, Key]]:
         base = replace(s, method="dp-adamw", bands=1)
         out += [("banded MF - DP-AdamW", (s, e), (base, e)) for e in both]
     return out
-
-
-def _eps(s: Setting) -> str:
-    return "non-private" if s.epsilon is None else f"{s.epsilon:g}"
 
 
 def comparison_table(study: Study) -> list[str]:
